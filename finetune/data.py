@@ -1,0 +1,217 @@
+"""Data: load a local file or hub dataset, detect its format, tokenize with answer-only labels, split off eval.
+
+Formats (`dataset_format`, or `auto` to pick from the columns):
+- `text`: a `text` column; the loss covers every token.
+- `alpaca`: `instruction`, optional `input`, `output`; rendered with the Alpaca prompt; loss on the output.
+- `messages`: a `messages` (or ShareGPT `conversations`) column of {role, content} turns, rendered with the
+  tokenizer's chat template; loss on the assistant turns.
+- `prompt_completion`: `prompt` and `completion` columns, concatenated; loss on the completion.
+
+Labels are found in character space: the rendered text is tokenized once with offsets, and a token is trained on
+when it starts inside a trainable span. EOS is appended where the template doesn't already end the answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from finetune.recipe import DATA_FILE_EXTENSIONS, DataArguments, RecipeError, is_local_path
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label value that the loss skips (prompt tokens, padding)
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{context}. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+
+FORMAT_COLUMNS = {
+    "messages": [("messages",), ("conversations",)],
+    "alpaca": [("instruction", "output")],
+    "prompt_completion": [("prompt", "completion")],
+    "text": [("text",)],
+}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "tool": "tool"}
+
+
+def detect_format(columns: list[str]) -> str:
+    """Pick the dataset format from column names. Raises RecipeError when nothing fits."""
+    for name, alternatives in FORMAT_COLUMNS.items():
+        if any(all(column in columns for column in needed) for needed in alternatives):
+            return name
+    raise RecipeError([
+        f"dataset: can't tell the format from the columns {sorted(columns)}; expected `messages`, "
+        "`instruction`+`output` (alpaca), `prompt`+`completion` or `text`, or set dataset_format"
+    ])
+
+
+def check_format(fmt: str, columns: list[str]) -> None:
+    if not any(all(column in columns for column in needed) for needed in FORMAT_COLUMNS[fmt]):
+        wanted = " or ".join("+".join(needed) for needed in FORMAT_COLUMNS[fmt])
+        raise RecipeError([f"dataset_format: {fmt} needs the column(s) {wanted}; the dataset has "
+                           f"{sorted(columns)}"])
+
+
+def alpaca_prompt(example: dict[str, Any]) -> str:
+    """The Alpaca prompt for an instruction (and optional input), ending where the response begins."""
+    has_input = bool(example.get("input"))
+    return ALPACA_PROMPT.format(
+        context=", paired with an input that provides further context" if has_input else "",
+        instruction=example["instruction"],
+        input_block=f"### Input:\n{example['input']}\n\n" if has_input else "",
+    )
+
+
+def normalise_messages(example: dict[str, Any]) -> list[dict[str, str]]:
+    turns = example.get("messages") or example.get("conversations") or []
+    messages = []
+    for turn in turns:
+        if "role" in turn:
+            messages.append({"role": turn["role"], "content": turn["content"]})
+        else:  # ShareGPT: {"from": "human", "value": ...}
+            messages.append({"role": SHAREGPT_ROLES.get(turn["from"], turn["from"]), "content": turn["value"]})
+    return messages
+
+
+def render(example: dict[str, Any], fmt: str, tokenizer) -> tuple[str, list[tuple[int, int]], bool]:
+    """Render one example as text plus the character spans to train on.
+
+    Returns (text, spans, append_eos). `append_eos` is False when the text already carries the end of turn.
+    """
+    if fmt == "text":
+        return example["text"], [(0, len(example["text"]))], True
+    if fmt == "alpaca":
+        prompt = alpaca_prompt(example)
+        return prompt + example["output"], [(len(prompt), len(prompt) + len(example["output"]))], True
+    if fmt == "prompt_completion":
+        prompt, completion = example["prompt"], example["completion"]
+        return prompt + completion, [(len(prompt), len(prompt) + len(completion))], True
+    messages = normalise_messages(example)
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True) \
+            if index else ""
+        through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise RecipeError([
+                "dataset: this chat template renders earlier turns differently once later turns follow, so "
+                "prompt tokens can't be masked reliably; set train_on_prompt: true"
+            ])
+        spans.append((len(before), len(through)))
+    return text, spans, False
+
+
+def tokenize_example(example: dict[str, Any], fmt: str, tokenizer, max_length: int,
+                     train_on_prompt: bool) -> dict[str, list[int]]:
+    """Token ids, attention mask and labels (IGNORE_INDEX outside the trained spans), truncated to max_length."""
+    text, spans, append_eos = render(example, fmt, tokenizer)
+    # Chat templates write their own BOS; the other formats rely on the tokenizer adding it.
+    encoded = tokenizer(text, add_special_tokens=fmt != "messages", return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    if train_on_prompt:
+        labels = list(input_ids)
+    else:
+        # Zero-width offsets belong to special tokens the tokenizer added (BOS): never trained on.
+        labels = [
+            token if token_end > token_start and any(start <= token_start < end for start, end in spans)
+            else IGNORE_INDEX
+            for token, (token_start, token_end) in zip(input_ids, encoded["offset_mapping"])
+        ]
+    if append_eos and tokenizer.eos_token_id is not None:
+        input_ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def _load_raw(data_args: DataArguments):
+    from datasets import load_dataset
+
+    name = data_args.dataset
+    if is_local_path(name) and Path(name).expanduser().is_file():
+        path = Path(name).expanduser()
+        builder = DATA_FILE_EXTENSIONS.get(path.suffix.lower())
+        if builder is None:
+            raise RecipeError([f"dataset: {name!r} has an unsupported extension; use "
+                               f"{', '.join(sorted(DATA_FILE_EXTENSIONS))}"])
+        return load_dataset(builder, data_files={"train": str(path)})
+    try:
+        return load_dataset(name, data_args.dataset_config)
+    except FileNotFoundError as exc:
+        raise RecipeError([f"dataset: can't load {name!r} ({str(exc).splitlines()[0]}); check the name, or "
+                           "download it first when running offline"]) from None
+    except (ConnectionError, OSError) as exc:
+        raise RecipeError([f"dataset: can't reach the hub for {name!r} ({type(exc).__name__}); download it "
+                           "first or give a local file"]) from None
+
+
+def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_first: Callable) -> tuple[Any, Any]:
+    """Load, format-check, shuffle, split and tokenize. Returns (train, eval_or_None) tokenized datasets."""
+    with main_process_first(desc="loading the dataset"):
+        raw = _load_raw(data_args)
+    if data_args.dataset_split not in raw:
+        raise RecipeError([f"dataset_split: {data_args.dataset_split!r} is not a split of {data_args.dataset!r} "
+                           f"(splits: {', '.join(raw)})"])
+    train = raw[data_args.dataset_split]
+    columns = train.column_names
+    fmt = data_args.dataset_format
+    if fmt == "auto":
+        fmt = detect_format(columns)
+        logger.info("dataset format: %s (detected from columns %s)", fmt, ", ".join(columns))
+    else:
+        check_format(fmt, columns)
+    if fmt == "messages" and not getattr(tokenizer, "chat_template", None):
+        raise RecipeError(["dataset_format: messages needs a tokenizer with a chat template, and this model's "
+                           "tokenizer has none; use a chat/instruct model or convert the data to alpaca or "
+                           "prompt_completion"])
+
+    train = train.shuffle(seed=seed)
+    evaluation = None
+    if data_args.eval_split:
+        if data_args.eval_split not in raw:
+            raise RecipeError([f"eval_split: {data_args.eval_split!r} is not a split of {data_args.dataset!r} "
+                               f"(splits: {', '.join(raw)})"])
+        evaluation = raw[data_args.eval_split]
+    else:
+        held_out = data_args.eval_size if data_args.eval_size is not None else \
+            round(len(train) * (data_args.eval_fraction or 0))
+        if data_args.eval_fraction and held_out == 0:
+            held_out = 1
+        if held_out >= len(train):
+            raise RecipeError([f"eval_size/eval_fraction: holding out {held_out} of {len(train)} examples leaves "
+                               "nothing to train on; hold out fewer"])
+        if held_out:
+            evaluation = train.select(range(held_out))
+            train = train.select(range(held_out, len(train)))
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+
+    def tokenize(split):
+        with main_process_first(desc="tokenizing"):
+            tokenized = split.map(
+                tokenize_example,
+                fn_kwargs={"fmt": fmt, "tokenizer": tokenizer, "max_length": data_args.max_length,
+                           "train_on_prompt": data_args.train_on_prompt},
+                remove_columns=split.column_names,
+                desc="tokenizing",
+            )
+        before = len(tokenized)
+        # An example whose prompt fills max_length has nothing left to learn from.
+        tokenized = tokenized.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"][1:]))
+        if len(tokenized) < before:
+            logger.warning("dropped %d of %d examples with no answer tokens left after truncation to "
+                           "max_length=%d", before - len(tokenized), before, data_args.max_length)
+        if len(tokenized) == 0:
+            raise RecipeError([f"dataset: no example has answer tokens within max_length={data_args.max_length}; "
+                               "raise max_length"])
+        return tokenized
+
+    return tokenize(train), (tokenize(evaluation) if evaluation is not None else None)

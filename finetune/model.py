@@ -1,0 +1,145 @@
+"""Model: tokenizer, base model (optionally quantized with bitsandbytes) and LoRA adapters through peft."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from finetune.recipe import ModelArguments, RecipeError
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_dtype(name: str):
+    """Map a recipe dtype to torch: auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def autocast_flag(model_args: ModelArguments) -> Optional[str]:
+    """The TrainingArguments precision flag (`bf16`/`fp16`) that matches the model dtype on a GPU, else None.
+
+    Half-precision weights compute under autocast on CUDA. Not for full fine-tuning in fp16: the grad scaler
+    refuses fp16 gradients, so those runs stay without autocast.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    dtype = resolve_dtype(model_args.dtype)
+    if dtype == torch.bfloat16:
+        return "bf16"
+    if dtype == torch.float16 and model_args.use_lora:
+        return "fp16"
+    return None
+
+
+def load_tokenizer(model_args: ModelArguments):
+    """The model's tokenizer, with padding set to EOS where it has no pad token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+        )
+    except OSError as exc:
+        raise RecipeError([f"model_name_or_path: can't load a tokenizer from {model_args.model_name_or_path!r} "
+                           f"({str(exc).splitlines()[0]})"]) from None
+    if not tokenizer.is_fast:
+        raise RecipeError([f"model_name_or_path: {model_args.model_name_or_path!r} has only a slow tokenizer; "
+                           "answer-only labels need a fast tokenizer (offsets)"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(model_args: ModelArguments):
+    """A BitsAndBytesConfig for int4 (QLoRA) or int8 (LLM.int8), or None."""
+    if model_args.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if model_args.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=resolve_dtype(model_args.dtype),
+    )
+
+
+def device_map(model_args: ModelArguments):
+    """Quantized weights must be placed at load time: each process puts the whole model on its own device."""
+    if model_args.quantization == "none":
+        return None  # Trainer/accelerate moves unquantized models
+    import torch
+    from accelerate import PartialState
+
+    if torch.cuda.is_available():
+        return {"": PartialState().local_process_index}
+    return {"": "cpu"}
+
+
+def load_model(model_args: ModelArguments, training_args):
+    """Load the base model, prepare it for k-bit training if quantized, and wrap it with LoRA when asked.
+
+    Raises RecipeError when the model can't be loaded from `model_name_or_path`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path,
+            dtype=resolve_dtype(model_args.dtype),
+            quantization_config=quantization_config(model_args),
+            device_map=device_map(model_args),
+            attn_implementation=model_args.attn_implementation,
+            trust_remote_code=model_args.trust_remote_code,
+        )
+    except OSError as exc:
+        raise RecipeError([f"model_name_or_path: can't load a model from {model_args.model_name_or_path!r} "
+                           f"({str(exc).splitlines()[0]})"]) from None
+    model.config.use_cache = False  # the KV cache is for generation; training only pays for it
+
+    if model_args.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # Reentrant checkpointing breaks under DDP ("mark a variable ready only once"); non-reentrant works.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=training_args.activation_checkpointing,
+            gradient_checkpointing_kwargs=training_args.activation_checkpointing_kwargs,
+        )
+
+    if model_args.use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = model_args.lora_target_modules
+        config = LoraConfig(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules="all-linear" if targets == ["all-linear"] else targets,
+            task_type="CAUSAL_LM",
+        )
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as exc:
+            raise RecipeError([f"lora_target_modules: {str(exc).splitlines()[0]}"]) from None
+    return model
+
+
+def describe(model) -> str:
+    """One line: trainable and total parameters, with 4-bit layers counted at their true size (peft's count)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"

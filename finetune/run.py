@@ -1,0 +1,128 @@
+"""Train a model from a YAML recipe.
+
+    accelerate launch finetune/run.py recipes/qlora_int4.yaml
+    accelerate launch finetune/run.py recipes/lora_bf16.yaml --max_steps 100 --learning_rate 1e-4
+    make train RECIPE=recipes/qlora_int4.yaml ARGS="--max_steps 100"
+
+Steps: resolve recipe -> resolve tracking -> load data -> load model -> build Trainer -> train -> evaluate -> save.
+Bad input stops at the first step with every problem listed, exit code 2, and nothing written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (accelerate launch finetune/run.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from transformers import DataCollatorForSeq2Seq, Trainer  # noqa: E402
+
+from finetune import tiny, tracking  # noqa: E402
+from finetune.data import IGNORE_INDEX, load_splits  # noqa: E402
+from finetune.model import describe, load_model, load_tokenizer  # noqa: E402
+from finetune.recipe import Recipe, RecipeError, is_embedded_asset, load_recipe, write_resolved_recipe  # noqa: E402
+
+logger = logging.getLogger("finetune")
+
+
+def setup_logging(is_main_process: bool) -> None:
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if is_main_process else logging.WARNING)
+    import transformers
+
+    transformers.logging.set_verbosity_warning() if is_main_process else transformers.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a recipe from the command line; returns the exit code (2 for bad input)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        recipe = load_recipe(argv)
+        train(recipe)
+    except RecipeError as error:
+        for problem in error.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train(recipe: Recipe):
+    """Train, evaluate and save as the recipe says; returns the Trainer. Raises RecipeError for bad input."""
+    training_args = recipe.training
+    setup_logging(training_args.process_index == 0)
+
+    # 1. Resolve tracking from the environment (the recipe was resolved and validated by the caller).
+    training_args.report_to = tracking.resolve_report_to(recipe.source)
+    tracking.prepare_environment(training_args.report_to)
+
+    # 2. Load data; the embedded default builds its tiny model and data on first use.
+    if is_embedded_asset(Path(recipe.model.model_name_or_path)) or is_embedded_asset(Path(recipe.data.dataset)):
+        with training_args.main_process_first(desc="building the embedded tiny model and data"):
+            tiny.ensure_assets()
+    tokenizer = load_tokenizer(recipe.model)
+    train_dataset, eval_dataset = load_splits(recipe.data, tokenizer, training_args.seed,
+                                              training_args.main_process_first)
+    logger.info("examples: %d train, %d eval", len(train_dataset), len(eval_dataset) if eval_dataset else 0)
+
+    # 3. Load the model, quantized and/or wrapped with LoRA as the recipe says.
+    model = load_model(recipe.model, training_args)
+    logger.info("model: %s, %s", recipe.model.model_name_or_path, describe(model))
+
+    # 4. Build the Trainer.
+    if eval_dataset is None:
+        training_args.eval_strategy = "no"
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
+        processing_class=tokenizer,
+    )
+    output_dir = Path(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved_recipe(recipe, output_dir / "recipe.yaml")
+
+    # 5. Train.
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    # 6. Evaluate.
+    eval_metrics = trainer.evaluate() if eval_dataset is not None else {}
+
+    # 7. Save the adapter (or the full model) and the tokenizer, in safetensors.
+    trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        report(trainer, recipe, output_dir, eval_metrics)
+    return trainer
+
+
+def report(trainer, recipe, output_dir: Path, eval_metrics: dict) -> None:
+    """Tell the user what the run did and where everything went."""
+    history = trainer.state.log_history
+    train_losses = [entry["loss"] for entry in history if "loss" in entry]
+    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    weights = "adapter_model.safetensors" if recipe.model.use_lora else "model.safetensors"
+    lines = [f"trained {trainer.state.global_step} steps"]
+    if len(train_losses) >= 2:
+        lines.append(f"train loss: {train_losses[0]:.4f} (first log) -> {train_losses[-1]:.4f} (last log)")
+    if eval_losses:
+        first = eval_losses[0]
+        last = eval_metrics.get("eval_loss", eval_losses[-1])
+        lines.append(f"eval loss: {first:.4f} -> {last:.4f} (perplexity {math.exp(first):.2f} -> "
+                     f"{math.exp(last):.2f})" if len(eval_losses) > 1 else
+                     f"eval loss: {last:.4f} (perplexity {math.exp(last):.2f})")
+    lines.append(f"{'adapter' if recipe.model.use_lora else 'model'}: {output_dir / weights}")
+    lines.append(f"recipe: {output_dir / 'recipe.yaml'}")
+    checkpoints = sorted(output_dir.glob("checkpoint-*"))
+    if checkpoints:
+        lines.append(f"checkpoints: {', '.join(str(c) for c in checkpoints)}")
+    for line in lines:
+        logger.info(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

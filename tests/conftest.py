@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny models built from a config, small data files in every format. Fully offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune.tiny import build_tokenizer, make_task_examples, save_tiny_model, write_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def offline_env(monkeypatch):
+    """No hub, and no W&B unless a test turns it on: these tests are about the runner, not tracking."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_DISABLED", "true")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+def _model_dir(tmp_path_factory, architecture: str) -> Path:
+    # hidden 64 with 4 heads: small, and every linear layer is a whole number of bitsandbytes 64-value blocks.
+    return save_tiny_model(tmp_path_factory.mktemp(architecture), architecture, hidden_size=64, layers=2)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    return _model_dir(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory) -> Path:
+    return _model_dir(tmp_path_factory, "qwen2")
+
+
+def _rows(fmt: str, count: int = 40) -> list[dict]:
+    rows = []
+    for example in make_task_examples(count, seed=1):
+        request, answer = example["messages"][0]["content"], example["messages"][1]["content"]
+        instruction, _, word = request.rpartition(" ")
+        if fmt == "text":
+            rows.append({"text": f"{request} -> {answer}"})
+        elif fmt == "alpaca":
+            rows.append({"instruction": instruction, "input": word, "output": answer})
+        elif fmt == "prompt_completion":
+            rows.append({"prompt": f"{request}\n", "completion": answer})
+        else:
+            rows.append(example)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def data_files(tmp_path_factory) -> dict[str, Path]:
+    """One small .jsonl file per dataset format."""
+    directory = tmp_path_factory.mktemp("data")
+    return {fmt: write_jsonl(_rows(fmt), directory / f"{fmt}.jsonl")
+            for fmt in ("text", "alpaca", "messages", "prompt_completion")}
+
+
+def write_recipe(path: Path, **keys) -> Path:
+    path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in keys.items()))
+    return path
