@@ -21,10 +21,13 @@ ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 # One token per printable ASCII character plus newline: no merges, so every offset is one character.
 CHARACTERS = [chr(code) for code in range(32, 127)] + ["\n"]
+# Newlines are written as expressions: transformers renders templates with trim_blocks, which eats a newline
+# that follows a block tag.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
 TASKS = [
