@@ -1,7 +1,7 @@
 """Recipes: flat YAML whose keys are dataclass field names, overridden from the command line.
 
-A recipe is a YAML mapping. Its keys are the fields of `ModelArguments`, `DataArguments` and
-`transformers.TrainingArguments`, so `--learning_rate 1e-4` means what it means everywhere in the HF world.
+A recipe is a YAML mapping. Its keys are the fields of `ModelArguments`, `DataArguments`, `TrackingArguments`
+and `transformers.TrainingArguments`, so `--learning_rate 1e-4` means what it means everywhere in the HF world.
 `extends: other.yaml` (a path relative to the recipe) starts from another recipe and overrides it key by key.
 
     finetune/run.py recipes/qlora_int4.yaml --max_steps 3 --learning_rate 1e-4
@@ -102,6 +102,17 @@ class DataArguments:
     )
 
 
+@dataclass
+class TrackingArguments:
+    """Recipe defaults for W&B; the matching WANDB_* environment variable always wins."""
+
+    wandb_project: str = field(default="finetune", metadata={"help": "Default for WANDB_PROJECT."})
+    wandb_entity: Optional[str] = field(default=None, metadata={"help": "Default for WANDB_ENTITY."})
+    wandb_group: Optional[str] = field(default=None, metadata={"help": "Default for WANDB_RUN_GROUP."})
+    wandb_tags: list[str] = field(default_factory=list, metadata={"help": "Tags added to WANDB_TAGS."})
+    wandb_notes: Optional[str] = field(default=None, metadata={"help": "Default for WANDB_NOTES."})
+
+
 DEFAULT_EVAL_FRACTION = 0.05
 
 
@@ -111,6 +122,7 @@ class Recipe:
 
     model: ModelArguments
     data: DataArguments
+    tracking: TrackingArguments
     training: Any  # transformers.TrainingArguments, imported lazily
     source: dict[str, Any]  # merged keys as written in the recipe and on the command line
     path: Optional[Path] = None
@@ -120,6 +132,7 @@ class Recipe:
         out: dict[str, Any] = {}
         out.update(dataclasses.asdict(self.model))
         out.update(dataclasses.asdict(self.data))
+        out.update(dataclasses.asdict(self.tracking))
         # Deprecated aliases mirror their new names; writing both would warn when the file is loaded back.
         current = {f.name for f in dataclasses.fields(self.training)
                    if f.init and not f.metadata.get("help", "").startswith("Deprecated")}
@@ -138,7 +151,7 @@ def looks_secret(name: str) -> bool:
 def _argument_classes():
     from transformers import TrainingArguments
 
-    return (ModelArguments, DataArguments, TrainingArguments)
+    return (ModelArguments, DataArguments, TrackingArguments, TrainingArguments)
 
 
 def read_recipe_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -398,6 +411,10 @@ def load_recipe(argv: list[str]) -> Recipe:
         if looks_secret(key):
             problems.append(f"--{key}: secrets don't belong on the command line (it ends up in shell history and "
                             "logs); export it in the environment instead")
+    for key in recipe:
+        if looks_secret(key):
+            problems.append(f"{key}: secrets don't belong in recipe files (they get copied, shared and logged); "
+                            "export it in the environment instead (e.g. HF_TOKEN, WANDB_API_KEY)")
     merged = {**recipe, **overrides}
     if "output_dir" not in merged:
         merged["output_dir"] = str(Path("outputs") / path.stem)
@@ -414,17 +431,16 @@ def load_recipe(argv: list[str]) -> Recipe:
             hint = _did_you_mean(key, known)
             origin = "on the command line" if key in overrides else f"in {path}"
             problems.append(f"unknown key `{key}` {origin}{hint}; keys are fields of ModelArguments, "
-                            "DataArguments or transformers.TrainingArguments")
+                            "DataArguments, TrackingArguments or transformers.TrainingArguments")
             continue
         values[key] = _coerce(key, value, actions[key], problems)
     if problems:
         raise RecipeError(problems)
 
-    model_fields = {f.name for f in dataclasses.fields(ModelArguments)}
-    data_fields = {f.name for f in dataclasses.fields(DataArguments)}
-    model = ModelArguments(**{k: v for k, v in values.items() if k in model_fields})
-    data = DataArguments(**{k: v for k, v in values.items() if k in data_fields})
-    training_values = {k: v for k, v in values.items() if k not in model_fields | data_fields}
+    groups = {cls: {f.name for f in dataclasses.fields(cls)} for cls in classes[:3]}
+    model, data, tracking = (cls(**{k: v for k, v in values.items() if k in names}) for cls, names in groups.items())
+    ours = set().union(*groups.values())
+    training_values = {k: v for k, v in values.items() if k not in ours}
     # Reentrant checkpointing fails under DDP and with frozen inputs; non-reentrant works everywhere.
     if "gradient_checkpointing_kwargs" not in training_values:
         training_values.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
@@ -436,7 +452,7 @@ def load_recipe(argv: list[str]) -> Recipe:
             training_values[flag] = True
     training = None
     try:
-        training = classes[2](**training_values)
+        training = classes[3](**training_values)
     except (ValueError, TypeError) as exc:
         problems.append(f"training arguments: {str(exc).strip().splitlines()[0]}")
     _check_combinations(merged, model, data, training, problems)
@@ -445,7 +461,7 @@ def load_recipe(argv: list[str]) -> Recipe:
         raise RecipeError(problems)
     if data.eval_split is None and data.eval_fraction is None and data.eval_size is None:
         data.eval_fraction = DEFAULT_EVAL_FRACTION
-    return Recipe(model=model, data=data, training=training, source=merged, path=path)
+    return Recipe(model=model, data=data, tracking=tracking, training=training, source=merged, path=path)
 
 
 def write_resolved_recipe(recipe: Recipe, path: Path) -> None:

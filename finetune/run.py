@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         recipe = load_recipe(argv)
-        train(recipe)
+        setup_logging(recipe.training.process_index == 0)
+        plan = tracking.resolve(recipe, resuming=bool(recipe.training.resume_from_checkpoint))
+        train(recipe, plan)
     except RecipeError as error:
         for problem in error.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -49,14 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def train(recipe: Recipe):
-    """Train, evaluate and save as the recipe says; returns the Trainer. Raises RecipeError for bad input."""
+def train(recipe: Recipe, plan: tracking.Tracking | None = None):
+    """Train, evaluate and save as the recipe says; returns the Trainer. Raises RecipeError for bad input.
+
+    `plan` is the resolved tracking (see finetune.tracking.resolve); resolved here from the environment if None.
+    """
     training_args = recipe.training
     setup_logging(training_args.process_index == 0)
 
-    # 1. Resolve tracking from the environment (the recipe was resolved and validated by the caller).
-    training_args.report_to = tracking.resolve_report_to(recipe.source)
-    tracking.prepare_environment(training_args.report_to)
+    # 1. Tracking, resolved from the environment before anything heavy loads.
+    plan = plan or tracking.resolve(recipe, resuming=bool(training_args.resume_from_checkpoint))
+    training_args.report_to = plan.report_to
+    if plan.uses_wandb:
+        training_args.run_name = plan.init["name"]
+    tracking.prepare(plan)
 
     # 2. Load data; the embedded default builds its tiny model and data on first use.
     if is_embedded_asset(Path(recipe.model.model_name_or_path)) or is_embedded_asset(Path(recipe.data.dataset)):
@@ -72,8 +80,6 @@ def train(recipe: Recipe):
     logger.info("model: %s, %s", recipe.model.model_name_or_path, describe(model))
 
     # 4. Build the Trainer.
-    if eval_dataset is None:
-        training_args.eval_strategy = "no"
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -83,9 +89,13 @@ def train(recipe: Recipe):
         processing_class=tokenizer,
     )
     output_dir = Path(training_args.output_dir)
+    run = None
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
         write_resolved_recipe(recipe, output_dir / "recipe.yaml")
+        run = tracking.start(plan, recipe)  # one run, on the main process; the Trainer's callback logs into it
+        if run is not None and plan.log_model == "checkpoint":
+            trainer.add_callback(tracking.checkpoint_callback(run, plan, recipe))
 
     # 5. Train.
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -95,26 +105,32 @@ def train(recipe: Recipe):
 
     # 7. Save the adapter (or the full model) and the tokenizer, in safetensors.
     trainer.save_model(str(output_dir))
+    if run is not None and plan.log_model != "false":
+        tracking.log_model_artifact(run, output_dir, recipe, eval_metrics, ["final"])
     if trainer.is_world_process_zero():
-        report(trainer, recipe, output_dir, eval_metrics)
+        report(trainer, recipe, output_dir)
+    if run is not None:
+        run.finish()
     return trainer
 
 
-def report(trainer, recipe, output_dir: Path, eval_metrics: dict) -> None:
+def report(trainer, recipe, output_dir: Path) -> None:
     """Tell the user what the run did and where everything went."""
     history = trainer.state.log_history
     train_losses = [entry["loss"] for entry in history if "loss" in entry]
-    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    evals = [(entry["step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry]
     weights = "adapter_model.safetensors" if recipe.model.use_lora else "model.safetensors"
-    lines = [f"trained {trainer.state.global_step} steps"]
+    world = trainer.args.world_size
+    lines = [f"trained {trainer.state.global_step} steps on {world} process{'es' if world > 1 else ''}"]
     if len(train_losses) >= 2:
         lines.append(f"train loss: {train_losses[0]:.4f} (first log) -> {train_losses[-1]:.4f} (last log)")
-    if eval_losses:
-        first = eval_losses[0]
-        last = eval_metrics.get("eval_loss", eval_losses[-1])
-        lines.append(f"eval loss: {first:.4f} -> {last:.4f} (perplexity {math.exp(first):.2f} -> "
-                     f"{math.exp(last):.2f})" if len(eval_losses) > 1 else
-                     f"eval loss: {last:.4f} (perplexity {math.exp(last):.2f})")
+    if evals:
+        (first_step, first), (last_step, last) = evals[0], evals[-1]
+        if first_step < last_step:
+            lines.append(f"eval loss: {first:.4f} (step {first_step}) -> {last:.4f} (step {last_step}); "
+                         f"perplexity {math.exp(first):.2f} -> {math.exp(last):.2f}")
+        else:
+            lines.append(f"eval loss: {last:.4f}, perplexity {math.exp(last):.2f}")
     lines.append(f"{'adapter' if recipe.model.use_lora else 'model'}: {output_dir / weights}")
     lines.append(f"recipe: {output_dir / 'recipe.yaml'}")
     checkpoints = sorted(output_dir.glob("checkpoint-*"))

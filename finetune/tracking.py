@@ -1,52 +1,347 @@
-"""Tracking: decide from the environment whether and how the run reports to Weights & Biases.
+"""Tracking: resolve W&B settings from the environment (and recipe defaults), then start exactly one run.
 
-The environment wins over the recipe: `WANDB_DISABLED=true` turns tracking off whatever `report_to` says.
-A job with no W&B credentials and no `WANDB_MODE` runs offline instead of waiting at a login prompt.
+`resolve()` is pure and cheap: it reads WANDB_* variables and the recipe, refuses bad values (exit 2 before anything
+heavy loads), and returns the fully resolved `wandb.init` arguments. `start()` runs on the main process only,
+creates the run with a bounded init timeout, and falls back to offline logging when the server can't be reached.
+The Trainer's own `WandbCallback` then finds `wandb.run` and logs into it.
+
+| variable | default | effect |
+|---|---|---|
+| WANDB_DISABLED | unset | truthy (true/1/yes/on): no run, nothing written |
+| WANDB_MODE | online with credentials, else offline | online, offline, disabled (also wandb's dryrun, run, shared) |
+| WANDB_PROJECT, WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_NOTES | recipe's wandb_* keys | passed through |
+| WANDB_NAME | generated from the recipe | used exactly, even over the recipe's run_name |
+| WANDB_TAGS | none | comma-separated; trimmed, empties dropped, de-duplicated, variant tags added |
+| WANDB_JOB_TYPE | training | passed through |
+| WANDB_DIR, WANDB_RUN_ID, WANDB_RESUME | wandb's | passed through |
+| WANDB_INIT_TIMEOUT | 20 | seconds to reach the server before falling back to offline |
+| WANDB_LOG_MODEL | false | end: log the adapter at the end; checkpoint: also each checkpoint (never optimizer state) |
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import netrc
 import os
+import subprocess
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping, Optional
+from urllib.parse import urlparse
+
+from finetune.recipe import Recipe, RecipeError, looks_secret
 
 logger = logging.getLogger(__name__)
 
 TRUTHY = {"1", "true", "yes", "on"}
+FALSY = {"", "0", "false", "no", "off"}
+# wandb's own aliases: dryrun is offline, run is online; shared is online with several writers.
+WANDB_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline",
+               "run": "online", "shared": "shared"}
+RESUME_VALUES = ("allow", "must", "never", "auto")
+LOG_MODEL_VALUES = {"false": "false", "": "false", "end": "end", "true": "end", "checkpoint": "checkpoint"}
+WATCH_VALUES = ("false", "gradients", "parameters", "all")
+DEFAULT_INIT_TIMEOUT = 20.0
+RUN_FILE = "wandb_run.json"  # in output_dir: the run id, so a resumed training continues the same run
+# Files of a checkpoint that are training state, not model: never uploaded.
+TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state", "training_args.bin")
 
 
-def is_truthy(value: str | None) -> bool:
+def is_truthy(value: Optional[str]) -> bool:
     return (value or "").strip().lower() in TRUTHY
 
 
+@dataclass
+class Tracking:
+    """Resolved tracking: what the Trainer reports to and the exact `wandb.init` arguments."""
+
+    report_to: list[str]
+    init: dict[str, Any] = field(default_factory=dict)  # wandb.init keyword arguments, config excluded
+    offline_reason: Optional[str] = None  # why the run logs offline when the user didn't ask for it
+    init_timeout: float = DEFAULT_INIT_TIMEOUT
+    log_model: str = "false"
+    generated_name: bool = False
+
+    @property
+    def uses_wandb(self) -> bool:
+        return "wandb" in self.report_to or "all" in self.report_to
+
+
 def has_credentials(env: Mapping[str, str]) -> bool:
-    """An API key in the environment or a saved `wandb login` (netrc entry for the W&B host)."""
-    if env.get("WANDB_API_KEY"):
+    """An API key in the environment, or a saved `wandb login` (netrc entry for the W&B host)."""
+    if env.get("WANDB_API_KEY", "").strip():
         return True
-    netrc_path = Path(env.get("NETRC", Path.home() / ".netrc")).expanduser()
+    host = urlparse(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    netrc_path = Path(env.get("NETRC") or Path.home() / ".netrc").expanduser()
     try:
-        hosts = netrc.netrc(str(netrc_path)).hosts
-    except (FileNotFoundError, netrc.NetrcParseError, PermissionError):
+        return host in netrc.netrc(str(netrc_path)).hosts
+    except (OSError, netrc.NetrcParseError):
         return False
-    return any("wandb" in host for host in hosts)
 
 
-def resolve_report_to(source: Mapping[str, object], env: Mapping[str, str] = os.environ) -> list[str]:
-    """The `report_to` list for TrainingArguments: the recipe's if set, else W&B; none when WANDB_DISABLED."""
-    if is_truthy(env.get("WANDB_DISABLED")):
-        logger.info("tracking is off (WANDB_DISABLED=%s)", env.get("WANDB_DISABLED"))
-        return []
-    requested = source.get("report_to", "wandb")
-    requested = list(requested) if isinstance(requested, list) else [str(requested)]
-    return [] if requested == ["none"] else requested
+def split_tags(text: Optional[str]) -> list[str]:
+    """'a, b,,b' -> ['a', 'b']: split on commas, trimmed, empties dropped, first occurrence kept."""
+    return list(dict.fromkeys(tag.strip() for tag in (text or "").split(",") if tag.strip()))
 
 
-def prepare_environment(report_to: list[str], env=os.environ) -> None:
-    """Make a W&B run safe to start non-interactively: offline when there are no credentials and no mode."""
-    if "wandb" not in report_to and "all" not in report_to:
+def model_variant(recipe: Recipe) -> str:
+    """A short variant name: qlora-int4, lora-int8, lora-bf16, full-fp32, ..."""
+    model = recipe.model
+    if model.quantization == "int4":
+        return "qlora-int4"
+    if model.quantization == "int8":
+        return "lora-int8"
+    short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "auto": "auto"}[model.dtype]
+    return f"{'lora' if model.use_lora else 'full'}-{short}"
+
+
+def variant_tags(recipe: Recipe) -> list[str]:
+    kind, precision = model_variant(recipe).split("-", 1)
+    return [kind, precision] if kind != "qlora" else ["qlora", "lora", precision]
+
+
+def variant_fields(recipe: Recipe) -> dict[str, Any]:
+    """The fields runs are grouped and filtered by."""
+    model = recipe.model
+    return {
+        "model_variant": model_variant(recipe),
+        "model_name_or_path": model.model_name_or_path,
+        "quantization": model.quantization,
+        "dtype": model.dtype,
+        "use_lora": model.use_lora,
+        "lora_r": model.lora_r if model.use_lora else None,
+        "lora_alpha": model.lora_alpha if model.use_lora else None,
+        "dataset": recipe.data.dataset,
+        "learning_rate": recipe.training.learning_rate,
+    }
+
+
+def generated_name(recipe: Recipe, now: Optional[float] = None) -> str:
+    """model-variant-rank-lr-time, e.g. qwen2.5-0.5b-instruct-qlora-int4-r16-lr2e-04-1123-1905."""
+    model = Path(recipe.model.model_name_or_path.rstrip("/")).name.lower()
+    parts = [model, model_variant(recipe)]
+    if recipe.model.use_lora:
+        parts.append(f"r{recipe.model.lora_r}")
+    parts.append(f"lr{recipe.training.learning_rate:.0e}")
+    parts.append(time.strftime("%m%d-%H%M", time.localtime(now)))
+    return "-".join(parts)
+
+
+def git_commit() -> Optional[str]:
+    """The toolkit's git commit (with -dirty for local changes), or None outside a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit
+
+
+def resolve(recipe: Recipe, env: Mapping[str, str] = os.environ, resuming: bool = False,
+            now: Optional[float] = None) -> Tracking:
+    """Resolve tracking from the environment, the recipe's defaults and any saved run in output_dir.
+
+    Raises RecipeError naming the variable and its allowed values for a bad WANDB_MODE, WANDB_RESUME,
+    WANDB_LOG_MODEL, WANDB_WATCH, WANDB_INIT_TIMEOUT or WANDB_TAGS. Writes nothing.
+    """
+    problems: list[str] = []
+    disabled_value = env.get("WANDB_DISABLED", "")
+    if disabled_value.strip().lower() not in TRUTHY | FALSY:
+        problems.append(f"WANDB_DISABLED={disabled_value!r}: use true/1/yes/on to turn tracking off, "
+                        "false/0/no/off or unset to keep it on")
+    raw_mode = env.get("WANDB_MODE", "").strip()
+    mode = WANDB_MODES.get(raw_mode.lower()) if raw_mode else None
+    if raw_mode and mode is None:
+        problems.append(f"WANDB_MODE={raw_mode!r} is not a W&B mode; use one of online, offline, disabled "
+                        "(or unset it: offline without credentials, online with them)")
+    resume = env.get("WANDB_RESUME", "").strip().lower() or None
+    if resume and resume not in RESUME_VALUES:
+        problems.append(f"WANDB_RESUME={resume!r}: use one of {', '.join(RESUME_VALUES)}")
+    log_model = env.get("WANDB_LOG_MODEL", "false").strip().lower()
+    if log_model not in LOG_MODEL_VALUES:
+        problems.append(f"WANDB_LOG_MODEL={log_model!r}: use one of false, end, checkpoint")
+    watch = env.get("WANDB_WATCH", "false").strip().lower() or "false"
+    if watch not in WATCH_VALUES:
+        problems.append(f"WANDB_WATCH={watch!r}: use one of {', '.join(WATCH_VALUES)}")
+    timeout_text = env.get("WANDB_INIT_TIMEOUT", "").strip()
+    init_timeout = DEFAULT_INIT_TIMEOUT
+    if timeout_text:
+        try:
+            init_timeout = float(timeout_text)
+            if init_timeout <= 0:
+                raise ValueError
+        except ValueError:
+            problems.append(f"WANDB_INIT_TIMEOUT={timeout_text!r}: give a positive number of seconds")
+    tags = split_tags(env.get("WANDB_TAGS")) + list(recipe.tracking.wandb_tags) + variant_tags(recipe)
+    tags = sorted(dict.fromkeys(tags))
+    for tag in tags:
+        if len(tag) > 64:
+            problems.append(f"WANDB_TAGS: tag {tag[:20]!r}... is {len(tag)} characters; W&B allows 64")
+    if problems:
+        raise RecipeError(problems)
+
+    requested = recipe.source.get("report_to", "wandb")
+    report_to = list(requested) if isinstance(requested, list) else [str(requested)]
+    report_to = [] if report_to == ["none"] else report_to
+    if is_truthy(disabled_value) or mode == "disabled":
+        why = f"WANDB_DISABLED={disabled_value}" if is_truthy(disabled_value) else "WANDB_MODE=disabled"
+        return Tracking(report_to=[r for r in report_to if r not in ("wandb", "all")], offline_reason=why)
+    tracking = Tracking(report_to=report_to, init_timeout=init_timeout, log_model=LOG_MODEL_VALUES[log_model])
+    if not tracking.uses_wandb:
+        return tracking
+
+    if mode is None:
+        if has_credentials(env):
+            mode = "online"
+        else:
+            mode, tracking.offline_reason = "offline", "no W&B credentials (WANDB_API_KEY or `wandb login`)"
+    elif mode in ("online", "shared") and not has_credentials(env):
+        logger.warning("WANDB_MODE=%s but no W&B credentials: logging offline instead of waiting at a login "
+                       "prompt; run `wandb login` or set WANDB_API_KEY", raw_mode)
+        mode, tracking.offline_reason = "offline", f"WANDB_MODE={raw_mode} without credentials"
+
+    name = env.get("WANDB_NAME") or recipe.source.get("run_name")
+    tracking.generated_name = not name
+    name = str(name) if name else generated_name(recipe, now)
+    run_id = env.get("WANDB_RUN_ID") or None
+    saved = read_saved_run(Path(recipe.training.output_dir))
+    if run_id is None and resuming and saved:
+        if mode == "offline":
+            logger.info("W&B can't resume an offline run: this resumed training logs to a new offline run, "
+                        "named %s-resumed and tagged `resumed`, after run %s", name, saved.get("id"))
+            name, tags = f"{name}-resumed", sorted({*tags, "resumed"})
+        else:
+            run_id, resume = saved.get("id"), resume or "allow"
+    init = {
+        "project": env.get("WANDB_PROJECT") or recipe.tracking.wandb_project,
+        "entity": env.get("WANDB_ENTITY") or recipe.tracking.wandb_entity,
+        "group": env.get("WANDB_RUN_GROUP") or recipe.tracking.wandb_group,
+        "name": name,
+        "notes": env.get("WANDB_NOTES") or recipe.tracking.wandb_notes,
+        "tags": tags,
+        "job_type": env.get("WANDB_JOB_TYPE") or "training",
+        "dir": env.get("WANDB_DIR") or None,
+        "id": run_id,
+        "resume": resume,
+        "mode": mode,
+    }
+    tracking.init = {key: value for key, value in init.items() if value is not None}
+    return tracking
+
+
+def read_saved_run(output_dir: Path) -> Optional[dict]:
+    try:
+        return json.loads((output_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_config(recipe: Recipe) -> dict[str, Any]:
+    """What the run records as config: variant fields, the whole resolved recipe, toolkit version and commit.
+
+    No key that looks secret is included (the recipe is resolved without them).
+    """
+    from finetune import __version__
+
+    config = {**variant_fields(recipe), "recipe": recipe.resolved(), "finetune_version": __version__,
+              "git_commit": git_commit()}
+    return {key: value for key, value in config.items() if not looks_secret(key)}
+
+
+def prepare(tracking: Tracking, env=os.environ) -> None:
+    """Environment for the Trainer's WandbCallback in this process: our resolved values, and no model upload
+    of its own (ours never includes optimizer state)."""
+    if not tracking.uses_wandb:
         return
-    if not env.get("WANDB_MODE") and not has_credentials(env):
-        env["WANDB_MODE"] = "offline"
-        logger.info("no W&B credentials found: logging offline; upload later with `wandb sync wandb/offline-run-*`")
+    env["WANDB_LOG_MODEL"] = "false"
+    env["WANDB_MODE"] = tracking.init["mode"]
+    env["WANDB_TAGS"] = ",".join(tracking.init["tags"])  # the SDK would re-read the raw value otherwise
+    env["WANDB_PROJECT"] = tracking.init["project"]
+
+
+def start(tracking: Tracking, recipe: Recipe):
+    """Create the run (main process only). Returns the wandb Run, or None when tracking is off.
+
+    Online init is bounded by WANDB_INIT_TIMEOUT; a server that can't be reached in time, or refuses the key,
+    turns the run into an offline one with a warning, and training goes on.
+    """
+    if not tracking.uses_wandb:
+        logger.info("tracking is off (%s)", tracking.offline_reason or "report_to has no wandb")
+        return None
+    import wandb
+
+    config = run_config(recipe)
+    settings = wandb.Settings(init_timeout=tracking.init_timeout)
+    try:
+        run = wandb.init(**tracking.init, config=config, settings=settings)
+    except wandb.Error as error:
+        if tracking.init["mode"] == "offline":
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        logger.warning("W&B could not start an online run within %.0f s (%s); logging offline instead, nothing "
+                       "is lost", tracking.init_timeout, reason)
+        offline = {key: value for key, value in tracking.init.items() if key not in ("resume",)}
+        offline["mode"] = "offline"
+        tracking.offline_reason = f"server unreachable ({reason})"
+        run = wandb.init(**offline, config=config, settings=wandb.Settings(init_timeout=tracking.init_timeout))
+    if is_offline(run):
+        sync_dir = Path(run.settings.sync_dir)
+        logger.info("W&B run %s logs offline (%s); upload it later with: wandb sync %s",
+                    run.name, tracking.offline_reason or "WANDB_MODE=offline", sync_dir)
+    save_run_file(run, Path(recipe.training.output_dir))
+    return run
+
+
+def is_offline(run) -> bool:
+    return run.settings.mode in ("offline", "dryrun")
+
+
+def save_run_file(run, output_dir: Path) -> None:
+    """Record the run id in output_dir, atomically, so that resuming continues the same run."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    info = {"id": run.id, "name": run.name, "project": run.project, "entity": run.entity or None,
+            "mode": "offline" if is_offline(run) else "online", "sync_dir": str(run.settings.sync_dir)}
+    tmp = output_dir / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, output_dir / RUN_FILE)
+
+
+def model_files(directory: Path) -> list[Path]:
+    """The files of a saved adapter/model/checkpoint worth uploading: weights, configs, tokenizer, recipe."""
+    return sorted(p for p in directory.iterdir()
+                  if p.is_file() and not p.name.startswith(TRAINING_STATE_FILES) and not p.name.startswith("."))
+
+
+def log_model_artifact(run, directory: Path, recipe: Recipe, metrics: dict[str, Any], aliases: list[str]) -> None:
+    """Upload the adapter (or full model) files of `directory` as a model artifact; never optimizer state."""
+    import wandb
+
+    files = model_files(directory)
+    size_mb = sum(p.stat().st_size for p in files) / 2**20
+    logger.warning("WANDB_LOG_MODEL: uploading %d files, %.1f MB, from %s (storage counts against your W&B quota)",
+                   len(files), size_mb, directory)
+    metadata = {"recipe": recipe.resolved(), "metrics": {k: v for k, v in metrics.items()
+                                                         if isinstance(v, (int, float))}}
+    artifact = wandb.Artifact(name=f"model-{run.id}", type="model", metadata=metadata)
+    for path in files:
+        artifact.add_file(str(path))
+    run.log_artifact(artifact, aliases=aliases)
+
+
+def checkpoint_callback(run, tracking: Tracking, recipe: Recipe):
+    """A TrainerCallback that uploads each checkpoint's model files when WANDB_LOG_MODEL=checkpoint."""
+    from transformers import TrainerCallback
+
+    class CheckpointArtifacts(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                last = state.log_history[-1] if state.log_history else {}
+                log_model_artifact(run, directory, recipe, last, [f"step-{state.global_step}"])
+
+    return CheckpointArtifacts()
