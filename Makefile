@@ -2,17 +2,20 @@
 #
 #   make train                                   # the embedded tiny recipe, offline, on CPU, ~2 minutes
 #   make train RECIPE=recipes/qlora_int4.yaml ARGS="--max_steps 100"
+#   WANDB_PROJECT=x WANDB_TAGS=a,b make train    # WANDB_* variables pass through to the run
 #   make test
+#   make sync                                    # upload offline W&B runs
 
 VENV     ?= .venv
 PYTHON   := $(VENV)/bin/python
 RECIPE   ?= recipes/tiny.yaml
 ARGS     ?=
-# accelerate picks up the machine's default config (`accelerate config`) or a file passed here.
-LAUNCH   ?= $(VENV)/bin/accelerate launch
 PYTEST_ARGS ?=
+WANDB_DIR ?= .
+# Offline runs waiting for upload; `make sync RUNS=wandb/offline-run-...` picks some.
+RUNS ?= $(wildcard $(WANDB_DIR)/wandb/offline-run-*)
 
-.PHONY: install train test lint clean
+.PHONY: install train test sync lint clean
 
 install: $(VENV)/.installed
 
@@ -22,11 +25,16 @@ $(VENV)/.installed: requirements.txt launch/install.sh
 	VENV=$(VENV) bash launch/install.sh
 	touch $@
 
+# launch/train.sh sets the W&B defaults and runs `accelerate launch` (ACCELERATE_CONFIG=file picks a config).
 train: install
-	$(LAUNCH) finetune/run.py $(RECIPE) $(ARGS)
+	launch/train.sh $(RECIPE) $(ARGS)
 
 test: install
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+sync: install
+	@if [ -z "$(strip $(RUNS))" ]; then echo "no offline runs under $(WANDB_DIR)/wandb"; \
+	else $(VENV)/bin/wandb sync --yes $(RUNS); fi
 
 lint: install
 	$(PYTHON) -m ruff check finetune tests

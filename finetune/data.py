@@ -14,8 +14,9 @@ when it starts inside a trainable span. EOS is appended where the template doesn
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from finetune.recipe import DATA_FILE_EXTENSIONS, DataArguments, RecipeError, is_local_path
 
@@ -123,7 +124,7 @@ def tokenize_example(example: dict[str, Any], fmt: str, tokenizer, max_length: i
         labels = [
             token if token_end > token_start and any(start <= token_start < end for start, end in spans)
             else IGNORE_INDEX
-            for token, (token_start, token_end) in zip(input_ids, encoded["offset_mapping"])
+            for token, (token_start, token_end) in zip(input_ids, encoded["offset_mapping"], strict=True)
         ]
     if append_eos and tokenizer.eos_token_id is not None:
         input_ids.append(tokenizer.eos_token_id)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 from finetune.recipe import ModelArguments, RecipeError
 
@@ -21,7 +20,7 @@ def resolve_dtype(name: str):
     return torch.float32
 
 
-def autocast_flag(model_args: ModelArguments) -> Optional[str]:
+def autocast_flag(model_args: ModelArguments) -> str | None:
     """The TrainingArguments precision flag (`bf16`/`fp16`) that matches the model dtype on a GPU, else None.
 
     Half-precision weights compute under autocast on CUDA. Not for full fine-tuning in fp16: the grad scaler

@@ -18,7 +18,7 @@ import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -47,7 +47,7 @@ class ModelArguments:
         metadata={"help": "Weight dtype; auto = bfloat16 on GPUs that support it, float16 on older GPUs, "
                           "float32 on CPU. Also the compute dtype of 4-bit layers."},
     )
-    attn_implementation: Optional[str] = field(
+    attn_implementation: str | None = field(
         default=None, metadata={"help": "eager | sdpa | flash_attention_2; None lets transformers choose."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run modelling code shipped with the model."})
@@ -83,17 +83,17 @@ class DataArguments:
     dataset_format: Literal["auto", "text", "alpaca", "messages", "prompt_completion"] = field(
         default="auto", metadata={"help": "auto picks from the columns and logs what it picked."}
     )
-    dataset_config: Optional[str] = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_split: Optional[str] = field(
+    eval_split: str | None = field(
         default=None, metadata={"help": "Named split to evaluate on; otherwise a held-out part of the train split."}
     )
-    eval_fraction: Optional[float] = field(
+    eval_fraction: float | None = field(
         default=None, metadata={"help": "Fraction of the train split held out for eval, in [0, 1). "
                                         "Default 0.05 when neither eval_split nor eval_size is set."}
     )
-    eval_size: Optional[int] = field(default=None, metadata={"help": "Number of train examples held out for eval."})
-    max_train_samples: Optional[int] = field(
+    eval_size: int | None = field(default=None, metadata={"help": "Number of train examples held out for eval."})
+    max_train_samples: int | None = field(
         default=None, metadata={"help": "Keep only this many training examples (after shuffling)."}
     )
     max_length: int = field(default=1024, metadata={"help": "Tokens per example; longer examples are truncated."})
@@ -107,10 +107,10 @@ class TrackingArguments:
     """Recipe defaults for W&B; the matching WANDB_* environment variable always wins."""
 
     wandb_project: str = field(default="finetune", metadata={"help": "Default for WANDB_PROJECT."})
-    wandb_entity: Optional[str] = field(default=None, metadata={"help": "Default for WANDB_ENTITY."})
-    wandb_group: Optional[str] = field(default=None, metadata={"help": "Default for WANDB_RUN_GROUP."})
+    wandb_entity: str | None = field(default=None, metadata={"help": "Default for WANDB_ENTITY."})
+    wandb_group: str | None = field(default=None, metadata={"help": "Default for WANDB_RUN_GROUP."})
     wandb_tags: list[str] = field(default_factory=list, metadata={"help": "Tags added to WANDB_TAGS."})
-    wandb_notes: Optional[str] = field(default=None, metadata={"help": "Default for WANDB_NOTES."})
+    wandb_notes: str | None = field(default=None, metadata={"help": "Default for WANDB_NOTES."})
 
 
 DEFAULT_EVAL_FRACTION = 0.05
@@ -125,7 +125,7 @@ class Recipe:
     tracking: TrackingArguments
     training: Any  # transformers.TrainingArguments, imported lazily
     source: dict[str, Any]  # merged keys as written in the recipe and on the command line
-    path: Optional[Path] = None
+    path: Path | None = None
 
     def resolved(self) -> dict[str, Any]:
         """Every key with its effective value, secrets removed; loads back with `load_recipe`."""
@@ -196,7 +196,7 @@ def parse_cli_overrides(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
     """
     overrides: dict[str, Any] = {}
     problems: list[str] = []
-    key: Optional[str] = None
+    key: str | None = None
     values: list[str] = []
 
     def flush():
@@ -228,7 +228,7 @@ def _actions_by_key(parser) -> dict[str, Any]:
     return actions
 
 
-def _choices(action) -> Optional[list[str]]:
+def _choices(action) -> list[str] | None:
     if not action.choices:
         return None
     return [str(getattr(choice, "value", choice)) for choice in action.choices]
@@ -315,7 +315,8 @@ def _list_item_action(action):
 
 def _check_paths(model: ModelArguments, data: DataArguments, problems: list[str]) -> None:
     dataset_path = Path(data.dataset or "").expanduser()
-    if data.dataset and is_local_path(data.dataset) and not dataset_path.exists() and not is_embedded_asset(dataset_path):
+    missing = data.dataset and is_local_path(data.dataset) and not dataset_path.exists()
+    if missing and not is_embedded_asset(dataset_path):
         problems.append(f"dataset: no such file {data.dataset!r}; give a local .json/.jsonl/.csv/.parquet "
                         "file or a hub dataset name")
     if model.model_name_or_path and is_local_path(model.model_name_or_path):

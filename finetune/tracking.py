@@ -26,9 +26,10 @@ import netrc
 import os
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 from urllib.parse import urlparse
 
 from finetune.recipe import Recipe, RecipeError, looks_secret
@@ -49,7 +50,7 @@ RUN_FILE = "wandb_run.json"  # in output_dir: the run id, so a resumed training 
 TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state", "training_args.bin")
 
 
-def is_truthy(value: Optional[str]) -> bool:
+def is_truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in TRUTHY
 
 
@@ -59,7 +60,7 @@ class Tracking:
 
     report_to: list[str]
     init: dict[str, Any] = field(default_factory=dict)  # wandb.init keyword arguments, config excluded
-    offline_reason: Optional[str] = None  # why the run logs offline when the user didn't ask for it
+    offline_reason: str | None = None  # why the run logs offline when the user didn't ask for it
     init_timeout: float = DEFAULT_INIT_TIMEOUT
     log_model: str = "false"
     generated_name: bool = False
@@ -81,7 +82,7 @@ def has_credentials(env: Mapping[str, str]) -> bool:
         return False
 
 
-def split_tags(text: Optional[str]) -> list[str]:
+def split_tags(text: str | None) -> list[str]:
     """'a, b,,b' -> ['a', 'b']: split on commas, trimmed, empties dropped, first occurrence kept."""
     return list(dict.fromkeys(tag.strip() for tag in (text or "").split(",") if tag.strip()))
 
@@ -118,7 +119,7 @@ def variant_fields(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def generated_name(recipe: Recipe, now: Optional[float] = None) -> str:
+def generated_name(recipe: Recipe, now: float | None = None) -> str:
     """model-variant-rank-lr-time, e.g. qwen2.5-0.5b-instruct-qlora-int4-r16-lr2e-04-1123-1905."""
     model = Path(recipe.model.model_name_or_path.rstrip("/")).name.lower()
     parts = [model, model_variant(recipe)]
@@ -129,7 +130,7 @@ def generated_name(recipe: Recipe, now: Optional[float] = None) -> str:
     return "-".join(parts)
 
 
-def git_commit() -> Optional[str]:
+def git_commit() -> str | None:
     """The toolkit's git commit (with -dirty for local changes), or None outside a checkout."""
     root = Path(__file__).resolve().parent.parent
     try:
@@ -143,7 +144,7 @@ def git_commit() -> Optional[str]:
 
 
 def resolve(recipe: Recipe, env: Mapping[str, str] = os.environ, resuming: bool = False,
-            now: Optional[float] = None) -> Tracking:
+            now: float | None = None) -> Tracking:
     """Resolve tracking from the environment, the recipe's defaults and any saved run in output_dir.
 
     Raises RecipeError naming the variable and its allowed values for a bad WANDB_MODE, WANDB_RESUME,
@@ -234,7 +235,7 @@ def resolve(recipe: Recipe, env: Mapping[str, str] = os.environ, resuming: bool 
     return tracking
 
 
-def read_saved_run(output_dir: Path) -> Optional[dict]:
+def read_saved_run(output_dir: Path) -> dict | None:
     try:
         return json.loads((output_dir / RUN_FILE).read_text())
     except (OSError, ValueError):

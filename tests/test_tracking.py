@@ -81,7 +81,8 @@ def test_mode_follows_credentials(qlora_recipe, tmp_path):
 
 def test_generated_name_and_explicit_names(qlora_recipe, llama_dir):
     plan = tracking.resolve(qlora_recipe("--lora_r", "8", "--learning_rate", "2e-4"), env(), now=0)
-    assert plan.init["name"] == f"{llama_dir.name}-qlora-int4-r8-lr2e-04-{time.strftime('%m%d-%H%M', time.localtime(0))}"
+    stamp = time.strftime("%m%d-%H%M", time.localtime(0))
+    assert plan.init["name"] == f"{llama_dir.name}-qlora-int4-r8-lr2e-04-{stamp}"
     assert plan.generated_name
     assert tracking.resolve(qlora_recipe("--run_name", "mine"), env()).init["name"] == "mine"
     assert tracking.resolve(qlora_recipe("--run_name", "mine"), env(WANDB_NAME="exact name")).init["name"] == \
@@ -137,7 +138,7 @@ def run_cli(tmp_path: Path, model_dir: Path, dataset: Path, environment: dict, *
     keys = {"model_name_or_path": model_dir, "dataset": dataset, "max_steps": 3, "output_dir": tmp_path / "out",
             "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "logging_steps": 1,
             "disable_tqdm": "true"}
-    for name, value in zip(extra[::2], extra[1::2]):
+    for name, value in zip(extra[::2], extra[1::2], strict=True):
         keys[name.removeprefix("--")] = value
     args = [QLORA] + [item for key, value in keys.items() for item in (f"--{key}", str(value))]
     started = time.monotonic()
@@ -230,9 +231,19 @@ def test_unreachable_server_falls_back_to_offline(tmp_path, llama_dir, data_file
 
 
 def test_resumed_offline_training_is_a_new_run_told_apart(tmp_path, llama_dir, data_files):
-    first, _ = run_cli(tmp_path, llama_dir, data_files["text"], {"WANDB_MODE": "offline", "WANDB_NAME": "n"},
+    first, _ = run_cli(tmp_path, llama_dir, data_files["text"],
+                       {"WANDB_MODE": "offline", "WANDB_NAME": "n", "WANDB_LOG_MODEL": "checkpoint"},
                        "--save_steps", "3")
     assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "out" / "checkpoint-3" / "optimizer.pt").is_file()
+    (first_run,) = [load_run(d) for d in offline_runs(tmp_path / "wb")]
+    # WANDB_LOG_MODEL=checkpoint: the checkpoint's model files and the final adapter, never optimizer state.
+    aliases = sorted(alias for a in first_run.artifacts for alias in a.aliases if alias != "latest")
+    assert aliases == ["final", "step-3"]
+    for artifact in first_run.artifacts:
+        paths = {entry.path for entry in artifact.manifest.contents}
+        assert "adapter_model.safetensors" in paths
+        assert not any(p.startswith(("optimizer", "scheduler", "rng_state", "training_args")) for p in paths)
     second, _ = run_cli(tmp_path, llama_dir, data_files["text"], {"WANDB_MODE": "offline", "WANDB_NAME": "n"},
                         "--max_steps", "5", "--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-3"))
     assert second.returncode == 0, second.stderr[-3000:]
@@ -265,3 +276,21 @@ def test_two_processes_make_one_run(tmp_path, llama_dir, data_files):
     assert run.run.display_name == "ddp"
     assert run.summary["train/global_step"] == 2
     assert "trained 2 steps on 2 processes" in result.stderr
+
+
+def test_launch_wrapper_passes_the_environment_and_sets_defaults(tmp_path, llama_dir, data_files):
+    base = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "HF_"))}
+    base.update({"HF_HUB_OFFLINE": "1", "NETRC": "/nonexistent/netrc", "WANDB_MODE": "offline",
+                 "WANDB_DIR": str(tmp_path), "WANDB_PROJECT": "x", "WANDB_TAGS": "a,b",
+                 "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    result = subprocess.run(
+        [str(REPO / "launch/train.sh"), QLORA, "--model_name_or_path", str(llama_dir), "--dataset",
+         str(data_files["text"]), "--max_steps", "2", "--output_dir", str(tmp_path / "out"), "--disable_tqdm", "true",
+         "--num_train_epochs", "1"],
+        capture_output=True, text=True, cwd=tmp_path, env=base, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = offline_runs(tmp_path)
+    run = load_run(run_dir)
+    assert run.run.project == "x" and {"a", "b", "qlora"} <= set(run.tags)
+    assert run.run.job_type == "training"
