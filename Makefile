@@ -15,7 +15,7 @@ WANDB_DIR ?= .
 # Offline runs waiting for upload; `make sync RUNS=wandb/offline-run-...` picks some.
 RUNS ?= $(wildcard $(WANDB_DIR)/wandb/offline-run-*)
 
-.PHONY: install train test sync lint clean
+.PHONY: install train test sync bench-callback lint clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ test: install
 sync: install
 	@if [ -z "$(strip $(RUNS))" ]; then echo "no offline runs under $(WANDB_DIR)/wandb"; \
 	else $(VENV)/bin/wandb sync --yes $(RUNS); fi
+
+# Cost of the metrics callback: the same tiny CPU training with and without it (target <= 1%).
+bench-callback: install
+	$(PYTHON) benchmarks/callback_overhead.py $(ARGS)
 
 lint: install
 	$(PYTHON) -m ruff check finetune tests

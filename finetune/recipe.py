@@ -22,6 +22,9 @@ from typing import Any, Literal
 
 import yaml
 
+# Keys that describe one choice: a layer (a child recipe, the command line) that sets one of them replaces the
+# choice made by the layers below, instead of clashing with it.
+EXCLUSIVE_KEYS = [("eval_split", "eval_fraction", "eval_size")]
 DATA_FILE_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 
@@ -185,7 +188,18 @@ def read_recipe_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]
     if not isinstance(parent, str):
         raise RecipeError([f"recipe {path}: `extends` must be a recipe path, got {parent!r}"])
     base = read_recipe_file(path.parent / parent, (*_seen, path.resolve()))
-    return {**base, **content}
+    return overlay(base, content)
+
+
+def overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, key by key; setting one of a group of EXCLUSIVE_KEYS drops the others from `base`."""
+    merged = dict(base)
+    for group in EXCLUSIVE_KEYS:
+        if any(key in top for key in group):
+            for key in group:
+                merged.pop(key, None)
+    merged.update(top)
+    return merged
 
 
 def parse_cli_overrides(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
@@ -416,7 +430,7 @@ def load_recipe(argv: list[str]) -> Recipe:
         if looks_secret(key):
             problems.append(f"{key}: secrets don't belong in recipe files (they get copied, shared and logged); "
                             "export it in the environment instead (e.g. HF_TOKEN, WANDB_API_KEY)")
-    merged = {**recipe, **overrides}
+    merged = overlay(recipe, overrides)
     if "output_dir" not in merged:
         merged["output_dir"] = str(Path("outputs") / path.stem)
 

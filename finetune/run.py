@@ -18,10 +18,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (accelerate launch finetune/run.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from transformers import DataCollatorForSeq2Seq, Trainer  # noqa: E402
+from transformers import DataCollatorForSeq2Seq  # noqa: E402
 
 from finetune import tiny, tracking  # noqa: E402
 from finetune.data import IGNORE_INDEX, load_splits  # noqa: E402
+from finetune.metrics import CountingCollator, MeteredTrainer, MetricsCallback, format_report, write_summary  # noqa: E402
 from finetune.model import describe, load_model, load_tokenizer  # noqa: E402
 from finetune.recipe import Recipe, RecipeError, is_embedded_asset, load_recipe, write_resolved_recipe  # noqa: E402
 
@@ -79,15 +80,18 @@ def train(recipe: Recipe, plan: tracking.Tracking | None = None):
     model = load_model(recipe.model, training_args)
     logger.info("model: %s, %s", recipe.model.model_name_or_path, describe(model))
 
-    # 4. Build the Trainer.
-    trainer = Trainer(
+    # 4. Build the Trainer, with the metrics callback first so that every logger sees its numbers.
+    trainer = MeteredTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
+        data_collator=CountingCollator(
+            DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)),
         processing_class=tokenizer,
     )
+    trainer.metrics = MetricsCallback()
+    trainer.callback_handler.callbacks.insert(0, trainer.metrics)
     output_dir = Path(training_args.output_dir)
     run = None
     if trainer.is_world_process_zero():
@@ -105,39 +109,40 @@ def train(recipe: Recipe, plan: tracking.Tracking | None = None):
 
     # 7. Save the adapter (or the full model) and the tokenizer, in safetensors.
     trainer.save_model(str(output_dir))
-    if run is not None and plan.log_model != "false":
-        tracking.log_model_artifact(run, output_dir, recipe, eval_metrics, ["final"])
+
+    # 8. Summarise: the same numbers in summary.json, the W&B summary and on the console.
     if trainer.is_world_process_zero():
-        report(trainer, recipe, output_dir)
-    if run is not None:
-        run.finish()
+        weights = output_dir / ("adapter_model.safetensors" if recipe.model.use_lora else "model.safetensors")
+        summary = trainer.metrics.summary(trainer, recipe.model, weights)
+        write_summary(summary, output_dir / "summary.json")
+        if run is not None:
+            run.summary.update(summary)
+            if plan.log_model != "false":
+                tracking.log_model_artifact(run, output_dir, recipe, {**eval_metrics, **summary}, ["final"])
+            run.finish()
+        report(trainer, output_dir, weights, summary)
     return trainer
 
 
-def report(trainer, recipe, output_dir: Path) -> None:
-    """Tell the user what the run did and where everything went."""
-    history = trainer.state.log_history
-    train_losses = [entry["loss"] for entry in history if "loss" in entry]
-    evals = [(entry["step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry]
-    weights = "adapter_model.safetensors" if recipe.model.use_lora else "model.safetensors"
+def report(trainer, output_dir: Path, weights: Path, summary: dict) -> None:
+    """Tell the user what the run did, its headline numbers, and where everything went."""
     world = trainer.args.world_size
+    evals = [(entry["step"], entry["eval_loss"]) for entry in trainer.state.log_history if "eval_loss" in entry]
     lines = [f"trained {trainer.state.global_step} steps on {world} process{'es' if world > 1 else ''}"]
-    if len(train_losses) >= 2:
-        lines.append(f"train loss: {train_losses[0]:.4f} (first log) -> {train_losses[-1]:.4f} (last log)")
-    if evals:
+    if len(evals) > 1 and evals[0][0] < evals[-1][0]:
         (first_step, first), (last_step, last) = evals[0], evals[-1]
-        if first_step < last_step:
-            lines.append(f"eval loss: {first:.4f} (step {first_step}) -> {last:.4f} (step {last_step}); "
-                         f"perplexity {math.exp(first):.2f} -> {math.exp(last):.2f}")
-        else:
-            lines.append(f"eval loss: {last:.4f}, perplexity {math.exp(last):.2f}")
-    lines.append(f"{'adapter' if recipe.model.use_lora else 'model'}: {output_dir / weights}")
-    lines.append(f"recipe: {output_dir / 'recipe.yaml'}")
-    checkpoints = sorted(output_dir.glob("checkpoint-*"))
-    if checkpoints:
-        lines.append(f"checkpoints: {', '.join(str(c) for c in checkpoints)}")
+        lines.append(f"eval loss: {first:.4f} (step {first_step}) -> {last:.4f} (step {last_step}); "
+                     f"perplexity {math.exp(first):.2f} -> {math.exp(last):.2f}")
     for line in lines:
         logger.info(line)
+    print(format_report(summary), file=sys.stderr)
+    where = [(weights.stem.split("_")[0], weights), ("recipe", output_dir / "recipe.yaml"),
+             ("summary", output_dir / "summary.json")]
+    checkpoints = sorted(output_dir.glob("checkpoint-*"))
+    if checkpoints:
+        where.append(("checkpoints", ", ".join(str(c) for c in checkpoints)))
+    for label, path in where:
+        logger.info("%s: %s", label, path)
 
 
 if __name__ == "__main__":

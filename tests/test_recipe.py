@@ -146,3 +146,13 @@ def test_command_line_exits_2_without_traceback_or_output(case, tmp_path, llama_
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors and fragment in errors[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no output_dir, no wandb/, nothing
+
+
+def test_a_later_layer_replaces_the_eval_choice(tmp_path, data_files, llama_dir):
+    """lora_bf16.yaml holds out eval_fraction 0.01; --eval_size on the command line replaces it, no clash."""
+    recipe = load_recipe([str(REPO / "recipes/lora_bf16.yaml"), "--eval_size", "8"])
+    assert (recipe.data.eval_size, recipe.data.eval_fraction, recipe.data.eval_split) == (8, None, None)
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {REPO / 'recipes/lora_bf16.yaml'}\neval_split: test\n")
+    recipe = load_recipe([str(child)])
+    assert (recipe.data.eval_split, recipe.data.eval_fraction) == ("test", None)

@@ -1,0 +1,362 @@
+"""Metrics the bare Trainer doesn't give: throughput, peak memory, model size, FLOPs, MFU and perplexity.
+
+Each number comes from a small pure function below, so tests can call it directly. `MetricsCallback` applies them:
+
+- per log step (W&B history, console): `train/perplexity`, `train/tokens_per_second`, `train/samples_per_second`,
+  `train/peak_vram_gb` (CUDA); on evaluation `eval/perplexity` and `eval/best_perplexity`;
+- once at the end: the run summary (see `summary()`), written to W&B and to `output_dir/summary.json`.
+
+Cheap by construction: token and sample counts come from the unpadded features on the host, in the collator
+(`CountingCollator`), and travel with the batch as plain ints, so no step waits for the device. Clocks, CUDA memory
+and cross-rank sums are read only at log steps. Sums and maxima cover every rank and every micro-step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+
+COUNTS_KEY = "finetune_counts"  # batch key carrying (samples, input tokens, target tokens) as host ints
+GB = 1024**3
+
+# Dense bf16/fp16 tensor-core peak, FLOP/s per device, by a substring of torch.cuda.get_device_name().
+# Matched in order: the more specific names first.
+PEAK_FLOPS = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+]
+
+
+# Pure functions ------------------------------------------------------------------------------------------------
+
+def perplexity(loss: float) -> float:
+    """exp(loss), the perplexity of a mean token cross-entropy; inf when it overflows."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def rate(count: float, seconds: float) -> float:
+    return count / seconds if seconds > 0 else 0.0
+
+
+def batch_counts(features: list[dict[str, Any]], ignore_index: int = -100) -> tuple[int, int, int]:
+    """(samples, input tokens, target tokens) of unpadded features.
+
+    Input tokens are every token fed to the model (no padding). Target tokens are the ones the loss is computed
+    on: labels other than `ignore_index`, after the causal shift (the first position predicts nothing).
+    """
+    inputs = sum(len(feature["input_ids"]) for feature in features)
+    targets = sum(sum(1 for label in feature["labels"][1:] if label != ignore_index) for feature in features)
+    return len(features), inputs, targets
+
+
+def flops_per_token(matmul_params: int, layers: int, hidden_size: int, context: float, lora: bool) -> float:
+    """Training FLOPs per token: (4 if LoRA else 6) x matmul params + 12 x layers x hidden x context (attention).
+
+    The forward pass costs 2 FLOPs per weight, the backward 2 for activation gradients and, only where weights
+    train, 2 for weight gradients: LoRA skips those for the frozen base (~4N), full fine-tuning doesn't (~6N).
+    Attention scores and context add 4 x hidden x context per layer forward, 3x for forward and backward.
+    """
+    return (4 if lora else 6) * matmul_params + 12 * layers * hidden_size * context
+
+
+def peak_flops(device_name: str | None) -> float | None:
+    """Dense bf16 peak FLOP/s of one GPU from the table above, or None when unknown."""
+    if not device_name:
+        return None
+    for name, flops in PEAK_FLOPS:
+        if name in device_name:
+            return flops
+    return None
+
+
+def mfu(total_flops: float, seconds: float, device_name: str | None, world_size: int) -> float | None:
+    """Model FLOPs utilisation: achieved FLOP/s over the peak of all devices, or None when the peak is unknown."""
+    peak = peak_flops(device_name)
+    if peak is None or seconds <= 0:
+        return None
+    return total_flops / seconds / (peak * world_size)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit layers counted at their true size (two values per stored byte)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def matmul_parameters(model, total_params: int) -> int:
+    """Parameters that cost FLOPs per token: all but the input embedding lookup (a tied output head counts)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embedding = base.get_input_embeddings().weight
+    output = base.get_output_embeddings()
+    tied = output is not None and output.weight.data_ptr() == embedding.data_ptr()
+    return total_params - embedding.numel() + (embedding.numel() if tied else 0)
+
+
+def weight_bits(quantization: str, dtype) -> int:
+    """Bits per base weight: 4 or 8 when quantized, else the dtype's width."""
+    if quantization == "int4":
+        return 4
+    if quantization == "int8":
+        return 8
+    return dtype.itemsize * 8
+
+
+def host_peak_rss_gb() -> float:
+    """This process's peak resident memory (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / GB if sys.platform == "darwin" else peak * 1024 / GB
+
+
+def reduce_across_ranks(values: list[float], op: str = "sum") -> list[float]:
+    """Sum or max each value over all processes; the identity in a single process.
+
+    A collective: every rank must call it at the same point. This is a device sync point (on NCCL the values go
+    through the GPU), so it is called at log steps and at the end of training only.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+# Trainer wiring ------------------------------------------------------------------------------------------------
+
+class CountingCollator:
+    """Wraps a collator; adds the batch's (samples, input tokens, target tokens), counted on the host."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        batch[COUNTS_KEY] = batch_counts(features)
+        return batch
+
+
+class MeteredTrainer(Trainer):
+    """A Trainer that hands each micro-batch's host-side counts to the metrics callback before the forward pass."""
+
+    metrics: MetricsCallback | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        counts = inputs.pop(COUNTS_KEY, None)
+        if counts is not None and self.metrics is not None:
+            self.metrics.add(counts)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs.pop(COUNTS_KEY, None)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+
+@dataclass
+class Totals:
+    samples: float = 0
+    input_tokens: float = 0
+    target_tokens: float = 0
+
+    def as_list(self) -> list[float]:
+        return [self.samples, self.input_tokens, self.target_tokens]
+
+
+class MetricsCallback(TrainerCallback):
+    """Adds throughput, memory and perplexity to the Trainer's logs and builds the run summary."""
+
+    def __init__(self):
+        self.interval = Totals()  # this rank, since the last log step
+        self.totals = Totals()  # all ranks, whole run
+        self.train_seconds = 0.0  # wall time in training steps: evaluation and checkpoint saving left out
+        self.mark = time.perf_counter()
+        self.peak_vram = 0.0
+        self.peak_vram_reserved = 0.0
+        self.peak_ram_gb = 0.0
+        self.eval_losses: list[float] = []
+        self.last_loss: float | None = None
+
+    def add(self, counts: tuple[int, int, int]) -> None:
+        samples, input_tokens, target_tokens = counts
+        self.interval.samples += samples
+        self.interval.input_tokens += input_tokens
+        self.interval.target_tokens += target_tokens
+
+    def _close_interval(self) -> tuple[Totals, float]:
+        """Sum this interval over ranks and add it to the totals. Collective: called on every rank."""
+        seconds = time.perf_counter() - self.mark
+        interval = Totals(*reduce_across_ranks(self.interval.as_list(), "sum"))
+        self.totals = Totals(*(a + b for a, b in zip(self.totals.as_list(), interval.as_list(), strict=True)))
+        self.train_seconds += seconds
+        self.interval = Totals()
+        self.mark = time.perf_counter()
+        return interval, seconds
+
+    def _read_cuda_peak(self) -> float | None:
+        """Peak allocated GB since the last read, max over ranks; resets the counter. Log steps only."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        allocated, reserved = reduce_across_ranks(
+            [torch.cuda.max_memory_allocated() / GB, torch.cuda.max_memory_reserved() / GB], "max")
+        torch.cuda.reset_peak_memory_stats()
+        self.peak_vram = max(self.peak_vram, allocated)
+        self.peak_vram_reserved = max(self.peak_vram_reserved, reserved)
+        return allocated
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.mark = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        if "loss" in logs:  # a training log, on every rank: the Trainer has just synced to read the loss
+            interval, seconds = self._close_interval()
+            self.last_loss = logs["loss"]
+            logs["perplexity"] = perplexity(logs["loss"])
+            logs["tokens_per_second"] = rate(interval.input_tokens, seconds)
+            logs["samples_per_second"] = rate(interval.samples, seconds)
+            peak = self._read_cuda_peak()
+            if peak is not None:
+                logs["peak_vram_gb"] = peak
+        elif "eval_loss" in logs:
+            self.eval_losses.append(logs["eval_loss"])
+            logs["eval_perplexity"] = perplexity(logs["eval_loss"])
+            logs["eval_best_perplexity"] = perplexity(min(self.eval_losses))
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.mark = time.perf_counter()  # evaluation time is not training time
+
+    def on_save(self, args, state, control, **kwargs):
+        self.mark = time.perf_counter()  # nor is writing a checkpoint
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._close_interval()
+        self._read_cuda_peak()
+        (self.peak_ram_gb,) = reduce_across_ranks([host_peak_rss_gb()], "max")
+
+    def summary(self, trainer, model_args, saved_weights: Path | None) -> dict[str, Any]:
+        """The run summary: one flat dict, units in the names. CUDA keys only on CUDA, MFU only on known GPUs."""
+        import torch
+
+        model, state, args = trainer.model, trainer.state, trainer.args
+        trainable, total = count_parameters(model)
+        config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        context = self.totals.input_tokens / self.totals.samples if self.totals.samples else 0.0
+        total_flops = self.totals.input_tokens * flops_per_token(
+            matmul_parameters(model, total), text_config.num_hidden_layers, text_config.hidden_size, context,
+            model_args.use_lora)
+        base_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad),
+                          next(model.parameters()).dtype)
+
+        out: dict[str, Any] = {
+            "train/tokens_per_second": rate(self.totals.input_tokens, self.train_seconds),
+            "train/samples_per_second": rate(self.totals.samples, self.train_seconds),
+            "train/total_tokens": int(self.totals.target_tokens),
+            "train/total_input_tokens": int(self.totals.input_tokens),
+            "train/total_samples": int(self.totals.samples),
+            "train/train_seconds": self.train_seconds,
+            "train/peak_ram_gb": self.peak_ram_gb,
+            "train/total_flops": total_flops,
+        }
+        if self.last_loss is not None:
+            out["train/loss"] = self.last_loss
+            out["train/perplexity"] = perplexity(self.last_loss)
+        if torch.cuda.is_available():
+            out["train/peak_vram_gb"] = self.peak_vram
+            out["train/peak_vram_reserved_gb"] = self.peak_vram_reserved
+            utilisation = mfu(total_flops, self.train_seconds, torch.cuda.get_device_name(), args.world_size)
+            if utilisation is not None:
+                out["train/mfu"] = utilisation
+        out.update({
+            "model/total_params": int(total),
+            "model/trainable_params": int(trainable),
+            "model/trainable_percent": 100.0 * trainable / total if total else 0.0,
+            "model/weight_bits": weight_bits(model_args.quantization, base_dtype),
+            "model/memory_footprint_gb": model.get_memory_footprint() / GB,
+        })
+        if saved_weights is not None and saved_weights.is_file():
+            out["model/adapter_size_mb"] = saved_weights.stat().st_size / 2**20
+        if self.eval_losses:
+            best = perplexity(min(self.eval_losses))
+            out["eval/loss"] = self.eval_losses[-1]
+            out["eval/perplexity"] = perplexity(self.eval_losses[-1])
+            out["eval/best_perplexity"] = best
+            out["final/best_perplexity"] = best
+        out["final/total_steps"] = state.global_step
+        out["final/total_epochs"] = state.epoch
+        out["run/world_size"] = args.world_size
+        return out
+
+
+def write_summary(summary: dict[str, Any], path: Path) -> None:
+    """summary.json, atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+REPORT_ROWS = [
+    ("train/loss", "train loss", "{:.4f}"),
+    ("eval/loss", "eval loss", "{:.4f}"),
+    ("eval/perplexity", "eval perplexity", "{:.2f}"),
+    ("eval/best_perplexity", "best eval perplexity", "{:.2f}"),
+    ("train/tokens_per_second", "tokens/s (all ranks)", "{:,.0f}"),
+    ("train/samples_per_second", "samples/s (all ranks)", "{:,.2f}"),
+    ("train/total_tokens", "tokens trained on", "{:,}"),
+    ("train/peak_vram_gb", "peak VRAM allocated (GB)", "{:.2f}"),
+    ("train/peak_vram_reserved_gb", "peak VRAM reserved (GB)", "{:.2f}"),
+    ("train/peak_ram_gb", "peak host RAM (GB)", "{:.2f}"),
+    ("train/mfu", "MFU", "{:.1%}"),
+    ("model/trainable_params", "trainable params", "{:,}"),
+    ("model/total_params", "total params", "{:,}"),
+    ("model/weight_bits", "bits per base weight", "{}"),
+    ("model/adapter_size_mb", "saved weights (MB)", "{:.2f}"),
+    ("final/total_steps", "steps", "{}"),
+    ("run/world_size", "processes", "{}"),
+]
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    """The headline numbers as a two-column table for the console."""
+    rows = [(label, fmt.format(summary[key])) for key, label, fmt in REPORT_ROWS if key in summary]
+    width = max(len(label) for label, _ in rows)
+    value_width = max(len(value) for _, value in rows)
+    rule = "-" * (width + value_width + 3)
+    return "\n".join([rule] + [f"{label:<{width}}   {value:>{value_width}}" for label, value in rows] + [rule])

@@ -1,0 +1,199 @@
+"""Metrics: each number checked against independent evidence (files on disk, the data itself, W&B's own record)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from finetune import metrics
+from finetune.recipe import load_recipe
+from finetune.run import train
+from finetune.tiny import write_jsonl
+from tests.conftest import REPO
+from tests.wandb_file import load_run, offline_runs
+
+CUDA_KEYS = {"train/peak_vram_gb", "train/peak_vram_reserved_gb", "train/mfu"}
+
+
+def elements(path: Path) -> int:
+    with safe_open(str(path), "pt") as handle:
+        return sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+
+
+# Pure functions.
+
+def test_perplexity_and_rate():
+    assert metrics.perplexity(0.0) == 1.0
+    assert metrics.perplexity(2.0) == pytest.approx(7.389056, rel=1e-6)
+    assert metrics.perplexity(1e6) == float("inf")
+    assert metrics.rate(100, 4.0) == 25.0 and metrics.rate(5, 0.0) == 0.0
+
+
+def test_batch_counts_skip_padding_masked_prompt_and_the_first_position():
+    features = [
+        {"input_ids": [1, 5, 6, 7, 2], "labels": [-100, -100, 6, 7, 2]},
+        {"input_ids": [1, 9, 2], "labels": [1, 9, 2]},  # train_on_prompt: label 0 predicts nothing
+    ]
+    assert metrics.batch_counts(features) == (2, 8, 5)
+
+
+def test_flops_per_token_lora_and_full():
+    # 1M matmul params, 2 layers of width 64, context 100: attention 12 * 2 * 64 * 100 = 153,600.
+    assert metrics.flops_per_token(1_000_000, 2, 64, 100, lora=True) == 4_000_000 + 153_600
+    assert metrics.flops_per_token(1_000_000, 2, 64, 100, lora=False) == 6_000_000 + 153_600
+
+
+def test_peak_flops_table_and_mfu():
+    assert metrics.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert metrics.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert metrics.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert metrics.peak_flops("Some Future GPU") is None and metrics.peak_flops(None) is None
+    assert metrics.mfu(989e12 * 0.5 * 2 * 10, 10, "NVIDIA H100 80GB HBM3", world_size=2) == pytest.approx(0.5)
+    assert metrics.mfu(1e15, 10, "unknown", 1) is None
+
+
+def test_weight_bits():
+    assert metrics.weight_bits("int4", torch.bfloat16) == 4
+    assert metrics.weight_bits("int8", torch.bfloat16) == 8
+    assert metrics.weight_bits("none", torch.bfloat16) == 16
+    assert metrics.weight_bits("none", torch.float32) == 32
+
+
+def test_report_table_lists_present_keys_only():
+    table = metrics.format_report({"train/tokens_per_second": 1234.5, "run/world_size": 2})
+    assert "tokens/s (all ranks)" in table and "1,234" in table and "processes" in table
+    assert "VRAM" not in table
+
+
+# Real runs, in process (no W&B).
+
+def run_recipe(name: str, model_dir: Path, dataset: Path, out: Path, *extra: str):
+    trainer = train(load_recipe([str(REPO / "recipes" / name), "--model_name_or_path", str(model_dir), "--dataset",
+                                 str(dataset), "--output_dir", str(out), "--report_to", "none",
+                                 "--disable_tqdm", "true", *extra]))
+    return trainer, json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("recipe", ["qlora_int4.yaml", "lora_bf16.yaml", "lora_int8.yaml"])
+def test_parameter_counts_match_the_files_on_disk(recipe, llama_dir, data_files, tmp_path):
+    _, summary = run_recipe(recipe, llama_dir, data_files["alpaca"], tmp_path / "out", "--max_steps", "2")
+    adapter = elements(tmp_path / "out" / "adapter_model.safetensors")
+    base = elements(llama_dir / "model.safetensors")
+    assert summary["model/trainable_params"] == adapter
+    assert summary["model/total_params"] == base + adapter  # 4-bit layers at their true size, not halved
+    assert summary["model/trainable_percent"] == pytest.approx(100 * adapter / (base + adapter))
+    assert summary["model/weight_bits"] == {"qlora_int4.yaml": 4, "lora_int8.yaml": 8, "lora_bf16.yaml": 16}[recipe]
+    size = (tmp_path / "out" / "adapter_model.safetensors").stat().st_size / 2**20
+    assert summary["model/adapter_size_mb"] == pytest.approx(size)
+    assert summary["model/memory_footprint_gb"] > 0
+
+
+def test_full_fine_tuning_counts_every_parameter(llama_dir, data_files, tmp_path):
+    _, summary = run_recipe("full_bf16.yaml", llama_dir, data_files["text"], tmp_path / "out", "--max_steps", "1",
+                            "--dtype", "float32")
+    assert summary["model/trainable_params"] == summary["model/total_params"] == \
+        elements(llama_dir / "model.safetensors")
+    assert summary["model/weight_bits"] == 32
+
+
+def test_total_tokens_match_the_data_under_gradient_accumulation(llama_dir, tmp_path):
+    """One epoch over 40 text rows, 4 per micro-batch, 2 micro-batches per step: every row trained once."""
+    texts = [f"row {i}: " + "abcdefghij"[: 1 + i % 10] * (1 + i % 3) for i in range(40)]
+    dataset = write_jsonl([{"text": text} for text in texts], tmp_path / "text.jsonl")
+    trainer, summary = run_recipe(
+        "lora_bf16.yaml", llama_dir, dataset, tmp_path / "out", "--num_train_epochs", "1",
+        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--eval_size", "0",
+        "--eval_strategy", "no", "--logging_steps", "2", "--dtype", "float32")
+    # One token per character: the model sees BOS + text + EOS and is trained on text + EOS.
+    assert summary["train/total_tokens"] == sum(len(text) + 1 for text in texts)
+    assert summary["train/total_input_tokens"] == sum(len(text) + 2 for text in texts)
+    assert summary["train/total_samples"] == 40
+    assert summary["final/total_steps"] == trainer.state.global_step == 5
+    assert summary["train/tokens_per_second"] == pytest.approx(
+        summary["train/total_input_tokens"] / summary["train/train_seconds"])
+    assert summary["train/train_seconds"] <= trainer.state.log_history[-1]["train_runtime"]
+    assert summary["train/perplexity"] == pytest.approx(math.exp(summary["train/loss"]))
+    assert not CUDA_KEYS & set(summary)  # absent on CPU, not zero
+    assert summary["train/peak_ram_gb"] > 0.1 and summary["run/world_size"] == 1
+    # LoRA FLOPs: 4 per matmul parameter (the tied embedding is the output head's) plus attention, per token.
+    matmul = elements(llama_dir / "model.safetensors") + elements(tmp_path / "out" / "adapter_model.safetensors")
+    tokens, context = summary["train/total_input_tokens"], summary["train/total_input_tokens"] / 40
+    assert summary["train/total_flops"] == pytest.approx(tokens * (4 * matmul + 12 * 2 * 64 * context))
+    assert "eval/loss" not in summary
+
+
+# Real runs through the command line, read back from W&B's own offline run file.
+
+def launch(tmp_path: Path, args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "HF_"))}
+    env.update({"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
+                "NETRC": "/nonexistent/netrc"})
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if processes > 1:
+        command += ["--multi_gpu", "--main_process_port", "0"]
+    return subprocess.run(command + [str(REPO / "finetune/run.py"), *args], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=600)
+
+
+def test_summary_json_equals_the_wandb_summary(llama_dir, data_files, tmp_path):
+    """The issue's launch line: QLoRA, evaluation every 3 steps."""
+    out = tmp_path / "out"
+    result = launch(tmp_path, [str(REPO / "recipes/qlora_int4.yaml"), "--model_name_or_path", str(llama_dir),
+                               "--dataset", str(data_files["messages"]), "--max_steps", "6", "--eval_strategy",
+                               "steps", "--eval_steps", "3", "--logging_steps", "2", "--output_dir", str(out),
+                               "--eval_size", "8", "--disable_tqdm", "true"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    run = load_run(offline_runs(tmp_path)[0])
+    assert {key: run.summary.get(key) for key in summary} == summary
+    assert summary["eval/perplexity"] == pytest.approx(math.exp(summary["eval/loss"]))
+    evals = [row for row in run.history if "eval/loss" in row]
+    assert len(evals) == 3  # steps 3 and 6, and the final evaluation
+    for row in evals:
+        assert row["eval/perplexity"] == pytest.approx(math.exp(row["eval/loss"]))
+    assert summary["eval/best_perplexity"] == pytest.approx(min(row["eval/perplexity"] for row in evals))
+    train_rows = [row for row in run.history if "train/loss" in row]
+    assert [row["train/global_step"] for row in train_rows] == [2, 4, 6]
+    for row in train_rows:
+        assert row["train/perplexity"] == pytest.approx(math.exp(row["train/loss"]))
+        assert row["train/tokens_per_second"] > 0 and row["train/samples_per_second"] > 0
+        assert "train/peak_vram_gb" not in row
+    assert not CUDA_KEYS & set(summary)
+    assert "tokens/s (all ranks)" in result.stderr  # the end-of-run table
+
+
+def test_two_process_totals_are_the_sum_over_both_ranks(llama_dir, tmp_path):
+    texts = [f"sample {i} " + "xyz" * (i % 5) for i in range(48)]
+    dataset = write_jsonl([{"text": text} for text in texts], tmp_path / "text.jsonl")
+    out = tmp_path / "out"
+    result = launch(tmp_path, [str(REPO / "recipes/qlora_int4.yaml"), "--model_name_or_path", str(llama_dir),
+                               "--dataset", str(dataset), "--num_train_epochs", "1", "--output_dir", str(out),
+                               "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+                               "--eval_size", "0", "--eval_strategy", "no",
+                               "--use_cpu", "true", "--logging_steps", "1", "--disable_tqdm", "true"], processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    # 48 rows over 2 ranks x 4 per micro-batch x 2 micro-batches: 3 steps, every row exactly once.
+    assert summary["run/world_size"] == 2 and summary["final/total_steps"] == 3
+    assert summary["train/total_samples"] == 48
+    assert summary["train/total_tokens"] == sum(len(text) + 1 for text in texts)
+    (run_dir,) = offline_runs(tmp_path)
+    assert load_run(run_dir).summary["train/total_tokens"] == summary["train/total_tokens"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_vram_figures_match_torch(llama_dir, data_files, tmp_path):
+    torch.cuda.reset_peak_memory_stats()
+    _, summary = run_recipe("qlora_int4.yaml", llama_dir, data_files["alpaca"], tmp_path / "out", "--max_steps", "3")
+    observed = torch.cuda.max_memory_allocated() / metrics.GB
+    assert 0 < summary["train/peak_vram_gb"] <= observed + 1e-9
+    assert summary["train/peak_vram_reserved_gb"] >= summary["train/peak_vram_gb"]
