@@ -20,22 +20,22 @@ def resolve_dtype(name: str):
     return torch.float32
 
 
-def autocast_flag(model_args: ModelArguments) -> str | None:
-    """The TrainingArguments precision flag (`bf16`/`fp16`) that matches the model dtype on a GPU, else None.
+def hardware_defaults(model_args: ModelArguments) -> dict[str, bool]:
+    """TrainingArguments defaults that follow the hardware; a recipe that sets a key keeps its own value.
 
-    Half-precision weights compute under autocast on CUDA. Not for full fine-tuning in fp16: the grad scaler
-    refuses fp16 gradients, so those runs stay without autocast.
+    On a GPU, half-precision weights compute under autocast (`bf16`/`fp16` to match the dtype), except full
+    fine-tuning in fp16, whose fp16 gradients the grad scaler refuses. Without a GPU, pinned memory buys nothing.
     """
     import torch
 
     if not torch.cuda.is_available():
-        return None
+        return {"dataloader_pin_memory": False}
     dtype = resolve_dtype(model_args.dtype)
     if dtype == torch.bfloat16:
-        return "bf16"
+        return {"bf16": True}
     if dtype == torch.float16 and model_args.use_lora:
-        return "fp16"
-    return None
+        return {"fp16": True}
+    return {}
 
 
 def load_tokenizer(model_args: ModelArguments):

@@ -459,12 +459,13 @@ def load_recipe(argv: list[str]) -> Recipe:
     # Reentrant checkpointing fails under DDP and with frozen inputs; non-reentrant works everywhere.
     if "gradient_checkpointing_kwargs" not in training_values:
         training_values.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
-    if not {"bf16", "fp16"} & set(values):
-        from finetune.model import autocast_flag
+    from finetune.model import hardware_defaults
 
-        flag = autocast_flag(model)
-        if flag:
-            training_values[flag] = True
+    defaults = hardware_defaults(model)
+    if {"bf16", "fp16"} & set(values):  # the recipe chose its precision: no automatic autocast on top
+        defaults = {key: value for key, value in defaults.items() if key not in ("bf16", "fp16")}
+    for key, value in defaults.items():
+        training_values.setdefault(key, value)
     training = None
     try:
         training = classes[3](**training_values)
