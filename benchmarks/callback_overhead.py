@@ -4,7 +4,7 @@
 
 Both arms train the embedded tiny recipe (LoRA on a 0.8M-parameter Llama, CPU) from the same weights, data and
 seed, with W&B and console logging off. The baseline is a plain `Trainer` with `DataCollatorForSeq2Seq`; the
-toolkit arm adds the counting collator, `MeteredTrainer` and `MetricsCallback`. Two measurements:
+toolkit arm adds the counting collator, `FinetuneTrainer` and `MetricsCallback`. Two measurements:
 
 1. attributed cost (the figure the target applies to): in the toolkit arm, every piece of added code (host-side
    counting in the collator, the hand-over in `training_step`, every callback hook) is timed where it runs, and
@@ -28,11 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer  # noqa: E402
 
-from finetune import metrics, tiny  # noqa: E402
+from finetune import tiny  # noqa: E402
+from finetune import trainer as trainer_module  # noqa: E402
 from finetune.data import IGNORE_INDEX, load_splits  # noqa: E402
-from finetune.metrics import CountingCollator, MeteredTrainer, MetricsCallback  # noqa: E402
+from finetune.metrics import MetricsCallback  # noqa: E402
 from finetune.model import load_model, load_tokenizer  # noqa: E402
 from finetune.recipe import load_recipe  # noqa: E402
+from finetune.trainer import CountingCollator, FinetuneTrainer  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml"
 
@@ -53,9 +55,9 @@ class Stopwatch:
         return timed
 
 
-def instrument(trainer: MeteredTrainer, stopwatch: Stopwatch) -> None:
+def instrument(trainer: FinetuneTrainer, stopwatch: Stopwatch) -> None:
     """Time every piece of code the toolkit adds to a training step, where it runs."""
-    metrics.batch_counts = stopwatch.wrap(metrics.batch_counts)  # the collator's host-side counting
+    trainer_module.batch_counts = stopwatch.wrap(trainer_module.batch_counts)  # the collator's host-side counting
     callback = trainer.metrics
     for hook in ("add", "on_train_begin", "on_log", "on_evaluate", "on_save", "on_train_end"):
         setattr(callback, hook, stopwatch.wrap(getattr(callback, hook)))
@@ -82,7 +84,7 @@ def seconds_per_step(metered: bool, steps: int, output_dir: str, stopwatch: Stop
     model = load_model(recipe.model, recipe.training)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     if metered:
-        trainer = MeteredTrainer(model=model, args=recipe.training, train_dataset=train_dataset,
+        trainer = FinetuneTrainer(model=model, args=recipe.training, train_dataset=train_dataset,
                                  data_collator=CountingCollator(collator), processing_class=tokenizer)
         trainer.metrics = MetricsCallback()
         trainer.callback_handler.callbacks.insert(0, trainer.metrics)
@@ -106,9 +108,9 @@ def main() -> None:
     tiny.ensure_assets()
     seconds_per_step(True, 20, args.output_dir)  # warm-up: imports, allocator, thread pools
 
-    stopwatch, plain_batch_counts = Stopwatch(), metrics.batch_counts
+    stopwatch, plain_batch_counts = Stopwatch(), trainer_module.batch_counts
     attributed_run = seconds_per_step(True, args.steps, args.output_dir, stopwatch) * args.steps
-    metrics.batch_counts = plain_batch_counts
+    trainer_module.batch_counts = plain_batch_counts
     attributed = stopwatch.seconds / attributed_run
     print(f"attributed: {stopwatch.seconds * 1e3:.1f} ms in toolkit code over a {attributed_run:.1f} s run of "
           f"{args.steps} steps ({stopwatch.seconds / args.steps * 1e6:.0f} us/step)", flush=True)

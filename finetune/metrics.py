@@ -7,7 +7,8 @@ Each number comes from a small pure function below, so tests can call it directl
 - once at the end: the run summary (see `summary()`), written to W&B and to `output_dir/summary.json`.
 
 Cheap by construction: token and sample counts come from the unpadded features on the host, in the collator
-(`CountingCollator`), and travel with the batch as plain ints, so no step waits for the device. Clocks, CUDA memory
+(`finetune.trainer.CountingCollator`), and travel with the batch as plain ints, so no step waits for the device.
+Clocks, CUDA memory
 and cross-rank sums are read only at log steps. Sums and maxima cover every rank and every micro-step.
 """
 
@@ -23,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
-COUNTS_KEY = "finetune_counts"  # batch key carrying (samples, input tokens, target tokens) as host ints
 GB = 1024**3
 
 # Dense bf16/fp16 tensor-core peak, FLOP/s per device, by a substring of torch.cuda.get_device_name().
@@ -153,34 +153,6 @@ def reduce_across_ranks(values: list[float], op: str = "sum") -> list[float]:
 
 
 # Trainer wiring ------------------------------------------------------------------------------------------------
-
-class CountingCollator:
-    """Wraps a collator; adds the batch's (samples, input tokens, target tokens), counted on the host."""
-
-    def __init__(self, collator):
-        self.collator = collator
-
-    def __call__(self, features):
-        batch = self.collator(features)
-        batch[COUNTS_KEY] = batch_counts(features)
-        return batch
-
-
-class MeteredTrainer(Trainer):
-    """A Trainer that hands each micro-batch's host-side counts to the metrics callback before the forward pass."""
-
-    metrics: MetricsCallback | None = None
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        counts = inputs.pop(COUNTS_KEY, None)
-        if counts is not None and self.metrics is not None:
-            self.metrics.add(counts)
-        return super().training_step(model, inputs, num_items_in_batch)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs.pop(COUNTS_KEY, None)
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-
 
 @dataclass
 class Totals:

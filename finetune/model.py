@@ -26,10 +26,14 @@ def hardware_defaults(model_args: ModelArguments) -> dict[str, bool]:
     On a GPU, half-precision weights compute under autocast (`bf16`/`fp16` to match the dtype), except full
     fine-tuning in fp16, whose fp16 gradients the grad scaler refuses. Without a GPU, pinned memory buys nothing.
     """
+    import os
+
     import torch
 
     if not torch.cuda.is_available():
-        return {"dataloader_pin_memory": False}
+        # Several processes without GPUs: DDP over gloo on the CPU (launch/accelerate/cpu_ddp.yaml).
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        return {"dataloader_pin_memory": False, **({"use_cpu": True} if several else {})}
     dtype = resolve_dtype(model_args.dtype)
     if dtype == torch.bfloat16:
         return {"bf16": True}

@@ -1,7 +1,8 @@
 """Recipes: flat YAML whose keys are dataclass field names, overridden from the command line.
 
-A recipe is a YAML mapping. Its keys are the fields of `ModelArguments`, `DataArguments`, `TrackingArguments`
-and `transformers.TrainingArguments`, so `--learning_rate 1e-4` means what it means everywhere in the HF world.
+A recipe is a YAML mapping. Its keys are the fields of `ModelArguments`, `DataArguments`, `TrackingArguments`,
+`RunArguments` and `transformers.TrainingArguments`, so `--learning_rate 1e-4` means what it means everywhere
+in the HF world.
 `extends: other.yaml` (a path relative to the recipe) starts from another recipe and overrides it key by key.
 
     finetune/run.py recipes/qlora_int4.yaml --max_steps 3 --learning_rate 1e-4
@@ -116,7 +117,23 @@ class TrackingArguments:
     wandb_notes: str | None = field(default=None, metadata={"help": "Default for WANDB_NOTES."})
 
 
+@dataclass
+class RunArguments:
+    """What happens to an existing output_dir, and to a loss that stops being finite."""
+
+    auto_resume: bool = field(
+        default=True, metadata={"help": "Continue from the newest valid checkpoint in output_dir, if any."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start over: remove checkpoints, summary and run id of a previous run."})
+    on_nonfinite_loss: Literal["stop", "skip"] = field(
+        default="stop", metadata={"help": "stop: end training, keep the last good checkpoint; skip: drop the "
+                                          "batch's gradient (costs a device sync per micro-batch)."})
+
+
 DEFAULT_EVAL_FRACTION = 0.05
+# TrainingArguments defaults the toolkit changes (a recipe that sets the key keeps its value):
+# the NaN/inf filter hides a diverged loss from the guard and syncs the device every micro-step.
+TOOLKIT_DEFAULTS = {"logging_nan_inf_filter": False}
 
 
 @dataclass
@@ -126,6 +143,7 @@ class Recipe:
     model: ModelArguments
     data: DataArguments
     tracking: TrackingArguments
+    run: RunArguments
     training: Any  # transformers.TrainingArguments, imported lazily
     source: dict[str, Any]  # merged keys as written in the recipe and on the command line
     path: Path | None = None
@@ -136,6 +154,7 @@ class Recipe:
         out.update(dataclasses.asdict(self.model))
         out.update(dataclasses.asdict(self.data))
         out.update(dataclasses.asdict(self.tracking))
+        out.update(dataclasses.asdict(self.run))
         # Deprecated aliases mirror their new names; writing both would warn when the file is loaded back.
         current = {f.name for f in dataclasses.fields(self.training)
                    if f.init and not f.metadata.get("help", "").startswith("Deprecated")}
@@ -154,7 +173,7 @@ def looks_secret(name: str) -> bool:
 def _argument_classes():
     from transformers import TrainingArguments
 
-    return (ModelArguments, DataArguments, TrackingArguments, TrainingArguments)
+    return (ModelArguments, DataArguments, TrackingArguments, RunArguments, TrainingArguments)
 
 
 def read_recipe_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -446,14 +465,15 @@ def load_recipe(argv: list[str]) -> Recipe:
             hint = _did_you_mean(key, known)
             origin = "on the command line" if key in overrides else f"in {path}"
             problems.append(f"unknown key `{key}` {origin}{hint}; keys are fields of ModelArguments, "
-                            "DataArguments, TrackingArguments or transformers.TrainingArguments")
+                            "DataArguments, TrackingArguments, RunArguments or transformers.TrainingArguments")
             continue
         values[key] = _coerce(key, value, actions[key], problems)
     if problems:
         raise RecipeError(problems)
 
-    groups = {cls: {f.name for f in dataclasses.fields(cls)} for cls in classes[:3]}
-    model, data, tracking = (cls(**{k: v for k, v in values.items() if k in names}) for cls, names in groups.items())
+    groups = {cls: {f.name for f in dataclasses.fields(cls)} for cls in classes[:-1]}
+    model, data, tracking, run = (cls(**{k: v for k, v in values.items() if k in names})
+                                  for cls, names in groups.items())
     ours = set().union(*groups.values())
     training_values = {k: v for k, v in values.items() if k not in ours}
     # Reentrant checkpointing fails under DDP and with frozen inputs; non-reentrant works everywhere.
@@ -464,20 +484,24 @@ def load_recipe(argv: list[str]) -> Recipe:
     defaults = hardware_defaults(model)
     if {"bf16", "fp16"} & set(values):  # the recipe chose its precision: no automatic autocast on top
         defaults = {key: value for key, value in defaults.items() if key not in ("bf16", "fp16")}
-    for key, value in defaults.items():
+    for key, value in {**TOOLKIT_DEFAULTS, **defaults}.items():
         training_values.setdefault(key, value)
     training = None
     try:
-        training = classes[3](**training_values)
+        training = classes[-1](**training_values)
     except (ValueError, TypeError) as exc:
         problems.append(f"training arguments: {str(exc).strip().splitlines()[0]}")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if training is not None and launched > 1 and training.world_size != launched:
+        problems.append(f"the launcher started {launched} processes but they formed a group of "
+                        f"{training.world_size}; check the accelerate config (see launch/accelerate/)")
     _check_combinations(merged, model, data, training, problems)
     _check_paths(model, data, problems)
     if problems:
         raise RecipeError(problems)
     if data.eval_split is None and data.eval_fraction is None and data.eval_size is None:
         data.eval_fraction = DEFAULT_EVAL_FRACTION
-    return Recipe(model=model, data=data, tracking=tracking, training=training, source=merged, path=path)
+    return Recipe(model=model, data=data, tracking=tracking, run=run, training=training, source=merged, path=path)
 
 
 def write_resolved_recipe(recipe: Recipe, path: Path) -> None:

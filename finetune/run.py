@@ -18,13 +18,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (accelerate launch finetune/run.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from transformers import DataCollatorForSeq2Seq  # noqa: E402
+from transformers import DataCollatorForSeq2Seq, set_seed  # noqa: E402
 
-from finetune import tiny, tracking  # noqa: E402
+from finetune import resilience, tiny, tracking  # noqa: E402
 from finetune.data import IGNORE_INDEX, load_splits  # noqa: E402
-from finetune.metrics import CountingCollator, MeteredTrainer, MetricsCallback, format_report, write_summary  # noqa: E402
+from finetune.metrics import MetricsCallback, format_report, write_summary  # noqa: E402
 from finetune.model import describe, load_model, load_tokenizer  # noqa: E402
 from finetune.recipe import Recipe, RecipeError, is_embedded_asset, load_recipe, write_resolved_recipe  # noqa: E402
+from finetune.trainer import CountingCollator, FinetuneTrainer  # noqa: E402
 
 logger = logging.getLogger("finetune")
 
@@ -38,30 +39,43 @@ def setup_logging(is_main_process: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a recipe from the command line; returns the exit code (2 for bad input)."""
+    """Run a recipe from the command line; returns the exit code.
+
+    0: trained; 2: bad input (nothing written); 75: preempted, checkpoint saved, run again to resume;
+    3: stopped on a non-finite loss, the last good checkpoint kept.
+    """
     argv = sys.argv[1:] if argv is None else argv
     try:
         recipe = load_recipe(argv)
         setup_logging(recipe.training.process_index == 0)
-        plan = tracking.resolve(recipe, resuming=bool(recipe.training.resume_from_checkpoint))
-        train(recipe, plan)
+        resume_from = resilience.plan_resume(recipe)
+        plan = tracking.resolve(recipe, resuming=resume_from is not None)
+        trainer = train(recipe, plan, resume_from)
     except RecipeError as error:
         for problem in error.problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2
-    return 0
+    except resilience.TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return resilience.DIVERGED_EXIT_CODE
+    return resilience.PREEMPTED_EXIT_CODE if trainer.preemption.stopped_at is not None else 0
 
 
-def train(recipe: Recipe, plan: tracking.Tracking | None = None):
-    """Train, evaluate and save as the recipe says; returns the Trainer. Raises RecipeError for bad input.
+def train(recipe: Recipe, plan: tracking.Tracking | None = None, resume_from: Path | None = None):
+    """Train, evaluate and save as the recipe says; returns the Trainer.
 
-    `plan` is the resolved tracking (see finetune.tracking.resolve); resolved here from the environment if None.
+    `plan` is the resolved tracking and `resume_from` the checkpoint to continue from (see `main`); both are
+    worked out here when not given. Raises RecipeError for bad input and TrainingDiverged when the loss stops
+    being finite. A preempted run returns early with `trainer.preemption.stopped_at` set.
     """
     training_args = recipe.training
     setup_logging(training_args.process_index == 0)
+    output_dir = Path(training_args.output_dir)
+    if plan is None:
+        resume_from = resilience.plan_resume(recipe)
+        plan = tracking.resolve(recipe, resuming=resume_from is not None)
 
     # 1. Tracking, resolved from the environment before anything heavy loads.
-    plan = plan or tracking.resolve(recipe, resuming=bool(training_args.resume_from_checkpoint))
     training_args.report_to = plan.report_to
     if plan.uses_wandb:
         training_args.run_name = plan.init["name"]
@@ -76,12 +90,14 @@ def train(recipe: Recipe, plan: tracking.Tracking | None = None):
                                               training_args.main_process_first)
     logger.info("examples: %d train, %d eval", len(train_dataset), len(eval_dataset) if eval_dataset else 0)
 
-    # 3. Load the model, quantized and/or wrapped with LoRA as the recipe says.
+    # 3. Load the model, quantized and/or wrapped with LoRA as the recipe says; seeded first, so that the
+    #    adapter initialisation is the same on every run of the recipe.
+    set_seed(training_args.seed)
     model = load_model(recipe.model, training_args)
     logger.info("model: %s, %s", recipe.model.model_name_or_path, describe(model))
 
-    # 4. Build the Trainer, with the metrics callback first so that every logger sees its numbers.
-    trainer = MeteredTrainer(
+    # 4. Build the Trainer. The metrics callback goes first so that every logger sees its numbers.
+    trainer = FinetuneTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -92,17 +108,43 @@ def train(recipe: Recipe, plan: tracking.Tracking | None = None):
     )
     trainer.metrics = MetricsCallback()
     trainer.callback_handler.callbacks.insert(0, trainer.metrics)
-    output_dir = Path(training_args.output_dir)
+    trainer.guard = resilience.NonFiniteGuard(recipe.run.on_nonfinite_loss)
+    trainer.preemption = resilience.PreemptionCallback()
+    trainer.add_callback(trainer.guard)
+    trainer.add_callback(trainer.preemption)
     run = None
     if trainer.is_world_process_zero():
+        if recipe.run.overwrite_output_dir and resume_from is None:
+            resilience.clear_output_dir(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_resolved_recipe(recipe, output_dir / "recipe.yaml")
         run = tracking.start(plan, recipe)  # one run, on the main process; the Trainer's callback logs into it
         if run is not None and plan.log_model == "checkpoint":
             trainer.add_callback(tracking.checkpoint_callback(run, plan, recipe))
+        if resume_from is not None:
+            logger.info("resuming from %s (step %s)", resume_from, resume_from.name.rsplit("-", 1)[-1])
 
-    # 5. Train.
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # 5. Train; SIGTERM/SIGUSR1 end it at a step boundary with a checkpoint.
+    trainer.preemption.install()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        trainer.preemption.uninstall()
+    if trainer.guard.problem:
+        if run is not None:
+            run.finish(exit_code=resilience.DIVERGED_EXIT_CODE)
+        good = next((p for _, p in resilience.checkpoints(output_dir) if not resilience.checkpoint_problem(p)), None)
+        raise resilience.TrainingDiverged(
+            f"training stopped: {trainer.guard.problem}. Last good checkpoint: {good or 'none'}. Lower "
+            "learning_rate, raise warmup_steps, or set on_nonfinite_loss: skip; then rerun to resume")
+    if trainer.preemption.stopped_at is not None:
+        if trainer.is_world_process_zero():
+            logger.warning("stopped by %s at step %d, checkpoint saved in %s; run the same command again to resume",
+                           trainer.preemption.received, trainer.preemption.stopped_at, output_dir)
+        if run is not None:
+            run.mark_preempting()
+            run.finish(exit_code=resilience.PREEMPTED_EXIT_CODE)
+        return trainer
 
     # 6. Evaluate.
     eval_metrics = trainer.evaluate() if eval_dataset is not None else {}
@@ -114,6 +156,8 @@ def train(recipe: Recipe, plan: tracking.Tracking | None = None):
     if trainer.is_world_process_zero():
         weights = output_dir / ("adapter_model.safetensors" if recipe.model.use_lora else "model.safetensors")
         summary = trainer.metrics.summary(trainer, recipe.model, weights)
+        if trainer.guard.skipped_batches:
+            summary["train/skipped_batches"] = trainer.guard.skipped_batches
         write_summary(summary, output_dir / "summary.json")
         if run is not None:
             run.summary.update(summary)
