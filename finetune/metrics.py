@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 GB = 1024**3
 
@@ -164,8 +165,12 @@ class Totals:
         return [self.samples, self.input_tokens, self.target_tokens]
 
 
-class MetricsCallback(TrainerCallback):
-    """Adds throughput, memory and perplexity to the Trainer's logs and builds the run summary."""
+class MetricsCallback(TrainerCallback, ExportableState):
+    """Adds throughput, memory and perplexity to the Trainer's logs and builds the run summary.
+
+    Its totals are saved in every checkpoint (trainer_state.json) and restored on resume, so a resumed run's
+    summary covers the whole training, not just the part after the restart.
+    """
 
     def __init__(self):
         self.interval = Totals()  # this rank, since the last log step
@@ -230,6 +235,27 @@ class MetricsCallback(TrainerCallback):
             self.eval_losses.append(logs["eval_loss"])
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
             logs["eval_best_perplexity"] = perplexity(min(self.eval_losses))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:  # a checkpoint follows: bring the totals it will record up to this step
+            self._close_interval()
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {
+            "totals": self.totals.as_list(), "train_seconds": self.train_seconds, "peak_vram": self.peak_vram,
+            "peak_vram_reserved": self.peak_vram_reserved, "eval_losses": self.eval_losses,
+            "last_loss": self.last_loss}}
+
+    def restore(self, checkpoint: Path) -> None:
+        """Continue the totals saved in a checkpoint's trainer_state.json (nothing to do if it has none)."""
+        saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("stateful_callbacks", {})
+        attributes = saved.get(type(self).__name__, {}).get("attributes")
+        if not attributes:
+            return
+        self.totals = Totals(*attributes["totals"])
+        self.train_seconds = attributes["train_seconds"]
+        self.peak_vram, self.peak_vram_reserved = attributes["peak_vram"], attributes["peak_vram_reserved"]
+        self.eval_losses, self.last_loss = list(attributes["eval_losses"]), attributes["last_loss"]
 
     def on_evaluate(self, args, state, control, **kwargs):
         self.mark = time.perf_counter()  # evaluation time is not training time

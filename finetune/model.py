@@ -69,18 +69,28 @@ def quantization_config(model_args: ModelArguments):
 
     if model_args.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
+    compute_dtype = resolve_dtype(model_args.dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=model_args.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=resolve_dtype(model_args.dtype),
+        bnb_4bit_compute_dtype=compute_dtype,
+        # FSDP shards floating-point tensors only: packed 4-bit weights are stored in the compute dtype under it.
+        **({"bnb_4bit_quant_storage": compute_dtype} if fsdp_enabled() else {}),
     )
+
+
+def fsdp_enabled() -> bool:
+    """True when accelerate launched this process with FSDP (launch/accelerate/fsdp.yaml)."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def device_map(model_args: ModelArguments):
     """Quantized weights must be placed at load time: each process puts the whole model on its own device."""
-    if model_args.quantization == "none":
-        return None  # Trainer/accelerate moves unquantized models
+    if model_args.quantization == "none" or fsdp_enabled():
+        return None  # Trainer/accelerate (or FSDP, which shards it) places the model
     import torch
     from accelerate import PartialState
 

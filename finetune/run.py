@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (accelerate launch finetune/run.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from transformers import DataCollatorForSeq2Seq, set_seed  # noqa: E402
+from transformers import DataCollatorForSeq2Seq, DefaultFlowCallback, set_seed  # noqa: E402
 
 from finetune import resilience, tiny, tracking  # noqa: E402
 from finetune.data import IGNORE_INDEX, load_splits  # noqa: E402
@@ -107,11 +107,16 @@ def train(recipe: Recipe, plan: tracking.Tracking | None = None, resume_from: Pa
         processing_class=tokenizer,
     )
     trainer.metrics = MetricsCallback()
-    trainer.callback_handler.callbacks.insert(0, trainer.metrics)
-    trainer.guard = resilience.NonFiniteGuard(recipe.run.on_nonfinite_loss)
     trainer.preemption = resilience.PreemptionCallback()
+    trainer.guard = resilience.NonFiniteGuard(recipe.run.on_nonfinite_loss)
+    # Order matters: after the flow callback (which decides when to save), the preemption callback (which may
+    # ask for a save), then metrics (which sees both, and writes its numbers into logs before any logger reads).
+    callbacks = trainer.callback_handler.callbacks
+    after_flow = next(i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)) + 1
+    callbacks[after_flow:after_flow] = [trainer.preemption, trainer.metrics]
     trainer.add_callback(trainer.guard)
-    trainer.add_callback(trainer.preemption)
+    if resume_from is not None:
+        trainer.metrics.restore(resume_from)
     run = None
     if trainer.is_world_process_zero():
         if recipe.run.overwrite_output_dir and resume_from is None:

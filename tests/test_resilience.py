@@ -116,6 +116,9 @@ def test_sigterm_then_rerun_matches_an_uninterrupted_run(llama_dir, text_data, t
         assert torch.allclose(expected[name], actual[name], rtol=0, atol=1e-5), name
     summaries = [json.loads((d / "summary.json").read_text()) for d in (straight, resumed)]
     assert summaries[1]["final/total_steps"] == 12
+    # The metrics totals were carried through the checkpoint: the whole training, not just the resumed part.
+    for key in ("train/total_tokens", "train/total_input_tokens", "train/total_samples"):
+        assert summaries[1][key] == summaries[0][key], key
     assert summaries[1]["train/loss"] == pytest.approx(summaries[0]["train/loss"], abs=1e-5)
 
 
