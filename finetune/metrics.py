@@ -173,7 +173,9 @@ class MetricsCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self):
-        self.interval = Totals()  # this rank, since the last log step
+        self.interval = Totals()  # this rank, since the last close (log step or checkpoint)
+        self.unlogged = Totals()  # all ranks, since the last log step
+        self.unlogged_seconds = 0.0
         self.totals = Totals()  # all ranks, whole run
         self.train_seconds = 0.0  # wall time in training steps: evaluation and checkpoint saving left out
         self.mark = time.perf_counter()
@@ -189,15 +191,17 @@ class MetricsCallback(TrainerCallback, ExportableState):
         self.interval.input_tokens += input_tokens
         self.interval.target_tokens += target_tokens
 
-    def _close_interval(self) -> tuple[Totals, float]:
-        """Sum this interval over ranks and add it to the totals. Collective: called on every rank."""
+    def _close_interval(self) -> None:
+        """Sum this rank's counts since the last close over all ranks, into the totals and into what the next log
+        step reports. Collective: called on every rank at the same point (log steps, before checkpoints)."""
         seconds = time.perf_counter() - self.mark
-        interval = Totals(*reduce_across_ranks(self.interval.as_list(), "sum"))
-        self.totals = Totals(*(a + b for a, b in zip(self.totals.as_list(), interval.as_list(), strict=True)))
+        interval = reduce_across_ranks(self.interval.as_list(), "sum")
+        self.totals = Totals(*(a + b for a, b in zip(self.totals.as_list(), interval, strict=True)))
+        self.unlogged = Totals(*(a + b for a, b in zip(self.unlogged.as_list(), interval, strict=True)))
         self.train_seconds += seconds
+        self.unlogged_seconds += seconds
         self.interval = Totals()
         self.mark = time.perf_counter()
-        return interval, seconds
 
     def _read_cuda_peak(self) -> float | None:
         """Peak allocated GB since the last read, max over ranks; resets the counter. Log steps only."""
@@ -223,7 +227,9 @@ class MetricsCallback(TrainerCallback, ExportableState):
         if logs is None:
             return
         if "loss" in logs:  # a training log, on every rank: the Trainer has just synced to read the loss
-            interval, seconds = self._close_interval()
+            self._close_interval()
+            interval, seconds = self.unlogged, self.unlogged_seconds
+            self.unlogged, self.unlogged_seconds = Totals(), 0.0
             self.last_loss = logs["loss"]
             logs["perplexity"] = perplexity(logs["loss"])
             logs["tokens_per_second"] = rate(interval.input_tokens, seconds)
