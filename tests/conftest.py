@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,12 @@ def data_files(tmp_path_factory) -> dict[str, Path]:
 def write_recipe(path: Path, **keys) -> Path:
     path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in keys.items()))
     return path
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment for a child process: no WANDB_*/HF_* variables of the caller's, hub off, no saved W&B
+    login (NETRC points nowhere), unbuffered output; then `extra`."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "HF_"))}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NETRC": "/nonexistent/netrc",
+                "PYTHONUNBUFFERED": "1", **extra})
+    return env

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from finetune import metrics
 from finetune.recipe import load_recipe
 from finetune.run import train
 from finetune.tiny import write_jsonl
-from tests.conftest import REPO
+from tests.conftest import REPO, subprocess_env
 from tests.wandb_file import load_run, offline_runs
 
 CUDA_KEYS = {"train/peak_vram_gb", "train/peak_vram_reserved_gb", "train/mfu"}
@@ -133,9 +132,7 @@ def test_total_tokens_match_the_data_under_gradient_accumulation(llama_dir, tmp_
 # Real runs through the command line, read back from W&B's own offline run file.
 
 def launch(tmp_path: Path, args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "HF_"))}
-    env.update({"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
-                "NETRC": "/nonexistent/netrc"})
+    env = subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path))
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     if processes > 1:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from finetune import resilience
 from finetune.recipe import RecipeError, load_recipe
 from finetune.run import train
 from finetune.tiny import write_jsonl
-from tests.conftest import REPO
+from tests.conftest import REPO, subprocess_env
 from tests.wandb_file import load_run, offline_runs
 
 ACCELERATE_CONFIGS = sorted((REPO / "launch/accelerate").glob("*.yaml"))
@@ -52,13 +51,6 @@ def test_slurm_script_parses():
 
 # Runs through the command line.
 
-def command_env(tmp_path: Path, **extra) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "HF_"))}
-    env.update({"HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true", "PYTHONUNBUFFERED": "1",
-                "NETRC": "/nonexistent/netrc", **extra})
-    return env
-
-
 def training_args(model_dir: Path, dataset: Path, out: Path, steps: int, **overrides) -> list[str]:
     keys = {"model_name_or_path": model_dir, "dataset": dataset, "output_dir": out, "max_steps": steps,
             "dtype": "float32", "lora_dropout": 0.0, "learning_rate": 1e-2, "per_device_train_batch_size": 4,
@@ -69,7 +61,7 @@ def training_args(model_dir: Path, dataset: Path, out: Path, steps: int, **overr
 
 def run_py(args: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "finetune/run.py"), *args], capture_output=True, text=True,
-                          cwd=tmp_path, env=command_env(tmp_path, **env), timeout=600)
+                          cwd=tmp_path, env=subprocess_env(**{"WANDB_DISABLED": "true", **env}), timeout=600)
 
 
 @pytest.fixture
@@ -91,7 +83,8 @@ def test_sigterm_then_rerun_matches_an_uninterrupted_run(llama_dir, text_data, t
     resumed = tmp_path / "resumed"
     args = training_args(llama_dir, text_data, resumed, 12)
     process = subprocess.Popen([sys.executable, str(REPO / "finetune/run.py"), *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=command_env(tmp_path))
+                               stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               env=subprocess_env(WANDB_DISABLED="true"))
     logged = 0
     for line in process.stdout:  # the Trainer prints one dict per logged step
         if "'loss'" in line:
@@ -214,7 +207,7 @@ def test_cpu_ddp_config_trains_qlora_on_two_processes_with_one_run(llama_dir, da
          str(data_files["alpaca"]), "--max_steps", "3", "--output_dir", str(tmp_path / "out"),
          "--per_device_train_batch_size", "2", "--disable_tqdm", "true"],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
-        env=command_env(tmp_path, WANDB_DISABLED="", WANDB_MODE="offline", WANDB_DIR=str(tmp_path)),
+        env=subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path)),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

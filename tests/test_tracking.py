@@ -14,7 +14,7 @@ import pytest
 
 from finetune import tracking
 from finetune.recipe import RecipeError, load_recipe
-from tests.conftest import REPO
+from tests.conftest import REPO, subprocess_env
 from tests.wandb_file import load_run, offline_runs
 
 QLORA = str(REPO / "recipes/qlora_int4.yaml")
@@ -128,13 +128,10 @@ def test_run_config_has_variant_fields_recipe_and_no_secrets(qlora_recipe):
 
 def run_cli(tmp_path: Path, model_dir: Path, dataset: Path, environment: dict, *extra: str, timeout: int = 300):
     """Run the documented launch line in a clean environment; returns (result, seconds)."""
-    base = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "HF_"))}
-    base.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NETRC": "/nonexistent/netrc",
-                 "HOME": str(tmp_path / "home"), "WANDB_DIR": str(tmp_path / "wb"),
-                 "HF_HOME": str(Path.home() / ".cache/huggingface")})
+    base = subprocess_env(HOME=str(tmp_path / "home"), WANDB_DIR=str(tmp_path / "wb"),
+                          HF_HOME=str(Path.home() / ".cache/huggingface"), **environment)
     (tmp_path / "home").mkdir(exist_ok=True)
     (tmp_path / "wb").mkdir(exist_ok=True)
-    base.update(environment)
     keys = {"model_name_or_path": model_dir, "dataset": dataset, "max_steps": 3, "output_dir": tmp_path / "out",
             "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "logging_steps": 1,
             "disable_tqdm": "true"}
@@ -258,9 +255,7 @@ def test_resumed_offline_training_is_a_new_run_told_apart(tmp_path, llama_dir, d
 
 def test_two_processes_make_one_run(tmp_path, llama_dir, data_files):
     """Real 2-process DDP on CPU (gloo): exactly one W&B run."""
-    base = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "HF_"))}
-    base.update({"HF_HUB_OFFLINE": "1", "NETRC": "/nonexistent/netrc", "WANDB_MODE": "offline",
-                 "WANDB_DIR": str(tmp_path / "wb"), "WANDB_NAME": "ddp"})
+    base = subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wb"), WANDB_NAME="ddp")
     (tmp_path / "wb").mkdir()
     result = subprocess.run(
         [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
@@ -279,10 +274,8 @@ def test_two_processes_make_one_run(tmp_path, llama_dir, data_files):
 
 
 def test_launch_wrapper_passes_the_environment_and_sets_defaults(tmp_path, llama_dir, data_files):
-    base = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "HF_"))}
-    base.update({"HF_HUB_OFFLINE": "1", "NETRC": "/nonexistent/netrc", "WANDB_MODE": "offline",
-                 "WANDB_DIR": str(tmp_path), "WANDB_PROJECT": "x", "WANDB_TAGS": "a,b",
-                 "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    base = subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_PROJECT="x", WANDB_TAGS="a,b",
+                          PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     result = subprocess.run(
         [str(REPO / "launch/train.sh"), QLORA, "--model_name_or_path", str(llama_dir), "--dataset",
          str(data_files["text"]), "--max_steps", "2", "--output_dir", str(tmp_path / "out"), "--disable_tqdm", "true",

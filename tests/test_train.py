@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 
 from finetune.recipe import load_recipe
 from finetune.run import main, train
-from tests.conftest import REPO
+from tests.conftest import REPO, subprocess_env
 
 VARIANTS = {
     "lora_bf16": {"dtype": torch.bfloat16, "quantized": False},
@@ -110,7 +109,7 @@ def test_accelerate_launch_command_line(variant, architecture, fmt, request, dat
         [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "finetune/run.py"), *args],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
-        env={**os.environ, "WANDB_DISABLED": "true", "HF_HUB_OFFLINE": "1"},
+        env=subprocess_env(WANDB_DISABLED="true"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "adapter_model.safetensors").is_file()
