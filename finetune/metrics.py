@@ -136,20 +136,22 @@ def host_peak_rss_gb() -> float:
     return peak / GB if sys.platform == "darwin" else peak * 1024 / GB
 
 
-def reduce_across_ranks(values: list[float], op: str = "sum") -> list[float]:
-    """Sum or max each value over all processes; the identity in a single process.
+def reduce_across_ranks(values: list[float], op: str = "sum", group=None) -> list[float]:
+    """Sum or max each value over all processes (of `group`); the identity in a single process.
 
-    A collective: every rank must call it at the same point. This is a device sync point (on NCCL the values go
-    through the GPU), so it is called at log steps and at the end of training only.
+    A collective: every rank must call it at the same point. On an NCCL group the values go through the GPU, a
+    device sync point, so the metrics call it at log steps and at the end of training only; a gloo group keeps
+    it on the CPU.
     """
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return list(values)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    on_gpu = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu"
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
     return tensor.tolist()
 
 

@@ -149,10 +149,8 @@ def load_model(model_args: ModelArguments, training_args):
 
 
 def describe(model) -> str:
-    """One line: trainable and total parameters, with 4-bit layers counted at their true size (peft's count)."""
-    if hasattr(model, "get_nb_trainable_parameters"):
-        trainable, total = model.get_nb_trainable_parameters()
-    else:
-        total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """One line: trainable and total parameters, 4-bit layers counted at their true size."""
+    from finetune.metrics import count_parameters
+
+    trainable, total = count_parameters(model)
     return f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"

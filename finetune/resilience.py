@@ -130,15 +130,10 @@ def clear_output_dir(output_dir: Path) -> None:
 
 
 def agree(flag: bool, group=None) -> bool:
-    """True when any rank says True. A CPU collective (gloo group) so that no step waits on the GPU."""
-    import torch
-    import torch.distributed as dist
+    """True when any rank says True. Given a gloo group, a CPU collective: no step waits on the GPU."""
+    from finetune.metrics import reduce_across_ranks
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-    return bool(tensor.item())
+    return reduce_across_ranks([1.0 if flag else 0.0], "max", group)[0] > 0
 
 
 class PreemptionCallback(TrainerCallback):
