@@ -15,7 +15,15 @@ WANDB_DIR ?= .
 # Offline runs waiting for upload; `make sync RUNS=wandb/offline-run-...` picks some.
 RUNS ?= $(wildcard $(WANDB_DIR)/wandb/offline-run-*)
 
-.PHONY: install train test sync bench-callback lint clean
+# make matrix: every variant of $(RECIPE) on the same data, benchmarked and compared.
+MATRIX_DIR   ?= outputs/matrix
+MATRIX_STEPS ?= 300
+BENCH_ARGS   ?=
+MATRIX_VARIANTS = "lora_fp32" "lora_bf16 --dtype bfloat16" "qlora_int4 --quantization int4" \
+                  "lora_int8 --quantization int8"
+MATRIX_NAMES    = lora_fp32 lora_bf16 qlora_int4 lora_int8
+
+.PHONY: install train test sync bench compare matrix bench-callback lint clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +43,25 @@ test: install
 sync: install
 	@if [ -z "$(strip $(RUNS))" ]; then echo "no offline runs under $(WANDB_DIR)/wandb"; \
 	else $(VENV)/bin/wandb sync --yes $(RUNS); fi
+
+# Inference benchmark of one trained run: make bench RUN=outputs/qlora_int4
+bench: install
+	$(PYTHON) -m finetune.bench $(RUN) $(BENCH_ARGS)
+
+# Comparison table and Pareto plot: make compare RUNS="outputs/a outputs/b" [OUT=dir]
+compare: install
+	$(PYTHON) -m finetune.compare $(RUNS) --out $(or $(OUT),outputs/comparison)
+
+# Train, benchmark and compare every variant; on the embedded default, on a CPU, in minutes.
+matrix: install
+	@set -e; for variant in $(MATRIX_VARIANTS); do \
+	  set -- $$variant; name=$$1; shift; \
+	  echo "== $$name"; \
+	  launch/train.sh $(RECIPE) --output_dir $(MATRIX_DIR)/$$name --max_steps $(MATRIX_STEPS) \
+	    --overwrite_output_dir true --disable_tqdm true "$$@" $(ARGS); \
+	  $(PYTHON) -m finetune.bench $(MATRIX_DIR)/$$name $(BENCH_ARGS); \
+	done; \
+	$(PYTHON) -m finetune.compare $(addprefix $(MATRIX_DIR)/,$(MATRIX_NAMES)) --out $(MATRIX_DIR)/comparison
 
 # Cost of the metrics callback: the same tiny CPU training with and without it (target <= 1%).
 bench-callback: install

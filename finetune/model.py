@@ -99,9 +99,10 @@ def device_map(model_args: ModelArguments):
     return {"": "cpu"}
 
 
-def load_model(model_args: ModelArguments, training_args):
+def load_model(model_args: ModelArguments, training_args, for_training: bool = True):
     """Load the base model, prepare it for k-bit training if quantized, and wrap it with LoRA when asked.
 
+    With `for_training=False`, only the base model as the recipe describes it (quantized or not), for inference.
     Raises RecipeError when the model can't be loaded from `model_name_or_path`.
     """
     from transformers import AutoModelForCausalLM
@@ -118,6 +119,8 @@ def load_model(model_args: ModelArguments, training_args):
     except OSError as exc:
         raise RecipeError([f"model_name_or_path: can't load a model from {model_args.model_name_or_path!r} "
                            f"({str(exc).splitlines()[0]})"]) from None
+    if not for_training:
+        return model.eval()
     model.config.use_cache = False  # the KV cache is for generation; training only pays for it
 
     if model_args.quantization != "none":

@@ -89,13 +89,16 @@ def split_tags(text: str | None) -> list[str]:
 
 def model_variant(recipe: Recipe) -> str:
     """A short variant name: qlora-int4, lora-int8, lora-bf16, full-fp32, ..."""
-    model = recipe.model
-    if model.quantization == "int4":
+    return variant_name(recipe.model.quantization, recipe.model.dtype, recipe.model.use_lora)
+
+
+def variant_name(quantization: str, dtype: str, use_lora: bool) -> str:
+    if quantization == "int4":
         return "qlora-int4"
-    if model.quantization == "int8":
+    if quantization == "int8":
         return "lora-int8"
-    short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "auto": "auto"}[model.dtype]
-    return f"{'lora' if model.use_lora else 'full'}-{short}"
+    short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "auto": "auto"}[dtype]
+    return f"{'lora' if use_lora else 'full'}-{short}"
 
 
 def variant_tags(recipe: Recipe) -> list[str]:
@@ -265,7 +268,7 @@ def prepare(tracking: Tracking, env=os.environ) -> None:
     env["WANDB_PROJECT"] = tracking.init["project"]
 
 
-def start(tracking: Tracking, recipe: Recipe):
+def start(tracking: Tracking, recipe: Recipe, save_run: bool = True):
     """Create the run (main process only). Returns the wandb Run, or None when tracking is off.
 
     Online init is bounded by WANDB_INIT_TIMEOUT; a server that can't be reached in time, or refuses the key,
@@ -294,7 +297,8 @@ def start(tracking: Tracking, recipe: Recipe):
         sync_dir = Path(run.settings.sync_dir)
         logger.info("W&B run %s logs offline (%s); upload it later with: wandb sync %s",
                     run.name, tracking.offline_reason or "WANDB_MODE=offline", sync_dir)
-    save_run_file(run, Path(recipe.training.output_dir))
+    if save_run:
+        save_run_file(run, Path(recipe.training.output_dir))
     return run
 
 

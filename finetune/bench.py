@@ -1,0 +1,191 @@
+"""Inference benchmark of a trained run: latency, generation speed, memory, size and answer quality.
+
+    python -m finetune.bench outputs/qlora_int4                # writes outputs/qlora_int4/bench.json
+    python -m finetune.bench outputs/qlora_int4 --samples 64 --max_new_tokens 64
+    make bench RUN=outputs/qlora_int4
+
+The model is loaded the way it was trained (base with the same quantization plus the adapter; or a full model).
+Prompts come from the run's own eval split, rebuilt from its recipe: each prompt is an example cut where its first
+answer starts, and the reference answer is that answer. Greedy generation after warm-up; each sample timed alone
+(batch 1, the latency a user waits for). The same numbers go to `bench.json` and, when tracking is on, to a W&B
+run with job_type `inference` in the training run's group, named after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune.data import IGNORE_INDEX
+from finetune.metrics import GB, host_peak_rss_gb, write_summary
+from finetune.recipe import RecipeError
+
+
+def prompts_and_references(dataset, tokenizer, count: int) -> list[tuple[list[int], str | None]]:
+    """(prompt ids, reference answer or None) for up to `count` tokenized examples.
+
+    The prompt is everything before the first trained token; the reference is that first contiguous run of
+    trained tokens, decoded without special tokens. Examples trained on every token (plain text) have no
+    reference: their first half is the prompt.
+    """
+    pairs = []
+    for row in dataset.select(range(min(count, len(dataset)))):
+        ids, labels = row["input_ids"], row["labels"]
+        trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX and i > 0]
+        if not trained or trained[0] <= 1:
+            pairs.append((ids[: max(1, len(ids) // 2)], None))
+            continue
+        start = end = trained[0]
+        while end < len(labels) and labels[end] != IGNORE_INDEX:
+            end += 1
+        pairs.append((ids[:start], tokenizer.decode(ids[start:end], skip_special_tokens=True).strip()))
+    return pairs
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100), linear between closest ranks."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low, high = int(position), min(int(position) + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def size_on_disk_gb(paths: list[Path]) -> float:
+    return sum(p.stat().st_size for path in paths for p in ([path] if path.is_file() else path.rglob("*"))
+               if p.is_file()) / GB
+
+
+def weight_files(directory: Path) -> list[Path]:
+    return [p for p in directory.glob("*.safetensors")] + [p for p in directory.glob("*.bin")
+                                                          if p.name != "training_args.bin"]
+
+
+def base_weight_files(name_or_path: str) -> list[Path]:
+    """The base model's weight files: a local directory's, or the hub cache's copy."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return weight_files(path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return weight_files(Path(snapshot_download(name_or_path, local_files_only=True)))
+    except Exception:  # not in the cache: the size can't be measured offline
+        return []
+
+
+def run_benchmark(output_dir: Path, samples: int, max_new_tokens: int, warmup: int) -> dict[str, Any]:
+    """Generate on the run's eval prompts and measure. Returns the `inference/*` metrics."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from finetune.data import load_splits
+    from finetune.merge import load_trained
+
+    recipe, tokenizer, model = load_trained(output_dir)
+    _, evaluation = load_splits(recipe.data, tokenizer, recipe.training.seed, lambda **_: nullcontext())
+    if evaluation is None:
+        raise RecipeError([f"{output_dir}: the run has no eval split to take prompts from"])
+    pairs = prompts_and_references(evaluation, tokenizer, samples)
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    generate = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+
+    def one(prompt_ids: list[int]) -> tuple[list[int], float]:
+        inputs = torch.tensor([prompt_ids], device=device)
+        started = time.perf_counter()
+        with torch.no_grad():
+            output = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), **generate)
+        if cuda:
+            torch.cuda.synchronize()  # the time must include the GPU work: a sync per sample, by design
+        return output[0, len(prompt_ids):].tolist(), time.perf_counter() - started
+
+    for prompt_ids, _ in pairs[:warmup]:
+        one(prompt_ids)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    latencies, generated_tokens, matches, judged = [], 0, 0, 0
+    for prompt_ids, reference in pairs:
+        new_ids, seconds = one(prompt_ids)
+        latencies.append(seconds)
+        if tokenizer.eos_token_id in new_ids:
+            new_ids = new_ids[: new_ids.index(tokenizer.eos_token_id) + 1]
+        generated_tokens += len(new_ids)
+        if reference is not None:
+            judged += 1
+            matches += tokenizer.decode(new_ids, skip_special_tokens=True).strip() == reference
+
+    files = weight_files(output_dir) + (base_weight_files(recipe.model.model_name_or_path)
+                                        if recipe.model.use_lora else [])
+    result: dict[str, Any] = {
+        "inference/samples": len(pairs),
+        "inference/latency_ms_p50": percentile(latencies, 50) * 1e3,
+        "inference/latency_ms_p95": percentile(latencies, 95) * 1e3,
+        "inference/latency_ms_mean": statistics.fmean(latencies) * 1e3,
+        "inference/tokens_per_second": generated_tokens / sum(latencies),
+        "inference/peak_ram_gb": host_peak_rss_gb(),
+        "inference/model_size_gb": size_on_disk_gb(files),
+        "inference/memory_footprint_gb": model.get_memory_footprint() / GB,
+    }
+    if cuda:
+        result["inference/peak_vram_gb"] = torch.cuda.max_memory_allocated() / GB
+    if judged:
+        result["inference/exact_match"] = matches / judged
+    return result
+
+
+def log_to_wandb(output_dir: Path, result: dict[str, Any]) -> None:
+    """An `inference` run in the training run's group, named after it (when tracking is on)."""
+    from finetune import tracking
+    from finetune.merge import trained_recipe
+
+    recipe = trained_recipe(output_dir)
+    # Tracking follows this environment, not the report_to the training ran with.
+    recipe = dataclasses.replace(recipe, source={k: v for k, v in recipe.source.items() if k != "report_to"})
+    plan = tracking.resolve(recipe)
+    if not plan.uses_wandb:
+        return
+    trained = tracking.read_saved_run(output_dir) or {}
+    name = trained.get("name") or plan.init["name"]
+    plan.init.update({"job_type": "inference", "name": f"{name}-inference",
+                      "group": plan.init.get("group") or name})
+    for key in ("id", "resume"):
+        plan.init.pop(key, None)
+    tracking.prepare(plan)
+    run = tracking.start(plan, recipe, save_run=False)
+    if run is not None:
+        run.summary.update(result)
+        run.finish()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir", type=Path, help="a finished training run's output_dir")
+    parser.add_argument("--samples", type=int, default=32, help="eval examples to generate on")
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed generations first")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    try:
+        result = run_benchmark(args.output_dir, args.samples, args.max_new_tokens, args.warmup)
+        write_summary(result, args.output_dir / "bench.json")
+        log_to_wandb(args.output_dir, result)
+    except RecipeError as error:
+        for problem in error.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, sort_keys=True))
+    print(f"bench: {args.output_dir / 'bench.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

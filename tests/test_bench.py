@@ -1,0 +1,128 @@
+"""Inference benchmark, comparison, Pareto frontier and merge, on tiny trained runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from finetune import bench, compare
+from finetune.merge import load_trained, merge
+from finetune.recipe import load_recipe
+from finetune.run import train
+from tests.conftest import REPO, subprocess_env
+from tests.wandb_file import load_run, offline_runs
+
+
+def test_pareto_front_on_hand_made_points():
+    # (cost, quality): (1, 1) and (3, 5) and (5, 6) are each best for their cost; (2, 0.5) and (4, 5) are beaten.
+    points = [(1, 1), (2, 0.5), (3, 5), (4, 5), (5, 6)]
+    assert compare.pareto_front(points) == [0, 2, 4]
+    assert compare.pareto_front([(1, 1), (1, 1)]) == [0, 1]  # ties dominate nothing
+    assert compare.pareto_front([]) == []
+
+
+def test_percentile():
+    assert bench.percentile([1, 2, 3, 4], 50) == 2.5
+    assert bench.percentile([10], 95) == 10
+    assert bench.percentile([0, 100], 95) == 95
+
+
+def test_prompts_stop_where_the_answer_starts(tokenizer):
+    from finetune.data import tokenize_example
+
+    row = tokenize_example({"prompt": "Reverse: abc\n", "completion": "cba"}, "prompt_completion", tokenizer, 64,
+                           False)
+    text = {"input_ids": [1, 70, 71, 2], "labels": [-100, 70, 71, 2]}
+    (prompt, reference), (text_prompt, none) = bench.prompts_and_references(_Rows([row, text]), tokenizer, 5)
+    assert tokenizer.decode(prompt) == "<s>Reverse: abc\n" and reference == "cba"
+    assert none is None and text_prompt == [1, 70]
+
+
+class _Rows(list):
+    def select(self, indices):
+        return [self[i] for i in indices]
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory, llama_dir, data_files):
+    """Two tiny runs on the same chat data: QLoRA (fp32 compute, for a tight merge check) and LoRA."""
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for name, recipe in (("qlora", "qlora_int4.yaml"), ("lora", "lora_bf16.yaml")):
+        out = root / name
+        train(load_recipe([str(REPO / "recipes" / recipe), "--model_name_or_path", str(llama_dir), "--dataset",
+                           str(data_files["messages"]), "--output_dir", str(out), "--max_steps", "4", "--dtype",
+                           "float32", "--eval_size", "6", "--report_to", "none", "--disable_tqdm", "true"]))
+        runs[name] = out
+    return runs
+
+
+def test_bench_writes_its_keys_and_an_inference_run(trained_runs, tmp_path):
+    run_dir = trained_runs["qlora"]
+    result = subprocess.run([sys.executable, "-m", "finetune.bench", str(run_dir), "--samples", "4",
+                             "--max_new_tokens", "8", "--warmup", "1"], capture_output=True, text=True, cwd=REPO,
+                            env=subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_NAME="trained"),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    numbers = json.loads((run_dir / "bench.json").read_text())
+    for key in ("inference/latency_ms_p50", "inference/latency_ms_p95", "inference/latency_ms_mean",
+                "inference/tokens_per_second", "inference/peak_ram_gb", "inference/model_size_gb",
+                "inference/memory_footprint_gb"):
+        assert numbers[key] > 0, key
+    assert numbers["inference/latency_ms_p50"] <= numbers["inference/latency_ms_p95"]
+    assert 0 <= numbers["inference/exact_match"] <= 1 and numbers["inference/samples"] == 4
+    assert "inference/peak_vram_gb" not in numbers  # CPU
+    (offline,) = offline_runs(tmp_path)
+    run = load_run(offline)
+    assert run.run.job_type == "inference" and run.run.display_name == "trained-inference"
+    assert run.run.run_group == "trained"
+    assert run.summary["inference/latency_ms_p50"] == numbers["inference/latency_ms_p50"]
+
+
+def test_compare_writes_table_csv_and_a_png(trained_runs, tmp_path):
+    for run_dir in trained_runs.values():
+        (run_dir / "bench.json").write_text(json.dumps({"inference/latency_ms_p50": 10.0,
+                                                        "inference/exact_match": 0.5,
+                                                        "inference/model_size_gb": 0.001}))
+    out = tmp_path / "comparison"
+    assert compare.main([str(trained_runs["qlora"]), str(trained_runs["lora"]), "--out", str(out)]) == 0
+    table = (out / "comparison.md").read_text()
+    assert "qlora-int4" in table and "lora-fp32" in table and table.count("\n") == 4
+    with (out / "comparison.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["quantization"] for r in rows] == ["int4", "none"]
+    assert all(float(r["peak_memory_gb"]) > 0 and float(r["train_tokens_per_second"]) > 0 for r in rows)
+    import matplotlib.image
+
+    image = matplotlib.image.imread(out / "pareto.png")
+    assert image.shape[0] > 300 and image.shape[1] > 600
+
+
+def test_merged_model_gives_the_logits_of_base_plus_adapter(trained_runs, tmp_path):
+    """QLoRA with fp32 compute: dequantize, merge, and compare. Tolerance: 1e-4 absolute on the logits."""
+    from transformers import AutoModelForCausalLM
+
+    merged_dir = merge(trained_runs["qlora"], tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert not any(type(m).__name__.startswith("Linear4bit") for m in merged.modules())
+    _, tokenizer, adapted = load_trained(trained_runs["qlora"])
+    ids = tokenizer(["Reverse the word. abcde", "How many letters does the word have? xyz"], return_tensors="pt",
+                    padding=True)
+    with torch.no_grad():
+        expected = adapted(**ids).logits
+        actual = merged(**ids).logits
+    assert torch.allclose(actual, expected, rtol=0, atol=1e-4), (actual - expected).abs().max()
+    assert math.isfinite(float(actual.abs().max()))
+
+
+def test_merge_refuses_a_directory_without_a_run(tmp_path):
+    from finetune.merge import main
+
+    assert main([str(tmp_path)]) == 2
