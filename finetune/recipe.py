@@ -394,7 +394,9 @@ def _check_combinations(recipe: dict[str, Any], model: ModelArguments, data: Dat
 
         if importlib.util.find_spec("bitsandbytes") is None:
             problems.append(f"quantization: {model.quantization} needs bitsandbytes; pip install bitsandbytes")
-    explicit_4bit = [k for k in ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant") if k in recipe]
+    defaults = ModelArguments()
+    explicit_4bit = [k for k in ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant")
+                     if k in recipe and getattr(model, k) != getattr(defaults, k)]
     if explicit_4bit and model.quantization != "int4":
         problems.append(f"{', '.join(explicit_4bit)}: only apply to quantization: int4 "
                         f"(this recipe has quantization: {model.quantization})")

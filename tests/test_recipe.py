@@ -59,6 +59,10 @@ def test_resolved_recipe_loads_back_identically(tmp_path, data_files, llama_dir)
     write_resolved_recipe(recipe, tmp_path / "resolved.yaml")
     again = load_recipe([str(tmp_path / "resolved.yaml")])
     assert again.resolved() == recipe.resolved()
+    # Every variant's resolved recipe loads back, bnb_4bit_* defaults included where quantization is none.
+    plain = load_recipe([str(recipe_path), "--quantization", "none"])
+    write_resolved_recipe(plain, tmp_path / "plain.yaml")
+    assert load_recipe([str(tmp_path / "plain.yaml")]).resolved() == plain.resolved()
     written = yaml.safe_load((tmp_path / "resolved.yaml").read_text())
     assert written["max_steps"] == 7 and written["quantization"] == "int4" and written["lora_r"] == 4
     assert "hub_token" not in written
