@@ -25,7 +25,7 @@ COLUMNS = [  # (key in a row, header, format)
     ("variant", "variant", "{}"),
     ("quantization", "quantization", "{}"),
     ("trainable_params", "trainable params", "{:,}"),
-    ("peak_memory_gb", "peak memory (GB)", "{:.3f}"),
+    ("peak_memory_gb", "peak memory (GB)", "{:.3f}"),  # GPU where the run had one, else host RAM
     ("train_tokens_per_second", "train tokens/s", "{:,.0f}"),
     ("eval_perplexity", "eval perplexity", "{:.3f}"),
     ("latency_ms_p50", "latency p50 (ms)", "{:.1f}"),
@@ -69,6 +69,7 @@ def read_run(directory: Path) -> dict[str, Any]:
         "trainable_params": summary.get("model/trainable_params"),
         # GPU memory when the run had one, host memory otherwise.
         "peak_memory_gb": summary.get("train/peak_vram_gb", summary.get("train/peak_ram_gb")),
+        "peak_memory_is_gpu": "train/peak_vram_gb" in summary,
         "train_tokens_per_second": summary.get("train/tokens_per_second"),
         "eval_perplexity": summary.get("eval/perplexity"),
         "latency_ms_p50": bench.get("inference/latency_ms_p50"),
@@ -114,8 +115,10 @@ def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
 
 
 def quality_axis(rows: list[dict[str, Any]]) -> tuple[str, str, bool]:
-    """(row key, label, higher is better): exact match when every run has it, else eval perplexity."""
-    if all(r.get("exact_match") is not None for r in rows):
+    """(row key, label, higher is better): exact match when every run has it and it tells them apart,
+    else eval perplexity."""
+    matches = [r.get("exact_match") for r in rows]
+    if None not in matches and len(set(matches)) > 1:
         return "exact_match", "exact match (higher is better)", True
     return "eval_perplexity", "eval perplexity (lower is better)", False
 
@@ -128,22 +131,28 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     quality, quality_label, higher = quality_axis(rows)
-    panels = [("peak_memory_gb", "peak training memory (GB)"), ("latency_ms_p50", "inference latency p50 (ms)")]
+    on_gpu = any(r.get("peak_memory_is_gpu") for r in rows)
+    memory = "peak training GPU memory (GB)" if on_gpu else "peak training host memory (GB)"
+    panels = [("peak_memory_gb", memory), ("latency_ms_p50", "inference latency p50 (ms)")]
     figure, axes = plt.subplots(1, 2, figsize=(12, 5))
     for axis, (cost, cost_label) in zip(axes, panels, strict=True):
         usable = [r for r in rows if r.get(cost) is not None and r.get(quality) is not None]
         points = [(r[cost], r[quality] if higher else -r[quality]) for r in usable]
         front = set(pareto_front(points))
-        for i, row in enumerate(usable):
-            on_front = i in front
+        by_cost = sorted(range(len(usable)), key=lambda i: usable[i][cost])
+        for rank, i in enumerate(by_cost):
+            row, on_front = usable[i], i in front
             axis.scatter(row[cost], row[quality], s=90 if on_front else 50, zorder=3,
                          color="tab:red" if on_front else "tab:gray", edgecolor="black" if on_front else "none")
+            # Neighbours along the cost axis get labels above and below in turn, so that they don't overlap.
             axis.annotate(row["variant"] or row["run"], (row[cost], row[quality]), textcoords="offset points",
-                          xytext=(6, 6), fontsize=9, fontweight="bold" if on_front else "normal")
+                          xytext=(6, 8 if rank % 2 == 0 else -16), fontsize=9,
+                          fontweight="bold" if on_front else "normal")
         frontier = sorted((usable[i][cost], usable[i][quality]) for i in front)
         if len(frontier) > 1:
             axis.plot(*zip(*frontier, strict=True), color="tab:red", linestyle="--", zorder=2, label="Pareto frontier")
             axis.legend(loc="best")
+        axis.margins(x=0.15, y=0.15)  # room for the labels of the outermost points
         axis.set_xlabel(cost_label + " - lower is better")
         axis.set_ylabel(quality_label)
         if not higher:
