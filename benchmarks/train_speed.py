@@ -1,0 +1,158 @@
+"""Training speed: the toolkit against the Trainer + PEFT baseline a user would write, side by side.
+
+    make bench-train                                   # CPU size
+    python benchmarks/train_speed.py --size cpu --steps 30
+
+Both arms train the same randomly initialised Llama (built from a config), on the same variable-length data
+(lengths spread like instruction sets), with the same examples per optimizer step, steps, seed and LoRA settings.
+The baseline is `Trainer` + `get_peft_model` + `DataCollatorForSeq2Seq` dynamic padding, as in the usual guides;
+the toolkit arm is `finetune.run.train` on an equivalent recipe. Each arm runs in its own process, so that peak
+memory is its own. Reported: seconds per step, non-padding tokens per second, peak host memory (and peak VRAM on
+CUDA), final loss, and the toolkit/baseline ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SIZES = {  # hidden, layers, heads, intermediate, examples per step, length range (tokens)
+    "cpu": dict(hidden=512, layers=4, heads=8, intermediate=1376, batch=8, lengths=(32, 512)),
+    "gpu": dict(hidden=2048, layers=16, heads=32, intermediate=8192, batch=16, lengths=(64, 2048)),
+}
+
+
+def build_inputs(size: str, workdir: Path) -> tuple[Path, Path]:
+    """A random-weight Llama of the size's shape and a variable-length text dataset, deterministic."""
+    from finetune.tiny import build_model_config, build_tokenizer, write_jsonl
+
+    shape = SIZES[size]
+    model_dir, data = workdir / f"model-{size}", workdir / f"data-{size}.jsonl"
+    if not (model_dir / "config.json").is_file():
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        config = build_model_config("llama", hidden_size=shape["hidden"], layers=shape["layers"],
+                                    initializer_range=0.02)
+        config.num_attention_heads = shape["heads"]
+        config.num_key_value_heads = shape["heads"]
+        config.intermediate_size = shape["intermediate"]
+        config.max_position_embeddings = shape["lengths"][1] + 8
+        AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+        build_tokenizer().save_pretrained(model_dir)
+    if not data.is_file():
+        rng = random.Random(0)
+        low, high = shape["lengths"]
+        letters = "abcdefghijklmnopqrstuvwxyz "
+        # Log-uniform lengths: many short examples, a few long ones, as in instruction data.
+        rows = [{"text": "".join(rng.choice(letters) for _ in range(int(low * (high / low) ** rng.random()) - 2))}
+                for _ in range(4000)]
+        write_jsonl(rows, data)
+    return model_dir, data
+
+
+def run_arm(arm: str, size: str, steps: int, workdir: Path) -> dict:
+    """Train one arm in this process and return its measurements."""
+    import resource
+
+    import torch
+
+    model_dir, data = build_inputs(size, workdir)
+    shape = SIZES[size]
+    common = {"max_steps": steps, "per_device_train_batch_size": shape["batch"], "gradient_accumulation_steps": 1,
+              "learning_rate": 1e-4,
+              "logging_steps": steps, "save_strategy": "no", "report_to": "none", "seed": 0,
+              "disable_tqdm": True, "dataloader_pin_memory": torch.cuda.is_available()}
+    if arm == "baseline":
+        from datasets import load_dataset
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        dataset = load_dataset("json", data_files=str(data))["train"].shuffle(seed=0)
+        dataset = dataset.map(lambda row: {**tokenizer(row["text"] + tokenizer.eos_token,
+                                                       truncation=True, max_length=shape["lengths"][1]),
+                                           "labels": tokenizer(row["text"] + tokenizer.eos_token, truncation=True,
+                                                               max_length=shape["lengths"][1])["input_ids"]},
+                              remove_columns=["text"])
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+        args = TrainingArguments(output_dir=str(workdir / "baseline-out"), **common)
+        class Counting(Trainer):  # measurement only: non-padding tokens, summed on the device, read once
+            tokens = 0
+
+            def training_step(self, model, inputs, num_items_in_batch=None):
+                self.tokens = self.tokens + inputs["attention_mask"].sum()
+                return super().training_step(model, inputs, num_items_in_batch)
+
+        trainer = Counting(model=model, args=args, train_dataset=dataset,
+                           data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
+        trainer.train()
+        tokens = int(trainer.tokens)
+        loss = [e["loss"] for e in trainer.state.log_history if "loss" in e][-1]
+    else:
+        from finetune.recipe import load_recipe
+        from finetune.run import train
+
+        keys = {"model_name_or_path": model_dir, "dataset": data, "dtype": "float32", "lora_r": 16,
+                "lora_alpha": 32, "lora_dropout": 0.0, "max_length": shape["lengths"][1], "eval_size": 0,
+                "eval_strategy": "no", "output_dir": workdir / "toolkit-out", "overwrite_output_dir": True,
+                "train_on_prompt": True, **common}
+        recipe = load_recipe([str(ROOT / "recipes/lora_bf16.yaml")] +
+                             [item for key, value in keys.items() for item in (f"--{key}", str(value))])
+        trainer = train(recipe)
+        summary = json.loads((workdir / "toolkit-out" / "summary.json").read_text())
+        tokens, loss = summary["train/total_input_tokens"], summary["train/loss"]
+    # Both arms: the Trainer's own wall time for train(), setup and all, so that nothing is left out of either.
+    seconds = next(e["train_runtime"] for e in trainer.state.log_history if "train_runtime" in e)
+    result = {"arm": arm, "seconds_per_step": seconds / steps, "tokens_per_second": tokens / seconds,
+              "peak_ram_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "final_loss": loss,
+              "steps": trainer.state.global_step}
+    if torch.cuda.is_available():
+        result["peak_vram_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=list(SIZES), default="cpu")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "bench-train")
+    parser.add_argument("--arm", choices=["baseline", "toolkit"], help="run one arm here (used internally)")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.arm:
+        print("RESULT " + json.dumps(run_arm(args.arm, args.size, args.steps, args.workdir)))
+        return
+    build_inputs(args.size, args.workdir)
+    results = {}
+    for arm in ("baseline", "toolkit"):
+        output = subprocess.run([sys.executable, __file__, "--arm", arm, "--size", args.size, "--steps",
+                                 str(args.steps), "--workdir", str(args.workdir)], capture_output=True, text=True)
+        line = next((x for x in output.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if output.returncode != 0 or line is None:
+            sys.exit(f"{arm} arm failed:\n{output.stderr[-3000:]}")
+        results[arm] = json.loads(line[len("RESULT "):])
+    base, ours = results["baseline"], results["toolkit"]
+    print(f"\n{'':24}{'baseline':>12}{'toolkit':>12}{'ratio':>10}")
+    for key, label in (("seconds_per_step", "seconds/step"), ("tokens_per_second", "tokens/s (no padding)"),
+                       ("peak_ram_gb", "peak host RAM (GB)"), ("peak_vram_gb", "peak VRAM (GB)"),
+                       ("final_loss", "final loss")):
+        if key in base:
+            print(f"{label:24}{base[key]:>12.4f}{ours[key]:>12.4f}{ours[key] / base[key]:>10.3f}")
+    speedup = base["seconds_per_step"] / ours["seconds_per_step"]
+    print(f"\nspeed: {speedup:.2f}x the baseline (target >= 2x: {'met' if speedup >= 2 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
