@@ -166,6 +166,9 @@ class Totals:
     def as_list(self) -> list[float]:
         return [self.samples, self.input_tokens, self.target_tokens]
 
+    def plus(self, values) -> Totals:
+        return Totals(*(a + b for a, b in zip(self.as_list(), values, strict=True)))
+
 
 class MetricsCallback(TrainerCallback, ExportableState):
     """Adds throughput, memory and perplexity to the Trainer's logs and builds the run summary.
@@ -188,18 +191,15 @@ class MetricsCallback(TrainerCallback, ExportableState):
         self.last_loss: float | None = None
 
     def add(self, counts: tuple[int, int, int]) -> None:
-        samples, input_tokens, target_tokens = counts
-        self.interval.samples += samples
-        self.interval.input_tokens += input_tokens
-        self.interval.target_tokens += target_tokens
+        self.interval = self.interval.plus(counts)
 
     def _close_interval(self) -> None:
         """Sum this rank's counts since the last close over all ranks, into the totals and into what the next log
         step reports. Collective: called on every rank at the same point (log steps, before checkpoints)."""
         seconds = time.perf_counter() - self.mark
         interval = reduce_across_ranks(self.interval.as_list(), "sum")
-        self.totals = Totals(*(a + b for a, b in zip(self.totals.as_list(), interval, strict=True)))
-        self.unlogged = Totals(*(a + b for a, b in zip(self.unlogged.as_list(), interval, strict=True)))
+        self.totals = self.totals.plus(interval)
+        self.unlogged = self.unlogged.plus(interval)
         self.train_seconds += seconds
         self.unlogged_seconds += seconds
         self.interval = Totals()

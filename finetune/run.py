@@ -46,11 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else argv
     try:
-        recipe = load_recipe(argv)
-        setup_logging(recipe.training.process_index == 0)
-        resume_from = resilience.plan_resume(recipe)
-        plan = tracking.resolve(recipe, resuming=resume_from is not None)
-        trainer = train(recipe, plan, resume_from)
+        trainer = train(load_recipe(argv))
     except RecipeError as error:
         for problem in error.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -61,21 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     return resilience.PREEMPTED_EXIT_CODE if trainer.preemption.stopped_at is not None else 0
 
 
-def train(recipe: Recipe, plan: tracking.Tracking | None = None, resume_from: Path | None = None):
+def train(recipe: Recipe):
     """Train, evaluate and save as the recipe says; returns the Trainer.
 
-    `plan` is the resolved tracking and `resume_from` the checkpoint to continue from (see `main`); both are
-    worked out here when not given. Raises RecipeError for bad input and TrainingDiverged when the loss stops
+    Raises RecipeError for bad input (before anything heavy loads) and TrainingDiverged when the loss stops
     being finite. A preempted run returns early with `trainer.preemption.stopped_at` set.
     """
     training_args = recipe.training
     setup_logging(training_args.process_index == 0)
     output_dir = Path(training_args.output_dir)
-    if plan is None:
-        resume_from = resilience.plan_resume(recipe)
-        plan = tracking.resolve(recipe, resuming=resume_from is not None)
 
-    # 1. Tracking, resolved from the environment before anything heavy loads.
+    # 1. Where to start (a checkpoint to resume, or fresh) and tracking, resolved before anything heavy loads.
+    resume_from = resilience.plan_resume(recipe)
+    plan = tracking.resolve(recipe, resuming=resume_from is not None)
     training_args.report_to = plan.report_to
     if plan.uses_wandb:
         training_args.run_name = plan.init["name"]
