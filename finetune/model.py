@@ -99,21 +99,30 @@ def device_map(model_args: ModelArguments):
     return {"": "cpu"}
 
 
-def load_model(model_args: ModelArguments, training_args, for_training: bool = True):
+def load_model(model_args: ModelArguments, training_args, for_training: bool = True, padding_free: bool = False):
     """Load the base model, prepare it for k-bit training if quantized, and wrap it with LoRA when asked.
 
     With `for_training=False`, only the base model as the recipe describes it (quantized or not), for inference.
+    With `padding_free`, the attention is one that keeps flattened examples apart (`packing.training_attention`).
     Raises RecipeError when the model can't be loaded from `model_name_or_path`.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    attention = model_args.attn_implementation
     try:
+        if for_training and padding_free:
+            from finetune.packing import training_attention
+
+            config = AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                                trust_remote_code=model_args.trust_remote_code)
+            attention = training_attention(config, attention)
+            logger.info("padding-free batches, attention: %s", attention or "transformers' default")
         model = AutoModelForCausalLM.from_pretrained(
             model_args.model_name_or_path,
             dtype=resolve_dtype(model_args.dtype),
             quantization_config=quantization_config(model_args),
             device_map=device_map(model_args),
-            attn_implementation=model_args.attn_implementation,
+            attn_implementation=attention,
             trust_remote_code=model_args.trust_remote_code,
         )
     except OSError as exc:
@@ -121,7 +130,9 @@ def load_model(model_args: ModelArguments, training_args, for_training: bool = T
                            f"({str(exc).splitlines()[0]})"]) from None
     if not for_training:
         return model.eval()
-    model.config.use_cache = False  # the KV cache is for generation; training only pays for it
+    # The KV cache is for generation; training only pays for it, and with it on transformers does not keep the
+    # examples of a flattened (padding-free) batch apart.
+    model.config.use_cache = False
 
     if model_args.quantization != "none":
         from peft import prepare_model_for_kbit_training

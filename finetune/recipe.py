@@ -104,6 +104,10 @@ class DataArguments:
     train_on_prompt: bool = field(
         default=False, metadata={"help": "Compute the loss on prompt tokens too; default is answers only."}
     )
+    padding_free: bool = field(
+        default=True, metadata={"help": "Train on each micro-batch's examples laid end to end in one row, with no "
+                                        "padding and no attention between examples; false = padded batches."}
+    )
 
 
 @dataclass

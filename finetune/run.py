@@ -25,6 +25,7 @@ from finetune.data import IGNORE_INDEX, load_splits  # noqa: E402
 from finetune.metrics import MetricsCallback, format_report, write_summary  # noqa: E402
 from finetune.model import describe, load_model, load_tokenizer  # noqa: E402
 from finetune.recipe import Recipe, RecipeError, is_embedded_asset, load_recipe, write_resolved_recipe  # noqa: E402
+from finetune.packing import FlatteningCollator  # noqa: E402
 from finetune.trainer import CountingCollator, FinetuneTrainer  # noqa: E402
 
 logger = logging.getLogger("finetune")
@@ -87,19 +88,21 @@ def train(recipe: Recipe):
     # 3. Load the model, quantized and/or wrapped with LoRA as the recipe says; seeded first, so that the
     #    adapter initialisation is the same on every run of the recipe.
     set_seed(training_args.seed)
-    model = load_model(recipe.model, training_args)
+    model = load_model(recipe.model, training_args, padding_free=recipe.data.padding_free)
     logger.info("model: %s, %s", recipe.model.model_name_or_path, describe(model))
 
     # 4. Build the Trainer. The metrics callback goes first so that every logger sees its numbers.
+    #    Training batches are padding-free unless the recipe says otherwise; eval batches are padded.
+    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     trainer = FinetuneTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=CountingCollator(
-            DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)),
+        data_collator=CountingCollator(FlatteningCollator() if recipe.data.padding_free else padded),
         processing_class=tokenizer,
     )
+    trainer.eval_collator = CountingCollator(padded)
     trainer.metrics = MetricsCallback()
     trainer.preemption = resilience.PreemptionCallback()
     trainer.guard = resilience.NonFiniteGuard(recipe.run.on_nonfinite_loss)

@@ -4,6 +4,7 @@
   `FinetuneTrainer.training_step` hands them to the metrics callback before the forward pass.
 - With `on_nonfinite_loss: skip`, a micro-batch whose loss is not finite contributes a zero gradient.
 - A checkpoint is never written from non-finite weights (the guard stops training instead).
+- Eval batches may use their own collator (`eval_collator`): padded, when training batches are flattened.
 """
 
 from __future__ import annotations
@@ -33,6 +34,22 @@ class FinetuneTrainer(Trainer):
 
     metrics: MetricsCallback | None = None
     guard: NonFiniteGuard | None = None
+    eval_collator = None  # None: eval batches are collated like training batches
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return self._with_eval_collator(super().get_eval_dataloader, eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        return self._with_eval_collator(super().get_test_dataloader, test_dataset)
+
+    def _with_eval_collator(self, build, dataset):
+        if self.eval_collator is None:
+            return build(dataset)
+        train_collator, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return build(dataset)  # the DataLoader keeps the collator it was built with
+        finally:
+            self.data_collator = train_collator
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         counts = inputs.pop(COUNTS_KEY, None)

@@ -1,0 +1,118 @@
+"""Padding-free batches: the examples of a micro-batch laid end to end in one row, each still attending only to itself.
+
+A padded batch of 8 examples between 32 and 512 tokens long is mostly padding (about 2.2x the real tokens on
+instruction-like data); every linear layer computes on it anyway. Flattening (transformers'
+`DataCollatorWithFlattening`) removes it: one row, position ids restarting at 0 for each example, and the first
+label of each example set to -100 so that no token is trained to predict the next example.
+
+The flattened row must not let one example attend to another. How that is kept exact depends on the attention:
+- flash_attention_2/3 use the sequence boundaries (`cu_seq_lens_*`) that the collator passes;
+- eager, sdpa and flex_attention get a block-diagonal mask that transformers builds from the position ids
+  (the model's `use_cache` must be off, or it skips that step: `load_model` turns it off for training);
+- `sdpa_varlen`, the toolkit's default for the plain-causal architectures in `VARLEN_MODEL_TYPES`, runs causal
+  SDPA on each example's slice, so that attention costs sum(L_i^2) instead of (sum L_i)^2 and no mask is built.
+Eval batches stay padded (the Trainer weighs eval losses by rows, and one flattened row would hide that).
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+VARLEN_ATTENTION = "sdpa_varlen"
+# Architectures whose attention is plain causal softmax attention over the whole sequence (no sliding windows,
+# logit soft-capping or attention sinks), so that slicing per example is exact.
+VARLEN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "olmo2", "granite",
+                                "smollm3", "starcoder2", "stablelm"})
+
+_bounds_cache: tuple[object, list[int]] | None = None  # (cu_seq_lens tensor, its values), reused by every layer
+
+
+def sequence_bounds(cu_seq_lens) -> list[int]:
+    """Host copy of the cumulative sequence lengths; computed once per forward pass, not once per layer.
+
+    On a GPU, reading the tensor is a device sync: this keeps it to one per forward (zero on CPU).
+    """
+    global _bounds_cache
+    if _bounds_cache is None or _bounds_cache[0] is not cu_seq_lens:
+        _bounds_cache = (cu_seq_lens, cu_seq_lens.tolist())
+    return _bounds_cache[1]
+
+
+def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Causal SDPA run separately on each example of a flattened row (bounds from `cu_seq_lens_q`).
+
+    query/key/value are (1, heads, tokens, head_dim), as transformers passes them; the output is
+    (1, tokens, heads, head_dim). Without `cu_seq_lens_q` (padded eval batches) this is transformers' SDPA.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu_seq_lens = kwargs.pop("cu_seq_lens_q", None)
+    if cu_seq_lens is None or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    bounds = sequence_bounds(cu_seq_lens)
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    # split, not indexing: the backward of a split is one concatenation, that of each slice a full-size zero tensor.
+    slices = [
+        sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling)[0]
+        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
+    ]
+    return torch.cat(slices, dim=1), None
+
+
+def sdpa_varlen_mask(*args, attention_mask=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, **kwargs):
+    """The mask for `sdpa_varlen`: none for a flattened row (the attention slices it), SDPA's mask otherwise."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and q_length == kv_length and not q_offset and not kv_offset:
+        return None  # a training row: causal within each example, which the attention function does itself
+    return sdpa_mask(*args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length,
+                     q_offset=q_offset, kv_offset=kv_offset, **kwargs)
+
+
+def register() -> None:
+    """Make `attn_implementation="sdpa_varlen"` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, sdpa_varlen_attention)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_varlen_mask)
+
+
+def training_attention(config, requested: str | None) -> str | None:
+    """The attention implementation to train with on flattened batches, given the recipe's choice (None = default).
+
+    SDPA (asked for or the default) becomes `sdpa_varlen` where the architecture allows it; every other choice is
+    kept, since transformers keeps flattened examples apart under each of them.
+    """
+    if requested not in (None, "sdpa"):
+        return requested
+    if getattr(config, "model_type", None) not in VARLEN_MODEL_TYPES:
+        return requested
+    layer_types = getattr(config, "layer_types", None) or []
+    windowed = any(kind != "full_attention" for kind in layer_types) or (
+        getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+        and not layer_types)
+    if windowed:
+        return requested
+    register()
+    return VARLEN_ATTENTION
+
+
+class FlatteningCollator:
+    """`DataCollatorWithFlattening` with the sequence boundaries every attention implementation can use."""
+
+    def __init__(self):
+        from transformers import DataCollatorWithFlattening
+
+        from finetune.data import IGNORE_INDEX
+
+        self.collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
+                                                   return_flash_attn_kwargs=True)
+
+    def __call__(self, features):
+        features = [{key: example[key] for key in ("input_ids", "labels")} for example in features]
+        return self.collator(features, return_tensors="pt")
