@@ -433,6 +433,18 @@ def _check_combinations(recipe: dict[str, Any], model: ModelArguments, data: Dat
                             "set eval_strategy: no or hold out some examples")
         if training.max_steps <= 0 and training.num_train_epochs <= 0:
             problems.append("max_steps and num_train_epochs are both <= 0; set one of them to a positive number")
+        if training.use_liger_kernel:
+            import importlib.util
+
+            if importlib.util.find_spec("liger_kernel") is None:
+                problems.append("use_liger_kernel: needs the liger-kernel package (Triton kernels for CUDA GPUs); "
+                                "pip install liger-kernel, or set use_liger_kernel: false")
+            else:
+                import torch
+
+                if not torch.cuda.is_available():
+                    problems.append("use_liger_kernel: Liger's kernels run on CUDA GPUs only and this machine has "
+                                    "none; set use_liger_kernel: false")
 
 
 def load_recipe(argv: list[str]) -> Recipe:

@@ -99,6 +99,7 @@ BAD_CASES = {
     "bad yaml": ("model_name_or_path: [unclosed\n", [], "invalid YAML at line"),
     "empty": ("", [], "the file is empty"),
     "not a mapping": ("- a\n- b\n", [], "expected a mapping"),
+    "liger not installed": ({"use_liger_kernel": True}, [], "use_liger_kernel: needs the liger-kernel package"),
 }
 
 

@@ -75,6 +75,30 @@ def test_lora_variant_moves_adapters_not_base(variant, llama_dir, data_files, tm
     assert (tmp_path / "out" / "recipe.yaml").is_file()
 
 
+@pytest.mark.parametrize("variant", ["qlora_int4", "lora_int8"])
+def test_kbit_base_keeps_its_compute_dtype(variant, llama_dir, data_files, tmp_path):
+    """No fp32 copies of the embeddings, LM head or norms (peft's prepare_model_for_kbit_training makes them)."""
+    from peft import prepare_model_for_kbit_training
+
+    from finetune.model import load_model, quantization_config
+
+    recipe = load_recipe(recipe_args(variant, llama_dir, data_files["text"], tmp_path))
+    model = load_model(recipe.model, recipe.training)
+    float_params = {name: p for name, p in model.named_parameters() if p.is_floating_point() and "lora_" not in name}
+    assert float_params and {p.dtype for p in float_params.values()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in float_params.values())
+    assert all(p.dtype == torch.float32 and p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+    from transformers import AutoModelForCausalLM
+
+    peft_way = prepare_model_for_kbit_training(AutoModelForCausalLM.from_pretrained(
+        llama_dir, dtype=torch.bfloat16, quantization_config=quantization_config(recipe.model)),
+        use_gradient_checkpointing=False)
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
+    peft_bytes = sum(p.numel() * p.element_size() for p in peft_way.parameters())
+    assert weight_bytes < peft_bytes
+
+
 def test_full_fine_tuning_moves_the_weights(llama_dir, data_files, tmp_path):
     trainer = train(load_recipe(recipe_args("full_bf16", llama_dir, data_files["text"], tmp_path / "out",
                                             dtype="float32", learning_rate=1e-3)))

@@ -1,0 +1,142 @@
+"""Padding-free batches: the flattened loss and gradients equal the padded ones and the per-example ground truth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DataCollatorForSeq2Seq, LlamaConfig, MistralConfig, Qwen2Config
+
+from finetune import packing
+from finetune.data import IGNORE_INDEX, load_splits
+from finetune.model import load_model, load_tokenizer
+from finetune.recipe import load_recipe
+from finetune.run import train
+from tests.test_train import lora_tensors, recipe_args
+
+TOLERANCE = 1e-5  # fp32: the same sums in another order
+
+
+def _examples(recipe, count=6):
+    """Real training features (answer-only labels: -100 inside each example too), lengths spread out."""
+    tokenizer = load_tokenizer(recipe.model)
+    train_split, _ = load_splits(recipe.data, tokenizer, 0, lambda desc: __import__("contextlib").nullcontext())
+    features = [{key: train_split[i][key] for key in ("input_ids", "labels")} for i in range(count)]
+    assert len({len(f["input_ids"]) for f in features}) > 1, "needs examples of different lengths"
+    assert all(IGNORE_INDEX in f["labels"] for f in features), "needs masked prompt tokens"
+    return tokenizer, features
+
+
+def _loss_and_grads(model, batch, scale=1.0):
+    model.zero_grad()
+    loss = model(**batch).loss
+    (loss * scale).backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _model(recipe, padding_free):
+    torch.manual_seed(0)
+    model = load_model(recipe.model, recipe.training, padding_free=padding_free)
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero, which would leave A's gradient zero and untested
+            torch.nn.init.normal_(param, std=0.1)
+    return model.train()
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+@pytest.mark.parametrize("attention", [None, "sdpa", "eager"])
+def test_flattened_batch_equals_padded_batch_and_per_example_truth(attention, architecture, request, data_files,
+                                                                    tmp_path):
+    model_dir = request.getfixturevalue(f"{architecture}_dir")
+    overrides = {"dtype": "float32", "lora_dropout": 0.0}
+    if attention:
+        overrides["attn_implementation"] = attention
+    recipe = load_recipe(recipe_args("lora_bf16", model_dir, data_files["alpaca"], tmp_path, **overrides))
+    tokenizer, features = _examples(recipe)
+
+    model = _model(recipe, padding_free=True)
+    expected = packing.VARLEN_ATTENTION if attention in (None, "sdpa") else attention
+    assert model.config._attn_implementation == expected
+    flat = packing.FlatteningCollator()(features)
+    assert flat["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in features))
+    flat_loss, flat_grads = _loss_and_grads(model, flat)
+
+    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)(features)
+    assert padded["input_ids"].numel() > flat["input_ids"].numel(), "the padded batch must carry padding"
+    padded_loss, padded_grads = _loss_and_grads(model, dict(padded))
+
+    # Ground truth: each example alone, its summed token loss, over the batch's target-token count.
+    targets = [sum(label != IGNORE_INDEX for label in f["labels"][1:]) for f in features]
+    truth_loss, truth_grads = 0.0, None
+    for feature, count in zip(features, targets):
+        single = {key: torch.tensor([value]) for key, value in feature.items()}
+        loss, grads = _loss_and_grads(model, single, scale=count / sum(targets))
+        truth_loss += loss.item() * count / sum(targets)
+        truth_grads = grads if truth_grads is None else {k: truth_grads[k] + grads[k] for k in grads}
+
+    assert flat_loss.item() == pytest.approx(truth_loss, rel=TOLERANCE)
+    assert padded_loss.item() == pytest.approx(truth_loss, rel=TOLERANCE)
+    assert truth_grads and any(g.abs().sum() > 0 for name, g in truth_grads.items() if "lora_A" in name)
+    for name, truth in truth_grads.items():
+        torch.testing.assert_close(flat_grads[name], truth, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(padded_grads[name], truth, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_cache_left_on_lets_flattened_examples_attend_to_each_other(llama_dir, data_files, tmp_path):
+    """The trap `load_model` avoids: with use_cache on, transformers builds no per-example mask (eager, sdpa)."""
+    recipe = load_recipe(recipe_args("lora_bf16", llama_dir, data_files["alpaca"], tmp_path, dtype="float32",
+                                     attn_implementation="eager"))
+    _, features = _examples(recipe)
+    flat = packing.FlatteningCollator()(features)
+    model = _model(recipe, padding_free=True).eval()
+    with torch.no_grad():
+        kept_apart = model(**flat).loss.item()
+        model.config.use_cache = True
+        leaked = model(**flat, use_cache=True).loss.item()
+    assert abs(leaked - kept_apart) > 1e-3
+
+
+@pytest.mark.parametrize("config, requested, expected", [
+    (LlamaConfig(), None, packing.VARLEN_ATTENTION),
+    (Qwen2Config(), "sdpa", packing.VARLEN_ATTENTION),
+    (LlamaConfig(), "eager", "eager"),
+    (LlamaConfig(), "flash_attention_2", "flash_attention_2"),
+    (MistralConfig(sliding_window=4096), None, None),  # windowed: transformers' packed mask keeps it exact
+    (Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=0), None, None),
+    (MistralConfig(sliding_window=None), None, packing.VARLEN_ATTENTION),
+])
+def test_training_attention_slices_only_plain_causal_models(config, requested, expected):
+    assert packing.training_attention(config, requested) == expected
+
+
+def test_gemma2_softcapping_is_not_sliced():
+    from transformers import Gemma2Config
+
+    assert packing.training_attention(Gemma2Config(), None) is None
+
+
+def test_padding_free_training_matches_padded_training(llama_dir, data_files, tmp_path):
+    """Same examples, steps and seed: the two batch layouts train the same adapters; eval batches stay padded."""
+    runs = {}
+    for padding_free in (True, False):
+        out = tmp_path / str(padding_free)
+        trainer = train(load_recipe(recipe_args(
+            "lora_bf16", llama_dir, data_files["alpaca"], out, dtype="float32", lora_dropout=0.0, max_steps=4,
+            learning_rate=1e-3, eval_size=8, eval_strategy="no", logging_steps=1, padding_free=padding_free)))
+        train_batch = next(iter(trainer.get_train_dataloader()))
+        eval_batch = next(iter(trainer.get_eval_dataloader()))
+        assert ("position_ids" in train_batch) == padding_free
+        assert train_batch["input_ids"].shape[0] == (1 if padding_free else 4)
+        assert "attention_mask" in eval_batch and "position_ids" not in eval_batch
+        logs = trainer.state.log_history
+        runs[padding_free] = {"adapters": lora_tensors(trainer.model),
+                              "losses": [e["loss"] for e in logs if "loss" in e],
+                              "eval_loss": next(e["eval_loss"] for e in logs if "eval_loss" in e),
+                              "tokens": trainer.metrics.totals.input_tokens}
+    flat, padded = runs[True], runs[False]
+    assert len(padded["losses"]) == 4
+    assert flat["tokens"] == padded["tokens"]
+    assert flat["losses"] == pytest.approx(padded["losses"], rel=1e-4)
+    assert flat["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-4)
+    for name, tensor in padded["adapters"].items():
+        torch.testing.assert_close(flat["adapters"][name], tensor, rtol=1e-3, atol=1e-5, msg=name)
