@@ -150,7 +150,8 @@ def main() -> None:
             sys.exit(f"{arm} arm failed:\n{output.stderr[-3000:]}")
         results[arm] = json.loads(line[len("RESULT "):])
     base = results["baseline"]
-    print(f"\n{'':24}" + "".join(f"{arm:>16}" for arm in ARMS) + "".join(f"{'ratio ' + arm[:9]:>16}" for arm in ARMS[1:]))
+    ratios = ("padded/base", "toolkit/base")
+    print(f"\n{'':24}" + "".join(f"{name:>16}" for name in ARMS + ratios))
     for key, label in (("seconds_per_step", "seconds/step"), ("tokens_per_second", "tokens/s (no padding)"),
                        ("peak_ram_gb", "peak host RAM (GB)"), ("peak_vram_gb", "peak VRAM (GB)"),
                        ("final_loss", "final loss (mean)")):

@@ -54,12 +54,11 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     bounds = sequence_bounds(cu_seq_lens)
-    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
     # split, not indexing: the backward of a split is one concatenation, that of each slice a full-size zero tensor.
-    slices = [
-        sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling)[0]
-        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
-    ]
+    pieces = (tensor.split(lengths, dim=2) for tensor in (query, key, value))
+    slices = [sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling)[0]
+              for q, k, v in zip(*pieces, strict=True)]
     return torch.cat(slices, dim=1), None
 
 

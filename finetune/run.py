@@ -24,8 +24,8 @@ from finetune import resilience, tiny, tracking  # noqa: E402
 from finetune.data import IGNORE_INDEX, load_splits  # noqa: E402
 from finetune.metrics import MetricsCallback, format_report, write_summary  # noqa: E402
 from finetune.model import describe, load_model, load_tokenizer  # noqa: E402
-from finetune.recipe import Recipe, RecipeError, is_embedded_asset, load_recipe, write_resolved_recipe  # noqa: E402
 from finetune.packing import FlatteningCollator  # noqa: E402
+from finetune.recipe import Recipe, RecipeError, is_embedded_asset, load_recipe, write_resolved_recipe  # noqa: E402
 from finetune.trainer import CountingCollator, FinetuneTrainer  # noqa: E402
 
 logger = logging.getLogger("finetune")

@@ -68,7 +68,7 @@ def test_flattened_batch_equals_padded_batch_and_per_example_truth(attention, ar
     # Ground truth: each example alone, its summed token loss, over the batch's target-token count.
     targets = [sum(label != IGNORE_INDEX for label in f["labels"][1:]) for f in features]
     truth_loss, truth_grads = 0.0, None
-    for feature, count in zip(features, targets):
+    for feature, count in zip(features, targets, strict=True):
         single = {key: torch.tensor([value]) for key, value in feature.items()}
         loss, grads = _loss_and_grads(model, single, scale=count / sum(targets))
         truth_loss += loss.item() * count / sum(targets)
