@@ -65,7 +65,7 @@ matrix: install
 
 # Training speed against the hand-written Trainer + PEFT baseline (SIZE=cpu|gpu).
 bench-train: install
-	$(PYTHON) benchmarks/train_speed.py --size $(or $(SIZE),cpu) $(ARGS)
+	$(PYTHON) benchmarks/train_speed.py --size $(or $(SIZE),cpu) --variant $(or $(VARIANT),lora) $(ARGS)
 
 # Cost of the metrics callback: the same tiny CPU training with and without it (target <= 1%).
 bench-callback: install

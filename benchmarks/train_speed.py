@@ -1,19 +1,22 @@
 """Training speed: the toolkit against the Trainer + PEFT baseline a user would write, side by side.
 
-    make bench-train                                   # CPU size
-    python benchmarks/train_speed.py --size cpu --steps 30
+    make bench-train                                   # CPU size, 16-bit LoRA (fp32 weights on the CPU)
+    make bench-train SIZE=gpu VARIANT=qlora            # Llama-3.2-1B shape, QLoRA
+    python benchmarks/train_speed.py --size cpu --variant lora --steps 30
 
-Both arms train the same randomly initialised Llama (built from a config), on the same variable-length data
-(lengths spread like instruction sets), with the same examples per optimizer step, steps, seed and LoRA settings.
-The baseline is `Trainer` + `get_peft_model` + `DataCollatorForSeq2Seq` dynamic padding, as in the usual guides;
-the toolkit arm is `finetune.run.train` on an equivalent recipe. Each arm runs in its own process, so that peak
-memory is its own. Reported: seconds per step, non-padding tokens per second, peak host memory (and peak VRAM on
-CUDA), final loss, and the toolkit/baseline ratios.
+Every arm trains the same randomly initialised Llama (built from a config), on the same variable-length data
+(lengths spread like instruction sets), with the same examples per optimizer step, steps, seed, schedule and LoRA
+settings. The baseline is `Trainer` + `get_peft_model` (after `prepare_model_for_kbit_training` for QLoRA) +
+`DataCollatorForSeq2Seq` dynamic padding, as in the usual guides; the toolkit arms are `finetune.run.train` on
+the matching recipe, once with `padding_free: false` and once with its defaults. Each arm runs in its own process,
+so that peak memory is its own. Reported: seconds per step, non-padding tokens per second, peak host memory (and
+peak VRAM on CUDA), the final loss (mean over the run), and the ratios to the baseline.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import subprocess
@@ -25,10 +28,14 @@ sys.path.insert(0, str(ROOT))
 
 LOSS_TOLERANCE = 0.01  # relative gap allowed between the final losses (see RESULTS.md)
 
-SIZES = {  # hidden, layers, heads, intermediate, examples per step, length range (tokens)
-    "cpu": dict(hidden=512, layers=4, heads=8, intermediate=1376, batch=8, lengths=(32, 512)),
-    "gpu": dict(hidden=2048, layers=16, heads=32, intermediate=8192, batch=16, lengths=(64, 2048)),
+SIZES = {  # hidden, layers, heads (query, key/value), intermediate, vocabulary, examples per step, lengths (tokens)
+    "cpu": dict(hidden=512, layers=4, heads=8, kv_heads=8, intermediate=1376, vocab=128, batch=8,
+                lengths=(32, 512)),
+    # Llama-3.2-1B's shape: 16 layers, 2048 wide, 32/8 heads, 8192 MLP, 128k vocabulary, tied embeddings.
+    "gpu": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256, batch=16,
+                lengths=(64, 2048)),
 }
+VARIANTS = ("lora", "qlora")  # 16-bit LoRA (fp32 on the CPU size), QLoRA nf4 with bf16 compute
 
 
 def build_inputs(size: str, workdir: Path) -> tuple[Path, Path]:
@@ -36,16 +43,17 @@ def build_inputs(size: str, workdir: Path) -> tuple[Path, Path]:
     from finetune.tiny import build_model_config, build_tokenizer, write_jsonl
 
     shape = SIZES[size]
-    model_dir, data = workdir / f"model-{size}", workdir / f"data-{size}.jsonl"
+    tag = hashlib.sha1(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:8]  # a new shape, new files
+    model_dir, data = workdir / f"model-{size}-{tag}", workdir / f"data-{size}-{tag}.jsonl"
     if not (model_dir / "config.json").is_file():
         import torch
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(0)
         config = build_model_config("llama", hidden_size=shape["hidden"], layers=shape["layers"],
-                                    initializer_range=0.02)
-        config.num_attention_heads = shape["heads"]
-        config.num_key_value_heads = shape["heads"]
+                                    vocab_size=shape["vocab"], initializer_range=0.02)
+        config.num_attention_heads, config.num_key_value_heads = shape["heads"], shape["kv_heads"]
+        config.head_dim = shape["hidden"] // shape["heads"]
         config.intermediate_size = shape["intermediate"]
         config.max_position_embeddings = shape["lengths"][1] + 8
         AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
@@ -61,7 +69,7 @@ def build_inputs(size: str, workdir: Path) -> tuple[Path, Path]:
     return model_dir, data
 
 
-def run_arm(arm: str, size: str, steps: int, workdir: Path) -> dict:
+def run_arm(arm: str, size: str, variant: str, steps: int, workdir: Path) -> dict:
     """Train one arm in this process and return its measurements."""
     import resource
 
@@ -69,10 +77,12 @@ def run_arm(arm: str, size: str, steps: int, workdir: Path) -> dict:
 
     model_dir, data = build_inputs(size, workdir)
     shape = SIZES[size]
+    dtype = "float32" if size == "cpu" and variant == "lora" else "bfloat16"
     common = {"max_steps": steps, "per_device_train_batch_size": shape["batch"], "gradient_accumulation_steps": 1,
               "learning_rate": 1e-4, "lr_scheduler_type": "linear", "warmup_steps": 0, "weight_decay": 0.0,
               "logging_steps": steps, "save_strategy": "no", "report_to": "none", "seed": 0,
-              "disable_tqdm": True, "dataloader_pin_memory": torch.cuda.is_available()}
+              "disable_tqdm": True, "dataloader_pin_memory": torch.cuda.is_available(),
+              "bf16": torch.cuda.is_available() and dtype == "bfloat16"}
     if arm == "baseline":
         from datasets import load_dataset
         from peft import LoraConfig, get_peft_model
@@ -86,7 +96,17 @@ def run_arm(arm: str, size: str, steps: int, workdir: Path) -> dict:
                                                                max_length=shape["lengths"][1])["input_ids"]},
                               remove_columns=["text"])
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if variant == "qlora":  # as the QLoRA guides write it
+            from peft import prepare_model_for_kbit_training
+            from transformers import BitsAndBytesConfig
+
+            quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                         quantization_config=quantization)
+            model = prepare_model_for_kbit_training(model)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
         args = TrainingArguments(output_dir=str(workdir / "baseline-out"), **common)
@@ -106,19 +126,21 @@ def run_arm(arm: str, size: str, steps: int, workdir: Path) -> dict:
         from finetune.recipe import load_recipe
         from finetune.run import train
 
-        keys = {"model_name_or_path": model_dir, "dataset": data, "dtype": "float32", "lora_r": 16,
+        keys = {"model_name_or_path": model_dir, "dataset": data, "dtype": dtype, "lora_r": 16,
                 "lora_alpha": 32, "lora_dropout": 0.0, "max_length": shape["lengths"][1], "eval_size": 0,
                 "eval_strategy": "no", "output_dir": workdir / "toolkit-out", "overwrite_output_dir": True,
                 "train_on_prompt": True, "padding_free": arm == "toolkit", **common}
-        recipe = load_recipe([str(ROOT / "recipes/lora_bf16.yaml")] +
+        recipe_path = ROOT / "recipes" / ("qlora_int4.yaml" if variant == "qlora" else "lora_bf16.yaml")
+        recipe = load_recipe([str(recipe_path)] +
                              [item for key, value in keys.items() for item in (f"--{key}", str(value))])
         trainer = train(recipe)
         summary = json.loads((workdir / "toolkit-out" / "summary.json").read_text())
         tokens, loss = summary["train/total_input_tokens"], summary["train/loss"]
     # Both arms: the Trainer's own wall time for train(), setup and all, so that nothing is left out of either.
     seconds = next(e["train_runtime"] for e in trainer.state.log_history if "train_runtime" in e)
-    result = {"arm": arm, "seconds_per_step": seconds / steps, "tokens_per_second": tokens / seconds,
-              "peak_ram_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "final_loss": loss,
+    result = {"arm": arm, "variant": variant, "seconds_per_step": seconds / steps,
+              "tokens_per_second": tokens / seconds, "final_loss": loss,
+              "peak_ram_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
               "steps": trainer.state.global_step}
     if torch.cuda.is_available():
         result["peak_vram_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -131,19 +153,21 @@ ARMS = ("baseline", "toolkit-padded", "toolkit")  # toolkit-padded: the toolkit 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=list(SIZES), default="cpu")
+    parser.add_argument("--variant", choices=VARIANTS, default="lora")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "bench-train")
     parser.add_argument("--arm", choices=ARMS, help="run one arm here (used internally)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.arm:
-        print("RESULT " + json.dumps(run_arm(args.arm, args.size, args.steps, args.workdir)))
+        print("RESULT " + json.dumps(run_arm(args.arm, args.size, args.variant, args.steps, args.workdir)))
         return
     build_inputs(args.size, args.workdir)
     results = {}
     for arm in ARMS:
-        print(f"running {arm} ({args.steps} steps)...", flush=True)
-        output = subprocess.run([sys.executable, __file__, "--arm", arm, "--size", args.size, "--steps",
+        print(f"running {arm} ({args.variant}, {args.size} size, {args.steps} steps)...", flush=True)
+        output = subprocess.run([sys.executable, __file__, "--arm", arm, "--size", args.size, "--variant",
+                                 args.variant, "--steps",
                                  str(args.steps), "--workdir", str(args.workdir)], capture_output=True, text=True)
         line = next((x for x in output.stdout.splitlines() if x.startswith("RESULT ")), None)
         if output.returncode != 0 or line is None:
