@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-LOSS_TOLERANCE = 0.01  # relative gap allowed between the final losses (see RESULTS.md)
+LOSS_TOLERANCE = 0.005  # relative gap allowed between final losses: fp32 arms agree to 1e-6, bf16 QLoRA to ~5e-4
 
 SIZES = {  # hidden, layers, heads (query, key/value), intermediate, vocabulary, examples per step, lengths (tokens)
     "cpu": dict(hidden=512, layers=4, heads=8, kv_heads=8, intermediate=1376, vocab=128, batch=8,
@@ -180,7 +180,7 @@ def main() -> None:
                        ("peak_ram_gb", "peak host RAM (GB)"), ("peak_vram_gb", "peak VRAM (GB)"),
                        ("final_loss", "final loss (mean)")):
         if key in base:
-            print(f"{label:24}" + "".join(f"{results[arm][key]:>16.4f}" for arm in ARMS)
+            print(f"{label:24}" + "".join(f"{results[arm][key]:>16.{6 if key == 'final_loss' else 4}f}" for arm in ARMS)
                   + "".join(f"{results[arm][key] / base[key]:>16.3f}" for arm in ARMS[1:]))
     ours = results["toolkit"]
     speedup = base["seconds_per_step"] / ours["seconds_per_step"]
