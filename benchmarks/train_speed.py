@@ -186,7 +186,7 @@ def main() -> None:
     speedup = base["seconds_per_step"] / ours["seconds_per_step"]
     loss_gap = abs(ours["final_loss"] - base["final_loss"]) / base["final_loss"]
     print(f"\nspeed: {speedup:.2f}x the baseline (target >= 2x: {'met' if speedup >= 2 else 'NOT met'}); "
-          f"final loss {100 * loss_gap:.2f}% from the baseline's (tolerance {100 * LOSS_TOLERANCE:.0f}%: "
+          f"final loss {100 * loss_gap:.2f}% from the baseline's (tolerance {100 * LOSS_TOLERANCE:.1f}%: "
           f"{'met' if loss_gap <= LOSS_TOLERANCE else 'NOT met'})")
     if "peak_vram_gb" in base:
         print(f"peak VRAM: {ours['peak_vram_gb'] / base['peak_vram_gb']:.2f}x the baseline (target <= 0.6x)")
