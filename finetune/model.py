@@ -103,7 +103,8 @@ def load_model(model_args: ModelArguments, training_args, for_training: bool = T
     """Load the base model, prepare it for k-bit training if quantized, and wrap it with LoRA when asked.
 
     With `for_training=False`, only the base model as the recipe describes it (quantized or not), for inference.
-    With `padding_free`, the attention is one that keeps flattened examples apart (`packing.training_attention`).
+    With `padding_free`, on the architectures `packing.flattens` accepts, the attention is one that keeps flattened
+    examples apart (`packing.training_attention`).
     Raises RecipeError when the model can't be loaded from `model_name_or_path`.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -111,12 +112,16 @@ def load_model(model_args: ModelArguments, training_args, for_training: bool = T
     attention = model_args.attn_implementation
     try:
         if for_training and padding_free:
-            from finetune.packing import training_attention
+            from finetune.packing import flattens, training_attention
 
             config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                                 trust_remote_code=model_args.trust_remote_code)
-            attention = training_attention(config, attention)
-            logger.info("padding-free batches, attention: %s", attention or "transformers' default")
+            if flattens(config):
+                attention = training_attention(config, attention)
+                logger.info("padding-free batches, attention: %s", attention or "transformers' default")
+            else:
+                logger.info("padding-free batches are not verified for model type %r: training on padded batches",
+                            config.model_type)
         model = AutoModelForCausalLM.from_pretrained(
             model_args.model_name_or_path,
             dtype=resolve_dtype(model_args.dtype),

@@ -22,9 +22,15 @@ logger = logging.getLogger(__name__)
 
 VARLEN_ATTENTION = "sdpa_varlen"
 # Architectures whose attention is plain causal softmax attention over the whole sequence (no sliding windows,
-# logit soft-capping or attention sinks), so that slicing per example is exact.
+# logit soft-capping or attention sinks), and whose layers pass the collator's boundaries on to the attention
+# function, so that slicing per example is exact. (stablelm, for one, does not pass them on.)
 VARLEN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "olmo2", "granite",
-                                "smollm3", "starcoder2", "stablelm"})
+                                "smollm3", "starcoder2"})
+# Architectures whose flattened batches are kept exact by transformers' own masks (rotary positions from the
+# position ids, masks from `masking_utils`): the ones above plus windowed, soft-capped and mixture-of-experts models.
+# tests/test_packing.py checks each against per-example ground truth. Other models train on padded batches.
+FLATTENING_MODEL_TYPES = VARLEN_MODEL_TYPES | {"gemma2", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe", "phi",
+                                               "stablelm"}
 
 _bounds_cache: tuple[object, list[int]] | None = None  # (cu_seq_lens tensor, its values), reused by every layer
 
@@ -79,6 +85,11 @@ def register() -> None:
 
     AttentionInterface.register(VARLEN_ATTENTION, sdpa_varlen_attention)
     AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_varlen_mask)
+
+
+def flattens(config) -> bool:
+    """Whether flattened batches of this model's architecture are known to keep examples apart exactly."""
+    return getattr(config, "model_type", None) in FLATTENING_MODEL_TYPES
 
 
 def training_attention(config, requested: str | None) -> str | None:

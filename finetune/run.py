@@ -24,7 +24,7 @@ from finetune import resilience, tiny, tracking  # noqa: E402
 from finetune.data import IGNORE_INDEX, load_splits  # noqa: E402
 from finetune.metrics import MetricsCallback, format_report, write_summary  # noqa: E402
 from finetune.model import describe, load_model, load_tokenizer  # noqa: E402
-from finetune.packing import FlatteningCollator  # noqa: E402
+from finetune.packing import FlatteningCollator, flattens  # noqa: E402
 from finetune.recipe import Recipe, RecipeError, is_embedded_asset, load_recipe, write_resolved_recipe  # noqa: E402
 from finetune.trainer import CountingCollator, FinetuneTrainer  # noqa: E402
 
@@ -92,14 +92,16 @@ def train(recipe: Recipe):
     logger.info("model: %s, %s", recipe.model.model_name_or_path, describe(model))
 
     # 4. Build the Trainer. The metrics callback goes first so that every logger sees its numbers.
-    #    Training batches are padding-free unless the recipe says otherwise; eval batches are padded.
+    #    Training batches are padding-free (where the architecture is known to keep flattened examples apart)
+    #    unless the recipe says otherwise; eval batches are padded.
     padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    flatten = recipe.data.padding_free and flattens(model.config)
     trainer = FinetuneTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=CountingCollator(FlatteningCollator() if recipe.data.padding_free else padded),
+        data_collator=CountingCollator(FlatteningCollator() if flatten else padded),
         processing_class=tokenizer,
     )
     trainer.eval_collator = CountingCollator(padded)

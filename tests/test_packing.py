@@ -109,6 +109,14 @@ def test_training_attention_slices_only_plain_causal_models(config, requested, e
     assert packing.training_attention(config, requested) == expected
 
 
+def test_unverified_architectures_train_on_padded_batches():
+    from transformers import BloomConfig, GPT2Config
+
+    assert packing.flattens(LlamaConfig()) and packing.flattens(Qwen2Config())
+    assert not packing.flattens(BloomConfig())  # ALiBi positions come from the attention mask, not position ids
+    assert not packing.flattens(GPT2Config())
+
+
 def test_gemma2_softcapping_is_not_sliced():
     from transformers import Gemma2Config
 
@@ -140,3 +148,39 @@ def test_padding_free_training_matches_padded_training(llama_dir, data_files, tm
     assert flat["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-4)
     for name, tensor in padded["adapters"].items():
         torch.testing.assert_close(flat["adapters"][name], tensor, rtol=1e-3, atol=1e-5, msg=name)
+
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, vocab_size=128, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+             num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+             shared_expert_intermediate_size=32)
+
+
+@pytest.mark.parametrize("window", [None, 8], ids=["no-window", "window-8"])
+@pytest.mark.parametrize("model_type", sorted(packing.FLATTENING_MODEL_TYPES))
+def test_every_flattening_architecture_keeps_examples_apart(model_type, window):
+    """Each architecture run on flattened batches: loss equal to the per-example truth (a window of 8 tokens is
+    shorter than most examples here, so windowed attention is exercised too)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if window is not None:
+        extra = {"sliding_window": window, "use_sliding_window": True}
+    elif model_type in packing.VARLEN_MODEL_TYPES:  # the window, where there is one, is optional: off
+        extra = {"sliding_window": None, "use_sliding_window": False}
+    else:  # the architecture's default
+        extra = {}
+    config = AutoConfig.for_model(model_type, **SMALL, **extra)
+    attention = packing.training_attention(config, None)
+    if window is None and model_type in packing.VARLEN_MODEL_TYPES:
+        assert attention == packing.VARLEN_ATTENTION
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval()
+    model.config.use_cache = False
+    generator = torch.Generator().manual_seed(1)
+    examples = [torch.randint(5, 120, (length,), generator=generator).tolist() for length in (7, 13, 1, 3, 20)]
+    flat = packing.FlatteningCollator()([{"input_ids": e, "labels": e} for e in examples])
+    with torch.no_grad():
+        flat_loss = model(**flat).loss.item()
+        total = sum(model(input_ids=torch.tensor([e]), labels=torch.tensor([e])).loss.item() * (len(e) - 1)
+                    for e in examples if len(e) > 1)
+    assert flat_loss == pytest.approx(total / sum(len(e) - 1 for e in examples), rel=TOLERANCE)
