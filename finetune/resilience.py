@@ -174,6 +174,18 @@ class PreemptionCallback(TrainerCallback):
             control.should_training_stop = True
 
 
+def leave_process_group(wait: bool) -> None:
+    """End a multi-process run in order: with `wait`, every rank first waits for the others to finish (the main
+    one writes the summary and W&B files last), then each destroys its process groups. A rank that simply exits
+    while its peers are still tearing down can abort in gloo (SIGABRT), failing a finished run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 class NonFiniteGuard(TrainerCallback):
     """Stops on a non-finite logged loss or gradient norm; refuses to checkpoint non-finite weights."""
 

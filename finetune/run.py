@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     3: stopped on a non-finite loss, the last good checkpoint kept.
     """
     argv = sys.argv[1:] if argv is None else argv
+    finished = False
     try:
         trainer = train(load_recipe(argv))
+        finished = True
     except RecipeError as error:
         for problem in error.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except resilience.TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return resilience.DIVERGED_EXIT_CODE
+    finally:
+        resilience.leave_process_group(wait=finished)
     return resilience.PREEMPTED_EXIT_CODE if trainer.preemption.stopped_at is not None else 0
 
 
