@@ -81,7 +81,7 @@ def seconds_per_step(metered: bool, steps: int, output_dir: str, stopwatch: Stop
                           "--output_dir", output_dir])
     tokenizer = load_tokenizer(recipe.model)
     train_dataset, _ = load_splits(recipe.data, tokenizer, recipe.training.seed, recipe.training.main_process_first)
-    model = load_model(recipe.model, recipe.training)
+    model = load_model(recipe.model)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     if metered:
         trainer = FinetuneTrainer(model=model, args=recipe.training, train_dataset=train_dataset,

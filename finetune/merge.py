@@ -39,8 +39,8 @@ def load_trained(output_dir: Path):
     tokenizer = load_tokenizer(recipe.model)
     if not recipe.model.use_lora:
         full = dataclasses.replace(recipe.model, model_name_or_path=str(output_dir))
-        return recipe, tokenizer, load_model(full, recipe.training, for_training=False)
-    base = load_model(recipe.model, recipe.training, for_training=False)
+        return recipe, tokenizer, load_model(full, for_training=False)
+    base = load_model(recipe.model, for_training=False)
     return recipe, tokenizer, PeftModel.from_pretrained(base, str(output_dir)).eval()
 
 
@@ -54,7 +54,7 @@ def merge(output_dir: Path, destination: Path) -> Path:
     if not recipe.model.use_lora:
         raise RecipeError([f"{output_dir}: a full fine-tuning run has nothing to merge; its model.safetensors "
                            "loads as it is"])
-    base = load_model(recipe.model, recipe.training, for_training=False)
+    base = load_model(recipe.model, for_training=False)
     if recipe.model.quantization != "none":
         base = base.dequantize()  # bitsandbytes layers -> plain Linear holding the dequantized weights
     merged = PeftModel.from_pretrained(base, str(output_dir)).merge_and_unload()

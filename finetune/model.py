@@ -99,7 +99,7 @@ def device_map(model_args: ModelArguments):
     return {"": "cpu"}
 
 
-def load_model(model_args: ModelArguments, training_args, for_training: bool = True, padding_free: bool = False):
+def load_model(model_args: ModelArguments, for_training: bool = True, padding_free: bool = False):
     """Load the base model, prepare it for k-bit training if quantized, and wrap it with LoRA when asked.
 
     With `for_training=False`, only the base model as the recipe describes it (quantized or not), for inference.

@@ -92,7 +92,7 @@ def train(recipe: Recipe):
     # 3. Load the model, quantized and/or wrapped with LoRA as the recipe says; seeded first, so that the
     #    adapter initialisation is the same on every run of the recipe.
     set_seed(training_args.seed)
-    model = load_model(recipe.model, training_args, padding_free=recipe.data.padding_free)
+    model = load_model(recipe.model, padding_free=recipe.data.padding_free)
     logger.info("model: %s, %s", recipe.model.model_name_or_path, describe(model))
 
     # 4. Build the Trainer. The metrics callback goes first so that every logger sees its numbers.

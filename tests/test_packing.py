@@ -35,7 +35,7 @@ def _loss_and_grads(model, batch, scale=1.0):
 
 def _model(recipe, padding_free):
     torch.manual_seed(0)
-    model = load_model(recipe.model, recipe.training, padding_free=padding_free)
+    model = load_model(recipe.model, padding_free=padding_free)
     torch.manual_seed(1)
     for name, param in model.named_parameters():
         if "lora_B" in name:  # peft starts B at zero, which would leave A's gradient zero and untested

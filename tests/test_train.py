@@ -51,7 +51,7 @@ def test_lora_variant_moves_adapters_not_base(variant, llama_dir, data_files, tm
         from finetune.model import load_model
 
         recipe = load_recipe(recipe_args(variant, llama_dir, data_files["alpaca"], tmp_path / "unused"))
-        fresh = dict(load_model(recipe.model, recipe.training).named_parameters())
+        fresh = dict(load_model(recipe.model).named_parameters())
         layers = [name for name, p in model.named_parameters() if "base_layer" in name]
         assert layers
         for name in layers:
@@ -83,7 +83,7 @@ def test_kbit_base_keeps_its_compute_dtype(variant, llama_dir, data_files, tmp_p
     from finetune.model import load_model, quantization_config
 
     recipe = load_recipe(recipe_args(variant, llama_dir, data_files["text"], tmp_path))
-    model = load_model(recipe.model, recipe.training)
+    model = load_model(recipe.model)
     float_params = {name: p for name, p in model.named_parameters() if p.is_floating_point() and "lora_" not in name}
     assert float_params and {p.dtype for p in float_params.values()} == {torch.bfloat16}
     assert not any(p.requires_grad for p in float_params.values())
