@@ -166,6 +166,9 @@ class PreemptionCallback(TrainerCallback):
                 and dist.get_backend() != "gloo":
             self._group = dist.new_group(backend="gloo")  # collective: every rank creates it here
 
+    def on_train_end(self, args, state, control, **kwargs):
+        self._group = None  # the process groups are destroyed from Python when the run leaves them
+
     def on_step_end(self, args, state, control, **kwargs):
         # Every rank takes part, every step: one tiny CPU all-reduce, so that all stop at the same step.
         if agree(self.received is not None, self._group):
@@ -174,16 +177,27 @@ class PreemptionCallback(TrainerCallback):
             control.should_training_stop = True
 
 
-def leave_process_group(wait: bool) -> None:
-    """End a multi-process run in order: with `wait`, every rank first waits for the others to finish (the main
-    one writes the summary and W&B files last), then each destroys its process groups. A rank that simply exits
-    while its peers are still tearing down can abort in gloo (SIGABRT), failing a finished run."""
+def leave_process_group(trainer=None, wait: bool = True) -> None:
+    """End this rank's part in the process group; with `wait`, only once every rank has got here. A no-op in a
+    single-process run, and once left.
+
+    Called by every rank right after its last collective work (saving), before the main process alone writes
+    the summary and finishes the W&B run, so that no rank exits while a peer still holds a live connection to it.
+    The order avoids a deadlock in torch's gloo teardown: a process group destroyed by the last reference to it
+    held in C++ (the DDP reducer) joins its worker threads while holding the GIL, and a worker that is releasing
+    a finished collective's tensors needs the GIL. So the wrapped model (and the Accelerator's references to it)
+    go first, and the process groups die last, from Python, which releases the GIL while it waits.
+    """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        if wait:
-            dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait:
+        dist.barrier()
+    if trainer is not None:
+        trainer.model_wrapped = trainer.model
+        trainer.accelerator.free_memory()  # drops its references to the DDP wrapper, then collects
+    dist.destroy_process_group()
 
 
 class NonFiniteGuard(TrainerCallback):

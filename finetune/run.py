@@ -46,10 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     3: stopped on a non-finite loss, the last good checkpoint kept.
     """
     argv = sys.argv[1:] if argv is None else argv
-    finished = False
     try:
         trainer = train(load_recipe(argv))
-        finished = True
     except RecipeError as error:
         for problem in error.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -58,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return resilience.DIVERGED_EXIT_CODE
     finally:
-        resilience.leave_process_group(wait=finished)
+        resilience.leave_process_group(wait=False)  # after an error; train() has left in step otherwise
     return resilience.PREEMPTED_EXIT_CODE if trainer.preemption.stopped_at is not None else 0
 
 
@@ -138,6 +136,8 @@ def train(recipe: Recipe):
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         trainer.preemption.uninstall()
+    if trainer.guard.problem or trainer.preemption.stopped_at is not None:
+        resilience.leave_process_group(trainer)  # all ranks stopped at the same step; the rest is main-only
     if trainer.guard.problem:
         if run is not None:
             run.finish(exit_code=resilience.DIVERGED_EXIT_CODE)
@@ -159,6 +159,9 @@ def train(recipe: Recipe):
 
     # 7. Save the adapter (or the full model) and the tokenizer, in safetensors.
     trainer.save_model(str(output_dir))
+    # The last collective work is done: every rank leaves the process group together, so the main process's
+    # W&B upload can take as long as it needs while the others exit without tearing a live connection.
+    resilience.leave_process_group(trainer)
 
     # 8. Summarise: the same numbers in summary.json, the W&B summary and on the console.
     if trainer.is_world_process_zero():

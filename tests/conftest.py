@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -77,3 +80,30 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NETRC": "/nonexistent/netrc",
                 "PYTHONUNBUFFERED": "1", **extra})
     return env
+
+
+def run_to_end(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run with text output captured, for launches that start several processes. On a timeout, every
+    process of the launch prints its Python stacks (faulthandler, on SIGABRT), all are killed (the launcher's
+    workers run in sessions of their own), and the test fails with the stacks: a hang shows where it hangs."""
+    import psutil
+
+    env = {**kwargs.pop("env", os.environ), "PYTHONFAULTHANDLER": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               **kwargs)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        launch = psutil.Process(process.pid)
+        everyone = launch.children(recursive=True) + [launch]
+        for member in everyone:  # workers first: a launcher that dies first may leave them unsignalled
+            with contextlib.suppress(psutil.Error):
+                member.send_signal(signal.SIGABRT)
+        psutil.wait_procs(everyone, timeout=20)
+        for member in everyone:
+            with contextlib.suppress(psutil.Error):
+                member.kill()
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(command[:3])} ... still running after {timeout:.0f} s; its stacks and output:\n"
+                    f"{stderr[-12000:]}\n--- stdout ---\n{stdout[-2000:]}", pytrace=False)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

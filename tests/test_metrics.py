@@ -16,7 +16,7 @@ from finetune import metrics
 from finetune.recipe import load_recipe
 from finetune.run import train
 from finetune.tiny import write_jsonl
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, run_to_end, subprocess_env
 from tests.wandb_file import load_run, offline_runs
 
 CUDA_KEYS = {"train/peak_vram_gb", "train/peak_vram_reserved_gb", "train/mfu"}
@@ -137,8 +137,7 @@ def launch(tmp_path: Path, args: list[str], processes: int = 1) -> subprocess.Co
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     if processes > 1:
         command += ["--multi_gpu", "--main_process_port", "0"]
-    return subprocess.run(command + [str(REPO / "finetune/run.py"), *args], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=600)
+    return run_to_end(command + [str(REPO / "finetune/run.py"), *args], cwd=tmp_path, env=env, timeout=300)
 
 
 def test_summary_json_equals_the_wandb_summary(llama_dir, data_files, tmp_path):

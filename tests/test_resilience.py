@@ -18,7 +18,7 @@ from finetune import resilience
 from finetune.recipe import RecipeError, load_recipe
 from finetune.run import train
 from finetune.tiny import write_jsonl
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, run_to_end, subprocess_env
 from tests.wandb_file import load_run, offline_runs
 
 ACCELERATE_CONFIGS = sorted((REPO / "launch/accelerate").glob("*.yaml"))
@@ -200,17 +200,54 @@ def test_skip_mode_drops_non_finite_batches(nan_from_step_4, llama_dir, text_dat
 
 
 def test_cpu_ddp_config_trains_qlora_on_two_processes_with_one_run(llama_dir, data_files, tmp_path):
-    result = subprocess.run(
+    result = run_to_end(
         [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
          str(REPO / "launch/accelerate/cpu_ddp.yaml"), str(REPO / "finetune/run.py"),
          str(REPO / "recipes/qlora_int4.yaml"), "--model_name_or_path", str(llama_dir), "--dataset",
          str(data_files["alpaca"]), "--max_steps", "3", "--output_dir", str(tmp_path / "out"),
          "--per_device_train_batch_size", "2", "--disable_tqdm", "true"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
-        env=subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path)),
+        cwd=tmp_path, timeout=300, env=subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path)),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["run/world_size"] == 2
     (run_dir,) = offline_runs(tmp_path)
     assert load_run(run_dir).summary["run/world_size"] == 2
+
+
+def test_leaving_the_process_group_frees_the_ddp_wrapper_first(monkeypatch):
+    """The DDP reducer must not hold the last reference to the process group: destroyed from there, a gloo group
+    joins its threads with the GIL held, and a run that has finished can hang at exit."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(4, 4)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        wrapped(torch.ones(2, 4)).sum().backward()  # a collective has run: the reducer holds the group
+        alive = weakref.ref(wrapped)
+
+        def free_memory():  # accelerate's: drop the references it keeps to what it prepared, then collect
+            accelerator._models.clear()
+            gc.collect()
+
+        accelerator = SimpleNamespace(_models=[wrapped], free_memory=free_memory)
+        trainer = SimpleNamespace(model=model, model_wrapped=wrapped, accelerator=accelerator)
+        del wrapped
+        seen = []
+        destroy = dist.destroy_process_group
+        monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: (seen.append(alive()), destroy(*a, **k)))
+
+        resilience.leave_process_group(trainer)
+
+        assert seen == [None], "the DDP wrapper was still alive when the process group was destroyed"
+        assert trainer.model_wrapped is model
+        assert not dist.is_initialized()
+        resilience.leave_process_group(trainer)  # a no-op once left
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
