@@ -52,3 +52,13 @@ def test_train_speed_mfu_uses_the_toolkit_formula_on_non_padding_tokens(llama_di
     measured = train_speed.model_flops_utilisation(model, tokens, samples, seconds, "NVIDIA H100 80GB HBM3")
     assert measured == pytest.approx(expected, rel=1e-9)
     assert train_speed.model_flops_utilisation(model, tokens, samples, seconds, "Some Unlisted GPU") is None
+
+
+def test_callback_overhead_times_the_toolkit_code_it_adds(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/callback_overhead.py"), "--steps", "5",
+                             "--rounds", "1", "--output_dir", str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, env=subprocess_env(WANDB_DISABLED="true"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    attributed = re.search(r"callback overhead \(attributed\): ([\d.]+)% of training time", result.stdout)
+    assert attributed and float(attributed.group(1)) > 0  # the added code ran, and was timed
+    assert re.search(r"round 1: baseline [\d.]+ ms/step, with callback [\d.]+ ms/step", result.stdout)
