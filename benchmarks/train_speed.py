@@ -161,10 +161,8 @@ def model_flops_utilisation(model, tokens: int, samples: int, seconds: float, de
     from finetune import metrics
 
     _, total = metrics.count_parameters(model)
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
-    per_token = metrics.flops_per_token(metrics.matmul_parameters(model, total), config.num_hidden_layers,
-                                        config.hidden_size, tokens / samples, lora=True)
-    return metrics.mfu(tokens * per_token, seconds, device_name, world_size=1)
+    flops = metrics.training_flops(model, total, tokens, samples, lora=True)
+    return metrics.mfu(flops, seconds, device_name, world_size=1)
 
 
 ARMS = ("baseline", "toolkit-padded", "toolkit")  # toolkit-padded: the toolkit with padding_free off

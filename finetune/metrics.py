@@ -121,6 +121,15 @@ def matmul_parameters(model, total_params: int) -> int:
     return total_params - embedding.numel() + (embedding.numel() if tied else 0)
 
 
+
+def training_flops(model, total_params: int, input_tokens: float, samples: float, lora: bool) -> float:
+    """Training FLOPs over `input_tokens` tokens in `samples` examples, whose mean length is the attention context."""
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    context = input_tokens / samples if samples else 0.0
+    return input_tokens * flops_per_token(matmul_parameters(model, total_params), text_config.num_hidden_layers,
+                                          text_config.hidden_size, context, lora)
+
 def weight_bits(quantization: str, dtype) -> int:
     """Bits per base weight: 4 or 8 when quantized, else the dtype's width."""
     if quantization == "int4":
@@ -282,12 +291,7 @@ class MetricsCallback(TrainerCallback, ExportableState):
 
         model, state, args = trainer.model, trainer.state, trainer.args
         trainable, total = count_parameters(model)
-        config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        context = self.totals.input_tokens / self.totals.samples if self.totals.samples else 0.0
-        total_flops = self.totals.input_tokens * flops_per_token(
-            matmul_parameters(model, total), text_config.num_hidden_layers, text_config.hidden_size, context,
-            model_args.use_lora)
+        total_flops = training_flops(model, total, self.totals.input_tokens, self.totals.samples, model_args.use_lora)
         base_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad),
                           next(model.parameters()).dtype)
 
