@@ -94,11 +94,12 @@ def run_arm(arm: str, size: str, variant: str, steps: int, workdir: Path) -> dic
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         dataset = load_dataset("json", data_files=str(data))["train"].shuffle(seed=0)
-        dataset = dataset.map(lambda row: {**tokenizer(row["text"] + tokenizer.eos_token,
-                                                       truncation=True, max_length=shape["lengths"][1]),
-                                           "labels": tokenizer(row["text"] + tokenizer.eos_token, truncation=True,
-                                                               max_length=shape["lengths"][1])["input_ids"]},
-                              remove_columns=["text"])
+
+        def tokenize(row):  # causal LM: the labels are the input ids
+            encoded = tokenizer(row["text"] + tokenizer.eos_token, truncation=True, max_length=shape["lengths"][1])
+            return {**encoded, "labels": list(encoded["input_ids"])}
+
+        dataset = dataset.map(tokenize, remove_columns=["text"])
         torch.manual_seed(0)
         if variant == "qlora":  # as the QLoRA guides write it
             from peft import prepare_model_for_kbit_training
