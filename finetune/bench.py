@@ -165,7 +165,7 @@ def log_to_wandb(output_dir: Path, result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import logging
+    from finetune import logs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", type=Path, help="a finished training run's output_dir")
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2, help="untimed generations first")
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    logs.setup()
     try:
         result = run_benchmark(args.output_dir, args.samples, args.max_new_tokens, args.warmup)
         write_summary(result, args.output_dir / "bench.json")

@@ -133,6 +133,10 @@ def load_model(model_args: ModelArguments, for_training: bool = True, padding_fr
     except OSError as exc:
         raise RecipeError([f"model_name_or_path: can't load a model from {model_args.model_name_or_path!r} "
                            f"({str(exc).splitlines()[0]})"]) from None
+    if model_args.quantization == "int4":
+        # Inference in bf16 may take bitsandbytes' packed CPU kernel: its result is bf16, as the compute is.
+        bf16_inference = not for_training and str(resolve_dtype(model_args.dtype)) == "torch.bfloat16"
+        keep_4bit_cpu_path_exact(model, allow_packed=bf16_inference)
     if not for_training:
         return model.eval()
     # The KV cache is for generation; training only pays for it, and with it on transformers does not keep the
@@ -158,6 +162,32 @@ def load_model(model_args: ModelArguments, for_training: bool = True, padding_fr
         except ValueError as exc:
             raise RecipeError([f"lora_target_modules: {str(exc).splitlines()[0]}"]) from None
     return model
+
+
+# bitsandbytes 0.50's switch, per Linear4bit, for its packed CPU path (set from has_avx512bf16() at init).
+PACKED_CPU_SWITCH = "support_avx512bf16_for_cpu"
+
+
+def keep_4bit_cpu_path_exact(model, allow_packed: bool = False) -> int:
+    """Keep every 4-bit layer on bitsandbytes' ordinary dequantize-and-matmul path on CPUs with AVX512-BF16.
+
+    On such a CPU, the first eval-mode `no_grad` forward of a `Linear4bit` repacks its weight for a fused kernel
+    (`gemv_4bit`) and every later forward, training included, goes through it: bf16 activations and result
+    whatever the compute dtype, and no backward, so the gradient through the frozen base is silently dropped after
+    the first evaluation, and a save re-quantizes from bf16-rounded constants. Turning the switch off before any
+    forward keeps training, evaluation and saving what they are on every other CPU. `allow_packed` keeps the fast
+    kernel for bf16 inference, where nothing trains afterwards. Returns the number of 4-bit layers seen.
+    """
+    import bitsandbytes as bnb
+
+    layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    for layer in layers:
+        if not hasattr(layer, PACKED_CPU_SWITCH):  # a bitsandbytes without it; tests/test_kbit.py fails on this
+            logger.warning("bitsandbytes %s: Linear4bit has no %s; on CPUs with AVX512-BF16 an evaluation may "
+                           "change training", bnb.__version__, PACKED_CPU_SWITCH)
+            break
+        setattr(layer, PACKED_CPU_SWITCH, getattr(layer, PACKED_CPU_SWITCH) and allow_packed)
+    return len(layers)
 
 
 def prepare_kbit_for_training(model) -> None:

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch finetune/run
 
 from transformers import DataCollatorForSeq2Seq, DefaultFlowCallback, set_seed  # noqa: E402
 
-from finetune import resilience, tiny, tracking  # noqa: E402
+from finetune import logs, resilience, tiny, tracking  # noqa: E402
 from finetune.data import IGNORE_INDEX, load_splits  # noqa: E402
 from finetune.metrics import MetricsCallback, format_report, write_summary  # noqa: E402
 from finetune.model import describe, load_model, load_tokenizer  # noqa: E402
@@ -29,14 +29,6 @@ from finetune.recipe import Recipe, RecipeError, is_embedded_asset, load_recipe,
 from finetune.trainer import CountingCollator, FinetuneTrainer  # noqa: E402
 
 logger = logging.getLogger("finetune")
-
-
-def setup_logging(is_main_process: bool) -> None:
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if is_main_process else logging.WARNING)
-    import transformers
-
-    transformers.logging.set_verbosity_warning() if is_main_process else transformers.logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +59,7 @@ def train(recipe: Recipe):
     being finite. A preempted run returns early with `trainer.preemption.stopped_at` set.
     """
     training_args = recipe.training
-    setup_logging(training_args.process_index == 0)
+    logs.setup(training_args.process_index == 0)
     output_dir = Path(training_args.output_dir)
 
     # 1. Where to start (a checkpoint to resume, or fresh) and tracking, resolved before anything heavy loads.

@@ -16,12 +16,28 @@ from finetune.tiny import build_tokenizer, make_task_examples, save_tiny_model, 
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_report_header(config):
+    """Which CPU kind the suite runs on: bitsandbytes' CPU paths differ with AVX512-BF16 (see tests/test_kbit.py)."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return f"cpu: avx512_bf16 {'yes' if 'avx512_bf16' in flags else 'no'}"
+
+
 @pytest.fixture(autouse=True)
 def offline_env(monkeypatch):
     """No hub, and no W&B unless a test turns it on: these tests are about the runner, not tracking."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("WANDB_DISABLED", "true")
+
+
+@pytest.fixture(params=[True, False], ids=["cpu-reports-avx512bf16", "cpu-reports-no-avx512bf16"])
+def cpu_reports_avx512bf16(request, monkeypatch) -> bool:
+    """Whether bitsandbytes' Linear4bit believes the CPU has AVX512-BF16 (read at construction), forced either way,
+    so that both of its CPU paths run on every machine (tests/test_kbit.py)."""
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: request.param)
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,46 @@
+"""Console logging: the toolkit's own lines, and third-party lines that look like failures but are not.
+
+Each filtered message is named below with the reason it is safe to drop. Everything else passes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+# (logger name, start of the message, why dropping it is safe)
+EXPECTED_NOISE = [
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community",
+     "printed at import on CPUs with AVX512-BF16 when the optional `kernels` package is missing; the kernel it "
+     "names serves only bitsandbytes' packed 4-bit inference path, which training never takes "
+     "(model.keep_4bit_cpu_path_exact) and which falls back to bitsandbytes' own CPU kernel"),
+    ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast from",
+     "printed on every int8 forward in eval mode: LLM.int8 quantizes activations from float16 by design, so the "
+     "cast is the algorithm, not a loss of the recipe's precision (training on CPU dequantizes instead)"),
+]
+
+
+class _DropExpected(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_third_party() -> None:
+    """Drop the EXPECTED_NOISE lines at their source loggers (idempotent; works before those libraries load)."""
+    for name, prefix, _ in EXPECTED_NOISE:
+        source = logging.getLogger(name)
+        if not any(isinstance(f, _DropExpected) and f.prefix == prefix for f in source.filters):
+            source.addFilter(_DropExpected(prefix))
+
+
+def setup(is_main_process: bool = True) -> None:
+    """The toolkit's log format; INFO on the main process, warnings only elsewhere."""
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if is_main_process else logging.WARNING)
+    quiet_third_party()
+    import transformers
+
+    transformers.logging.set_verbosity_warning() if is_main_process else transformers.logging.set_verbosity_error()
