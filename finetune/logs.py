@@ -19,6 +19,13 @@ EXPECTED_NOISE = [
 ]
 
 
+# (warning category, start of the message, why ignoring it is safe)
+EXPECTED_WARNINGS = [
+    (FutureWarning, "`is_gradient_checkpointing` is deprecated",
+     "peft reads transformers' deprecated alias when it wraps a model; the alias still answers correctly"),
+]
+
+
 class _DropExpected(logging.Filter):
     def __init__(self, prefix: str):
         super().__init__()
@@ -29,7 +36,13 @@ class _DropExpected(logging.Filter):
 
 
 def quiet_third_party() -> None:
-    """Drop the EXPECTED_NOISE lines at their source loggers (idempotent; works before those libraries load)."""
+    """Drop the EXPECTED_NOISE log lines at their source loggers and the EXPECTED_WARNINGS (idempotent; works
+    before those libraries load)."""
+    import re
+    import warnings
+
+    for category, prefix, _ in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(prefix), category=category)
     for name, prefix, _ in EXPECTED_NOISE:
         source = logging.getLogger(name)
         if not any(isinstance(f, _DropExpected) and f.prefix == prefix for f in source.filters):

@@ -124,3 +124,17 @@ def test_expected_bitsandbytes_noise_is_filtered_and_nothing_else(caplog):
     logging.getLogger("bitsandbytes.backends.cpu.ops").warning("something else went wrong")
     assert [record.getMessage() for record in caplog.records] == ["something else went wrong"]
 
+
+
+def test_expected_warnings_are_filtered_and_nothing_else():
+    import warnings
+
+    from finetune import logs
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logs.quiet_third_party()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning,
+                      stacklevel=1)
+        warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else is deprecated"]
