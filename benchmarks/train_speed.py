@@ -140,7 +140,8 @@ def run_arm(arm: str, size: str, variant: str, steps: int, workdir: Path) -> dic
                              [item for key, value in keys.items() for item in (f"--{key}", str(value))])
         trainer = train(recipe)
         summary = json.loads((workdir / "toolkit-out" / "summary.json").read_text())
-        tokens, loss = summary["train/total_input_tokens"], summary["train/loss"]
+        tokens = summary["train/input_tokens"]
+        loss = [e["loss"] for e in trainer.state.log_history if "loss" in e][-1]
     # Both arms: the Trainer's own wall time for train(), setup and all, so that nothing is left out of either.
     seconds = next(e["train_runtime"] for e in trainer.state.log_history if "train_runtime" in e)
     result = {"arm": arm, "variant": variant, "seconds_per_step": seconds / steps,

@@ -130,13 +130,14 @@ def run_benchmark(output_dir: Path, samples: int, max_new_tokens: int, warmup: i
         "inference/latency_ms_mean": statistics.fmean(latencies) * 1e3,
         "inference/tokens_per_second": generated_tokens / sum(latencies),
         "inference/peak_ram_gb": host_peak_rss_gb(),
-        "inference/model_size_gb": size_on_disk_gb(files),
+        "inference/weights_on_disk_gb": size_on_disk_gb(files),
         "inference/memory_footprint_gb": model.get_memory_footprint() / GB,
     }
     if cuda:
         result["inference/peak_vram_gb"] = torch.cuda.max_memory_allocated() / GB
     if judged:
         result["inference/exact_match"] = matches / judged
+        result["inference/exact_match_samples"] = judged
     return result
 
 

@@ -23,14 +23,16 @@ import yaml
 COLUMNS = [  # (key in a row, header, format)
     ("run", "run", "{}"),
     ("variant", "variant", "{}"),
-    ("quantization", "quantization", "{}"),
     ("trainable_params", "trainable params", "{:,}"),
-    ("peak_memory_gb", "peak memory (GB)", "{:.3f}"),  # GPU where the run had one, else host RAM
-    ("train_tokens_per_second", "train tokens/s", "{:,.0f}"),
+    ("peak_vram_gb", "peak training VRAM (GB)", "{:.3f}"),
+    ("peak_ram_gb", "peak training host RAM (GB)", "{:.3f}"),
+    ("train_input_tokens_per_second", "train input tokens/s", "{:,.0f}"),
     ("eval_perplexity", "eval perplexity", "{:.3f}"),
     ("latency_ms_p50", "latency p50 (ms)", "{:.1f}"),
-    ("model_size_gb", "size on disk (GB)", "{:.4f}"),
+    ("base_weights_gb", "base weights in memory (GB)", "{:.4f}"),
+    ("saved_weights_mb", "saved weights (MB)", "{:.2f}"),
     ("exact_match", "exact match", "{:.3f}"),
+    ("exact_match_samples", "of samples", "{}"),
 ]
 
 
@@ -62,19 +64,22 @@ def read_run(directory: Path) -> dict[str, Any]:
 
     variant = variant_name(recipe.get("quantization", "none"), recipe.get("dtype", "auto"),
                            recipe.get("use_lora", True)) if recipe else ""
+    return {"run": directory.name, "variant": variant, **row_values(summary, bench)}
+
+
+def row_values(summary: dict[str, Any], bench: dict[str, Any]) -> dict[str, Any]:
+    """The table's numbers from a training summary and an inference benchmark (either may be empty)."""
     return {
-        "run": directory.name,
-        "variant": variant,
-        "quantization": recipe.get("quantization", ""),
         "trainable_params": summary.get("model/trainable_params"),
-        # GPU memory when the run had one, host memory otherwise.
-        "peak_memory_gb": summary.get("train/peak_vram_gb", summary.get("train/peak_ram_gb")),
-        "peak_memory_is_gpu": "train/peak_vram_gb" in summary,
-        "train_tokens_per_second": summary.get("train/tokens_per_second"),
+        "peak_vram_gb": summary.get("train/peak_vram_gb"),
+        "peak_ram_gb": summary.get("train/peak_ram_gb"),
+        "train_input_tokens_per_second": summary.get("train/input_tokens_per_second"),
         "eval_perplexity": summary.get("eval/perplexity"),
         "latency_ms_p50": bench.get("inference/latency_ms_p50"),
-        "model_size_gb": bench.get("inference/model_size_gb"),
+        "base_weights_gb": summary.get("model/base_weights_gb"),
+        "saved_weights_mb": summary.get("model/saved_weights_mb"),
         "exact_match": bench.get("inference/exact_match"),
+        "exact_match_samples": bench.get("inference/exact_match_samples"),
     }
 
 
@@ -84,17 +89,9 @@ def read_wandb_project(path: str) -> list[dict[str, Any]]:
 
     rows = []
     for run in wandb.Api().runs(path, filters={"jobType": "training"}):
-        summary, config = run.summary, run.config
-        rows.append({
-            "run": run.name, "variant": config.get("model_variant", ""), "quantization": config.get("quantization"),
-            "trainable_params": summary.get("model/trainable_params"),
-            "peak_memory_gb": summary.get("train/peak_vram_gb", summary.get("train/peak_ram_gb")),
-            "train_tokens_per_second": summary.get("train/tokens_per_second"),
-            "eval_perplexity": summary.get("eval/perplexity"),
-            "latency_ms_p50": summary.get("inference/latency_ms_p50"),
-            "model_size_gb": summary.get("inference/model_size_gb"),
-            "exact_match": summary.get("inference/exact_match"),
-        })
+        summary = dict(run.summary)
+        rows.append({"run": run.name, "variant": run.config.get("model_variant", ""),
+                     **row_values(summary, summary)})
     return rows
 
 
@@ -119,7 +116,9 @@ def quality_axis(rows: list[dict[str, Any]]) -> tuple[str, str, bool]:
     else eval perplexity."""
     matches = [r.get("exact_match") for r in rows]
     if None not in matches and len(set(matches)) > 1:
-        return "exact_match", "exact match (higher is better)", True
+        counts = sorted({r.get("exact_match_samples") for r in rows} - {None})
+        of = f" on {'/'.join(str(c) for c in counts)} samples" if counts else ""
+        return "exact_match", f"exact match{of} (higher is better)", True
     return "eval_perplexity", "eval perplexity (lower is better)", False
 
 
@@ -131,9 +130,10 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     quality, quality_label, higher = quality_axis(rows)
-    on_gpu = any(r.get("peak_memory_is_gpu") for r in rows)
-    memory = "peak training GPU memory (GB)" if on_gpu else "peak training host memory (GB)"
-    panels = [("peak_memory_gb", memory), ("latency_ms_p50", "inference latency p50 (ms)")]
+    on_gpu = all(r.get("peak_vram_gb") is not None for r in rows)
+    memory = ("peak_vram_gb", "peak training GPU memory (GB)") if on_gpu else \
+        ("peak_ram_gb", "peak training host memory (GB)")
+    panels = [memory, ("latency_ms_p50", "inference latency p50 (ms)")]
     figure, axes = plt.subplots(1, 2, figsize=(12, 5))
     for axis, (cost, cost_label) in zip(axes, panels, strict=True):
         usable = [r for r in rows if r.get(cost) is not None and r.get(quality) is not None]
@@ -145,7 +145,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
             axis.scatter(row[cost], row[quality], s=90 if on_front else 50, zorder=3,
                          color="tab:red" if on_front else "tab:gray", edgecolor="black" if on_front else "none")
             # Neighbours along the cost axis get labels above and below in turn, so that they don't overlap.
-            axis.annotate(row["variant"] or row["run"], (row[cost], row[quality]), textcoords="offset points",
+            axis.annotate(row["run"], (row[cost], row[quality]), textcoords="offset points",
                           xytext=(6, 8 if rank % 2 == 0 else -16), fontsize=9,
                           fontweight="bold" if on_front else "normal")
         frontier = sorted((usable[i][cost], usable[i][quality]) for i in front)

@@ -146,8 +146,10 @@ def train(recipe: Recipe):
             run.finish(exit_code=resilience.PREEMPTED_EXIT_CODE)
         return trainer
 
-    # 6. Evaluate.
-    eval_metrics = trainer.evaluate() if eval_dataset is not None else {}
+    # 6. Evaluate, unless the Trainer's schedule just did at the last step.
+    eval_metrics = {}
+    if eval_dataset is not None and not trainer.metrics.evaluated_at(trainer.state.global_step):
+        eval_metrics = trainer.evaluate()
 
     # 7. Save the adapter (or the full model) and the tokenizer, in safetensors.
     trainer.save_model(str(output_dir))
@@ -157,7 +159,8 @@ def train(recipe: Recipe):
 
     # 8. Summarise: the same numbers in summary.json, the W&B summary and on the console.
     if trainer.is_world_process_zero():
-        weights = output_dir / ("adapter_model.safetensors" if recipe.model.use_lora else "model.safetensors")
+        weights = sorted(output_dir.glob("adapter_model*.safetensors" if recipe.model.use_lora else
+                                         "model*.safetensors"))
         summary = trainer.metrics.summary(trainer, recipe.model, weights)
         if trainer.guard.skipped_batches:
             summary["train/skipped_batches"] = trainer.guard.skipped_batches
@@ -171,7 +174,7 @@ def train(recipe: Recipe):
     return trainer
 
 
-def report(trainer, output_dir: Path, weights: Path, summary: dict) -> None:
+def report(trainer, output_dir: Path, weights: list[Path], summary: dict) -> None:
     """Tell the user what the run did, its headline numbers, and where everything went."""
     world = trainer.args.world_size
     evals = [(entry["step"], entry["eval_loss"]) for entry in trainer.state.log_history if "eval_loss" in entry]
@@ -183,8 +186,8 @@ def report(trainer, output_dir: Path, weights: Path, summary: dict) -> None:
     for line in lines:
         logger.info(line)
     print(format_report(summary), file=sys.stderr)
-    where = [(weights.stem.split("_")[0], weights), ("recipe", output_dir / "recipe.yaml"),
-             ("summary", output_dir / "summary.json")]
+    where = [("adapter" if "adapter" in weights[0].name else "model", weights[0]),
+             ("recipe", output_dir / "recipe.yaml"), ("summary", output_dir / "summary.json")]
     checkpoints = sorted(output_dir.glob("checkpoint-*"))
     if checkpoints:
         where.append(("checkpoints", ", ".join(str(c) for c in checkpoints)))

@@ -55,7 +55,10 @@ class FinetuneTrainer(Trainer):
         counts = inputs.pop(COUNTS_KEY, None)
         if counts is not None and self.metrics is not None:
             self.metrics.add(counts)
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.metrics is not None:
+            self.metrics.add_loss(loss)  # on the device: no sync
+        return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs.pop(COUNTS_KEY, None)

@@ -72,11 +72,12 @@ def test_bench_writes_its_keys_and_an_inference_run(trained_runs, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     numbers = json.loads((run_dir / "bench.json").read_text())
     for key in ("inference/latency_ms_p50", "inference/latency_ms_p95", "inference/latency_ms_mean",
-                "inference/tokens_per_second", "inference/peak_ram_gb", "inference/model_size_gb",
+                "inference/tokens_per_second", "inference/peak_ram_gb", "inference/weights_on_disk_gb",
                 "inference/memory_footprint_gb"):
         assert numbers[key] > 0, key
     assert numbers["inference/latency_ms_p50"] <= numbers["inference/latency_ms_p95"]
     assert 0 <= numbers["inference/exact_match"] <= 1 and numbers["inference/samples"] == 4
+    assert numbers["inference/exact_match_samples"] == 4
     assert "inference/peak_vram_gb" not in numbers  # CPU
     (offline,) = offline_runs(tmp_path)
     run = load_run(offline)
@@ -89,15 +90,22 @@ def test_compare_writes_table_csv_and_a_png(trained_runs, tmp_path):
     for run_dir in trained_runs.values():
         (run_dir / "bench.json").write_text(json.dumps({"inference/latency_ms_p50": 10.0,
                                                         "inference/exact_match": 0.5,
-                                                        "inference/model_size_gb": 0.001}))
+                                                        "inference/exact_match_samples": 32}))
     out = tmp_path / "comparison"
     assert compare.main([str(trained_runs["qlora"]), str(trained_runs["lora"]), "--out", str(out)]) == 0
     table = (out / "comparison.md").read_text()
     assert "qlora-int4" in table and "lora-fp32" in table and table.count("\n") == 4
+    assert "peak training host RAM (GB)" in table and "| 32 |" in table
     with (out / "comparison.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["quantization"] for r in rows] == ["int4", "none"]
-    assert all(float(r["peak_memory_gb"]) > 0 and float(r["train_tokens_per_second"]) > 0 for r in rows)
+    assert [r["run"] for r in rows] == ["qlora", "lora"]  # run names: variants may repeat
+    assert all(float(r["peak_ram_gb"]) > 0 and float(r["train_input_tokens_per_second"]) > 0 for r in rows)
+    assert all(r["peak_vram_gb"] == "" for r in rows)  # CPU: no GPU figure, not a zero
+    # What 4-bit saves shows: the same base, held in memory, is smaller than in fp32.
+    summaries = {name: json.loads((d / "summary.json").read_text()) for name, d in trained_runs.items()}
+    assert [float(r["base_weights_gb"]) for r in rows] == pytest.approx(
+        [summaries["qlora"]["model/base_weights_gb"], summaries["lora"]["model/base_weights_gb"]])
+    assert float(rows[0]["base_weights_gb"]) < float(rows[1]["base_weights_gb"])
     import matplotlib.image
 
     image = matplotlib.image.imread(out / "pareto.png")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,11 @@ from tests.conftest import REPO, run_to_end, subprocess_env
 from tests.wandb_file import load_run, offline_runs
 
 CUDA_KEYS = {"train/peak_vram_gb", "train/peak_vram_reserved_gb", "train/mfu"}
+
+
+def _shapes(model_dir: Path) -> dict[str, int]:
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as handle:
+        return {key: math.prod(handle.get_slice(key).get_shape()) for key in handle.keys()}
 
 
 def elements(path: Path) -> int:
@@ -67,8 +74,8 @@ def test_weight_bits():
 
 
 def test_report_table_lists_present_keys_only():
-    table = metrics.format_report({"train/tokens_per_second": 1234.5, "run/world_size": 2})
-    assert "tokens/s (all ranks)" in table and "1,234" in table and "processes" in table
+    table = metrics.format_report({"train/input_tokens_per_second": 1234.5, "run/world_size": 2})
+    assert "input tokens/s, all ranks" in table and "1,234" in table and "processes" in table
     assert "VRAM" not in table
 
 
@@ -90,9 +97,14 @@ def test_parameter_counts_match_the_files_on_disk(recipe, llama_dir, data_files,
     assert summary["model/total_params"] == base + adapter  # 4-bit layers at their true size, not halved
     assert summary["model/trainable_percent"] == pytest.approx(100 * adapter / (base + adapter))
     assert summary["model/weight_bits"] == {"qlora_int4.yaml": 4, "lora_int8.yaml": 8, "lora_bf16.yaml": 16}[recipe]
-    size = (tmp_path / "out" / "adapter_model.safetensors").stat().st_size / 2**20
-    assert summary["model/adapter_size_mb"] == pytest.approx(size)
+    size = (tmp_path / "out" / "adapter_model.safetensors").stat().st_size / 1e6
+    assert summary["model/saved_weights_mb"] == pytest.approx(size)
     assert summary["model/memory_footprint_gb"] > 0
+    # The base as held in memory: 4-bit and 8-bit layers at their packed size, the rest (embeddings, norms) 16-bit.
+    linear = sum(v for k, v in _shapes(llama_dir).items() if "proj" in k)
+    rest = base - linear
+    bits = {"qlora_int4.yaml": 4, "lora_int8.yaml": 8, "lora_bf16.yaml": 16}[recipe]
+    assert summary["model/base_weights_gb"] == pytest.approx((linear * bits / 8 + rest * 2) / 1e9)
 
 
 def test_full_fine_tuning_counts_every_parameter(llama_dir, data_files, tmp_path):
@@ -101,6 +113,10 @@ def test_full_fine_tuning_counts_every_parameter(llama_dir, data_files, tmp_path
     assert summary["model/trainable_params"] == summary["model/total_params"] == \
         elements(llama_dir / "model.safetensors")
     assert summary["model/weight_bits"] == 32
+    # What was saved is the whole model, and that is what the size says.
+    assert summary["model/saved_weights_mb"] == pytest.approx((tmp_path / "out" / "model.safetensors").stat().st_size
+                                                              / 1e6)
+    assert summary["model/base_weights_gb"] == pytest.approx(summary["model/total_params"] * 4 / 1e9)
 
 
 def test_total_tokens_match_the_data_under_gradient_accumulation(llama_dir, tmp_path):
@@ -112,19 +128,22 @@ def test_total_tokens_match_the_data_under_gradient_accumulation(llama_dir, tmp_
         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--eval_size", "0",
         "--eval_strategy", "no", "--logging_steps", "2", "--dtype", "float32")
     # One token per character: the model sees BOS + text + EOS and is trained on text + EOS.
-    assert summary["train/total_tokens"] == sum(len(text) + 1 for text in texts)
-    assert summary["train/total_input_tokens"] == sum(len(text) + 2 for text in texts)
-    assert summary["train/total_samples"] == 40
+    assert summary["train/target_tokens"] == sum(len(text) + 1 for text in texts)
+    assert summary["train/input_tokens"] == sum(len(text) + 2 for text in texts)
+    assert summary["train/samples"] == 40
     assert summary["final/total_steps"] == trainer.state.global_step == 5
-    assert summary["train/tokens_per_second"] == pytest.approx(
-        summary["train/total_input_tokens"] / summary["train/train_seconds"])
+    assert summary["train/input_tokens_per_second"] == pytest.approx(
+        summary["train/input_tokens"] / summary["train/train_seconds"])
     assert summary["train/train_seconds"] <= trainer.state.log_history[-1]["train_runtime"]
-    assert summary["train/perplexity"] == pytest.approx(math.exp(summary["train/loss"]))
+    # The mean over every step equals the Trainer's own train_loss (one train() call, no resume).
+    assert summary["train/mean_loss"] == pytest.approx(trainer.state.log_history[-1]["train_loss"], rel=1e-6)
     assert not CUDA_KEYS & set(summary)  # absent on CPU, not zero
-    assert summary["train/peak_ram_gb"] > 0.1 and summary["run/world_size"] == 1
+    # The process's own peak resident memory bounds it (in GB of 10^9 bytes) from above.
+    assert 0.1 < summary["train/peak_ram_gb"] <= metrics.host_peak_rss_gb()
+    assert summary["run/world_size"] == 1
     # LoRA FLOPs: 4 per matmul parameter (the tied embedding is the output head's) plus attention, per token.
     matmul = elements(llama_dir / "model.safetensors") + elements(tmp_path / "out" / "adapter_model.safetensors")
-    tokens, context = summary["train/total_input_tokens"], summary["train/total_input_tokens"] / 40
+    tokens, context = summary["train/input_tokens"], summary["train/input_tokens"] / 40
     assert summary["train/total_flops"] == pytest.approx(tokens * (4 * matmul + 12 * 2 * 64 * context))
     assert "eval/loss" not in summary
 
@@ -153,7 +172,7 @@ def test_summary_json_equals_the_wandb_summary(llama_dir, data_files, tmp_path):
     assert {key: run.summary.get(key) for key in summary} == summary
     assert summary["eval/perplexity"] == pytest.approx(math.exp(summary["eval/loss"]))
     evals = [row for row in run.history if "eval/loss" in row]
-    assert len(evals) == 3  # steps 3 and 6, and the final evaluation
+    assert [row["train/global_step"] for row in evals] == [3, 6]  # the last step's evaluation is the final one
     for row in evals:
         assert row["eval/perplexity"] == pytest.approx(math.exp(row["eval/loss"]))
     assert summary["eval/best_perplexity"] == pytest.approx(min(row["eval/perplexity"] for row in evals))
@@ -161,10 +180,14 @@ def test_summary_json_equals_the_wandb_summary(llama_dir, data_files, tmp_path):
     assert [row["train/global_step"] for row in train_rows] == [2, 4, 6]
     for row in train_rows:
         assert row["train/perplexity"] == pytest.approx(math.exp(row["train/loss"]))
-        assert row["train/tokens_per_second"] > 0 and row["train/samples_per_second"] > 0
+        assert row["train/input_tokens_per_second"] > 0 and row["train/samples_per_second"] > 0
         assert "train/peak_vram_gb" not in row
     assert not CUDA_KEYS & set(summary)
-    assert "tokens/s (all ranks)" in result.stderr  # the end-of-run table
+    # The console table shows the same numbers, each with its label.
+    table = {label: value for key, label, fmt in metrics.REPORT_ROWS if key in summary
+             for value in [fmt.format(summary[key])]}
+    for label, value in table.items():
+        assert re.search(rf"^{re.escape(label)} +{re.escape(value)}$", result.stderr, re.MULTILINE), label
 
 
 def test_two_process_totals_are_the_sum_over_both_ranks(llama_dir, tmp_path):
@@ -180,10 +203,11 @@ def test_two_process_totals_are_the_sum_over_both_ranks(llama_dir, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     # 48 rows over 2 ranks x 4 per micro-batch x 2 micro-batches: 3 steps, every row exactly once.
     assert summary["run/world_size"] == 2 and summary["final/total_steps"] == 3
-    assert summary["train/total_samples"] == 48
-    assert summary["train/total_tokens"] == sum(len(text) + 1 for text in texts)
+    assert summary["train/samples"] == 48
+    assert summary["train/target_tokens"] == sum(len(text) + 1 for text in texts)
+    assert summary["train/input_tokens"] == sum(len(text) + 2 for text in texts)
     (run_dir,) = offline_runs(tmp_path)
-    assert load_run(run_dir).summary["train/total_tokens"] == summary["train/total_tokens"]
+    assert load_run(run_dir).summary["train/target_tokens"] == summary["train/target_tokens"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -193,3 +217,118 @@ def test_vram_figures_match_torch(llama_dir, data_files, tmp_path):
     observed = torch.cuda.max_memory_allocated() / metrics.GB
     assert 0 < summary["train/peak_vram_gb"] <= observed + 1e-9
     assert summary["train/peak_vram_reserved_gb"] >= summary["train/peak_vram_gb"]
+
+
+# Training time: evaluations and checkpoints left out, wherever they fall; nothing dropped.
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_training_clock_stops_for_evaluations_and_saves_and_continues(monkeypatch):
+    """Events as the Trainer sends them; every step takes 1 s, every evaluation 10 s, every save 100 s."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    clock = FakeClock()
+    monkeypatch.setattr(metrics.time, "perf_counter", clock)
+    monkeypatch.setattr(metrics, "reduce_across_ranks", lambda values, op="sum", group=None: list(values))
+    callback = metrics.MetricsCallback()
+    args = SimpleNamespace(eval_on_start=True, save_strategy="steps")
+    state = SimpleNamespace(global_step=0)
+    control = TrainerControl()
+    callback.on_train_begin(args, state, control)
+    clock.now += 10  # eval_on_start
+    callback.on_evaluate(args, state, control)
+    for step in range(1, 8):  # eval after steps 2 and 7 (the last), a checkpoint after 3 and 7, logs after 4
+        control = TrainerControl()
+        callback.on_step_begin(args, state, control)
+        callback.add((2, 10, 5))
+        clock.now += 1
+        state.global_step = step
+        control.should_evaluate, control.should_save = step in (2, 7), step in (3, 7)
+        control.should_log, control.should_training_stop = step == 4, step == 7
+        callback.on_step_end(args, state, control)
+        if control.should_log:
+            logs = {"loss": 1.0}
+            callback.on_log(args, state, control, logs=logs)
+            assert logs["input_tokens_per_second"] == 40 / 4  # 4 steps of 10 tokens in 4 s of training
+        if control.should_evaluate:
+            clock.now += 10
+            callback.on_evaluate(args, state, control)
+        if control.should_save:
+            clock.now += 100
+            callback.on_save(args, state, control)
+    clock.now += 10  # the final evaluation, after training
+    callback.on_train_end(args, state, control)
+    assert callback.train_seconds == 7
+    assert callback.totals.input_tokens == 70 and callback.totals.samples == 14
+    assert callback.evaluated_at(7) and not callback.evaluated_at(6)
+
+
+@pytest.fixture
+def step_timer():
+    """An independent stopwatch: the sum of the Trainer's step durations, on_step_begin to on_step_end."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        seconds = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds += time.perf_counter() - self.started
+
+    return StepTimer()
+
+
+@pytest.mark.parametrize("shape", [
+    ["--max_steps", "6", "--logging_steps", "50", "--eval_strategy", "steps", "--eval_steps", "50"],  # no log step
+    ["--max_steps", "8", "--logging_steps", "3", "--eval_strategy", "steps", "--eval_steps", "2",
+     "--save_strategy", "steps", "--save_steps", "3", "--eval_on_start", "true"],  # evals and saves between logs
+    ["--max_steps", "6", "--logging_steps", "1", "--eval_strategy", "no"],
+], ids=["shorter-than-a-log-interval", "evals-and-saves-between-logs", "log-every-step"])
+def test_throughput_is_over_training_time_in_every_run_shape(shape, step_timer, monkeypatch, llama_dir, data_files,
+                                                              tmp_path):
+    from finetune.trainer import FinetuneTrainer
+
+    original = FinetuneTrainer.__init__
+
+    def with_timer(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.callback_handler.callbacks.insert(0, step_timer)
+
+    monkeypatch.setattr(FinetuneTrainer, "__init__", with_timer)
+    trainer, summary = run_recipe("lora_bf16.yaml", llama_dir, data_files["messages"], tmp_path / "out", "--dtype",
+                                  "float32", "--eval_size", "8", *shape)
+    seconds = summary["train/train_seconds"]
+    assert summary["train/input_tokens_per_second"] * seconds == pytest.approx(summary["train/input_tokens"])
+    assert summary["train/samples_per_second"] * seconds == pytest.approx(summary["train/samples"])
+    # Every training step is in it (nothing dropped) ...
+    assert seconds >= step_timer.seconds * (1 - 1e-3)
+    # ... and no evaluation is (the Trainer's runtime holds training, its evaluations and its saves).
+    history = trainer.state.log_history
+    eval_seconds = sum(e["eval_runtime"] for e in history[:-1] if "eval_runtime" in e)  # the last is after training
+    runtime = next(e["train_runtime"] for e in history if "train_runtime" in e)
+    assert seconds <= runtime - eval_seconds
+    # One evaluation at the last step, not two.
+    assert [e["step"] for e in history if "eval_loss" in e].count(trainer.state.global_step) == 1
+
+
+def test_totals_do_not_depend_on_how_a_step_is_split(llama_dir, data_files, tmp_path):
+    """16 examples per step as 16 x 1 or as 4 x 4 gradient accumulation: the same examples, the same totals."""
+    summaries = [run_recipe("lora_bf16.yaml", llama_dir, data_files["messages"], tmp_path / name, "--dtype",
+                            "float32", "--max_steps", "2", "--eval_size", "0", "--eval_strategy", "no",
+                            "--lora_dropout", "0", "--per_device_train_batch_size", batch,
+                            "--gradient_accumulation_steps", accumulation)[1]
+                 for name, batch, accumulation in (("whole", "16", "1"), ("split", "4", "4"))]
+    for key in ("train/input_tokens", "train/target_tokens", "train/samples"):
+        assert summaries[0][key] == summaries[1][key], key
+    assert summaries[0]["train/samples"] == 32
+    assert summaries[0]["train/mean_loss"] == pytest.approx(summaries[1]["train/mean_loss"], rel=1e-5)

@@ -110,9 +110,10 @@ def test_sigterm_then_rerun_matches_an_uninterrupted_run(llama_dir, text_data, t
     summaries = [json.loads((d / "summary.json").read_text()) for d in (straight, resumed)]
     assert summaries[1]["final/total_steps"] == 12
     # The metrics totals were carried through the checkpoint: the whole training, not just the resumed part.
-    for key in ("train/total_tokens", "train/total_input_tokens", "train/total_samples"):
+    for key in ("train/target_tokens", "train/input_tokens", "train/samples"):
         assert summaries[1][key] == summaries[0][key], key
-    assert summaries[1]["train/loss"] == pytest.approx(summaries[0]["train/loss"], abs=1e-5)
+    # The mean loss covers every step of both segments, not only the resumed one.
+    assert summaries[1]["train/mean_loss"] == pytest.approx(summaries[0]["train/mean_loss"], abs=1e-5)
 
 
 def test_corrupt_newest_checkpoint_is_skipped(llama_dir, text_data, tmp_path):
