@@ -8,16 +8,20 @@ Formats (`dataset_format`, or `auto` to pick from the columns):
 - `prompt_completion`: `prompt` and `completion` columns, concatenated; loss on the completion.
 
 Labels are found in character space: the rendered text is tokenized once with offsets, and a token is trained on
-when it starts inside a trainable span. EOS is appended where the template doesn't already end the answer.
+when it covers any character of a trainable span (so a token that straddles the boundary, like " Paris" after a
+prompt ending in a space, is trained: the model has to produce it). Chat templates are handled in
+`finetune.chat`. EOS is appended where the template doesn't already end the answer.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from finetune import chat
 from finetune.recipe import DATA_FILE_EXTENSIONS, DataArguments, RecipeError, is_local_path
 
 logger = logging.getLogger(__name__)
@@ -79,50 +83,43 @@ def normalise_messages(example: dict[str, Any]) -> list[dict[str, str]]:
     return messages
 
 
-def render(example: dict[str, Any], fmt: str, tokenizer) -> tuple[str, list[tuple[int, int]], bool]:
+def render(example: dict[str, Any], fmt: str, tokenizer,
+           with_spans: bool = True) -> tuple[str, list[tuple[int, int]], bool, str | None]:
     """Render one example as text plus the character spans to train on.
 
-    Returns (text, spans, append_eos). `append_eos` is False when the text already carries the end of turn.
+    Returns (text, spans, append_eos, note). `append_eos` is False when the text already carries the end of turn;
+    `note` says when a chat template needed the system message moved (see `finetune.chat`). Raises
+    chat.ConversationError for a conversation the chat template can't render as it is.
     """
     if fmt == "text":
-        return example["text"], [(0, len(example["text"]))], True
+        return example["text"], [(0, len(example["text"]))], True, None
     if fmt == "alpaca":
         prompt = alpaca_prompt(example)
-        return prompt + example["output"], [(len(prompt), len(prompt) + len(example["output"]))], True
+        return prompt + example["output"], [(len(prompt), len(prompt) + len(example["output"]))], True, None
     if fmt == "prompt_completion":
         prompt, completion = example["prompt"], example["completion"]
-        return prompt + completion, [(len(prompt), len(prompt) + len(completion))], True
-    messages = normalise_messages(example)
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True) \
-            if index else ""
-        through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
-        if not (text.startswith(through) and through.startswith(before)):
-            raise RecipeError([
-                "dataset: this chat template renders earlier turns differently once later turns follow, so "
-                "prompt tokens can't be masked reliably; set train_on_prompt: true"
-            ])
-        spans.append((len(before), len(through)))
-    return text, spans, False
+        return prompt + completion, [(len(prompt), len(prompt) + len(completion))], True, None
+    text, spans, note = chat.render(normalise_messages(example), tokenizer, with_spans=with_spans)
+    return text, spans, False, note
 
 
 def tokenize_example(example: dict[str, Any], fmt: str, tokenizer, max_length: int,
-                     train_on_prompt: bool) -> dict[str, list[int]]:
-    """Token ids, attention mask and labels (IGNORE_INDEX outside the trained spans), truncated to max_length."""
-    text, spans, append_eos = render(example, fmt, tokenizer)
+                     train_on_prompt: bool) -> dict[str, Any]:
+    """Token ids, attention mask and labels (IGNORE_INDEX outside the trained spans), truncated to max_length,
+    and `note` (see `render`, "" when there is none)."""
+    text, spans, append_eos, note = render(example, fmt, tokenizer, with_spans=not train_on_prompt)
     # Chat templates write their own BOS; the other formats rely on the tokenizer adding it.
     encoded = tokenizer(text, add_special_tokens=fmt != "messages", return_offsets_mapping=True)
     input_ids = list(encoded["input_ids"])
     if train_on_prompt:
         labels = list(input_ids)
     else:
-        # Zero-width offsets belong to special tokens the tokenizer added (BOS): never trained on.
+        # A token is trained when it covers a character of a span and does not run past its end: a token that
+        # starts in the prompt and reaches into the answer is the answer's first, one that runs past the end is
+        # the template's. Zero-width offsets belong to special tokens the tokenizer added (BOS): never trained on.
         labels = [
-            token if token_end > token_start and any(start <= token_start < end for start, end in spans)
+            token if token_end > token_start and any(token_start < end and start < token_end <= end
+                                                     for start, end in spans)
             else IGNORE_INDEX
             for token, (token_start, token_end) in zip(input_ids, encoded["offset_mapping"], strict=True)
         ]
@@ -130,7 +127,20 @@ def tokenize_example(example: dict[str, Any], fmt: str, tokenizer, max_length: i
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
     input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels, "note": note or ""}
+
+
+def marked_targets(input_ids: list[int], labels: list[int], tokenizer, start: str = "[[", end: str = "]]") -> str:
+    """The example's text with every run of loss-bearing tokens between `start` and `end`: what will be trained."""
+    trained = [label != IGNORE_INDEX for label in labels]
+    bounds = [0] + [i for i in range(1, len(trained)) if trained[i] != trained[i - 1]] + [len(trained)]
+    # Decoding whole prefixes keeps each piece's spacing (SentencePiece decoders drop a leading "▁" per call).
+    texts = [tokenizer.decode(input_ids[:b]) for b in bounds]
+    pieces = []
+    for (first, _), before, after in zip(zip(bounds, bounds[1:], strict=False), texts, texts[1:], strict=False):
+        piece = after[len(before):]
+        pieces.append(f"{start}{piece}{end}" if trained[first] else piece)
+    return "".join(pieces)
 
 
 def _load_raw(data_args: DataArguments):
@@ -154,6 +164,21 @@ def _load_raw(data_args: DataArguments):
                            "first or give a local file"]) from None
 
 
+ROW = "finetune_row"  # column holding each example's position in its split as loaded, for error messages
+
+
+def with_row_numbers(split):
+    return split.add_column(ROW, list(range(len(split))))
+
+
+def _tokenize_row(example: dict[str, Any], dataset: str, **kwargs) -> dict[str, Any]:
+    """tokenize_example, with a problem in one row reported as bad input that names the row."""
+    try:
+        return tokenize_example(example, **kwargs)
+    except chat.ConversationError as error:
+        raise RecipeError([f"dataset {dataset}, row {example[ROW] + 1}: {error}"]) from None
+
+
 def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_first: Callable) -> tuple[Any, Any]:
     """Load, format-check, shuffle, split and tokenize. Returns (train, eval_or_None) tokenized datasets."""
     with main_process_first(desc="loading the dataset"):
@@ -163,6 +188,7 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
                            f"(splits: {', '.join(raw)})"])
     train = raw[data_args.dataset_split]
     columns = train.column_names
+    train = with_row_numbers(train)
     fmt = data_args.dataset_format
     if fmt == "auto":
         fmt = detect_format(columns)
@@ -180,7 +206,7 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
         if data_args.eval_split not in raw:
             raise RecipeError([f"eval_split: {data_args.eval_split!r} is not a split of {data_args.dataset!r} "
                                f"(splits: {', '.join(raw)})"])
-        evaluation = raw[data_args.eval_split]
+        evaluation = with_row_numbers(raw[data_args.eval_split])
     else:
         held_out = data_args.eval_size if data_args.eval_size is not None else \
             round(len(train) * (data_args.eval_fraction or 0))
@@ -198,12 +224,16 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
     def tokenize(split):
         with main_process_first(desc="tokenizing"):
             tokenized = split.map(
-                tokenize_example,
+                _tokenize_row,
                 fn_kwargs={"fmt": fmt, "tokenizer": tokenizer, "max_length": data_args.max_length,
-                           "train_on_prompt": data_args.train_on_prompt},
+                           "train_on_prompt": data_args.train_on_prompt, "dataset": data_args.dataset},
                 remove_columns=split.column_names,
                 desc="tokenizing",
             )
+        notes = collections.Counter(note for note in tokenized["note"] if note)
+        for note, count in notes.items():
+            logger.warning("%d of %d examples: %s", count, len(tokenized), note)
+        tokenized = tokenized.remove_columns("note")
         before = len(tokenized)
         # An example whose prompt fills max_length has nothing left to learn from.
         tokenized = tokenized.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"][1:]))
