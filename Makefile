@@ -29,7 +29,7 @@ install: $(VENV)/.installed
 
 # Re-installs when requirements.txt changes. torch is installed first and on its own, pinned, so the resolver
 # never swaps in a CUDA build on a machine without a GPU (see launch/install.sh).
-$(VENV)/.installed: requirements.txt launch/install.sh
+$(VENV)/.installed: requirements.txt launch/install.sh pyproject.toml
 	VENV=$(VENV) bash launch/install.sh
 	touch $@
 
@@ -72,7 +72,7 @@ bench-callback: install
 	$(PYTHON) benchmarks/callback_overhead.py $(ARGS)
 
 lint: install
-	$(PYTHON) -m ruff check finetune tests
+	$(PYTHON) -m ruff check finetune tests benchmarks
 
 clean:
 	rm -rf outputs wandb assets .pytest_cache

@@ -20,21 +20,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer
 
-from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer  # noqa: E402
-
-from finetune import tiny  # noqa: E402
-from finetune import trainer as trainer_module  # noqa: E402
-from finetune.data import IGNORE_INDEX, load_splits  # noqa: E402
-from finetune.metrics import MetricsCallback  # noqa: E402
-from finetune.model import load_model, load_tokenizer  # noqa: E402
-from finetune.recipe import load_recipe  # noqa: E402
-from finetune.trainer import CountingCollator, FinetuneTrainer  # noqa: E402
+from finetune import tiny
+from finetune import trainer as trainer_module
+from finetune.data import IGNORE_INDEX, load_splits
+from finetune.metrics import MetricsCallback
+from finetune.model import hardware_defaults, load_model, load_tokenizer
+from finetune.recipe import load_recipe
+from finetune.trainer import CountingCollator, FinetuneTrainer
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml"
 
@@ -59,7 +56,8 @@ def instrument(trainer: FinetuneTrainer, stopwatch: Stopwatch) -> None:
     """Time every piece of code the toolkit adds to a training step, where it runs."""
     trainer_module.batch_counts = stopwatch.wrap(trainer_module.batch_counts)  # the collator's host-side counting
     callback = trainer.metrics
-    for hook in ("add", "on_train_begin", "on_log", "on_evaluate", "on_save", "on_train_end"):
+    for hook in ("add", "add_loss", "add_to_log", "on_train_begin", "on_step_begin", "on_step_end", "on_epoch_end",
+                 "on_evaluate", "on_save", "on_train_end"):
         setattr(callback, hook, stopwatch.wrap(getattr(callback, hook)))
     original_pop = dict.pop
 
@@ -78,16 +76,17 @@ def instrument(trainer: FinetuneTrainer, stopwatch: Stopwatch) -> None:
 def seconds_per_step(metered: bool, steps: int, output_dir: str, stopwatch: Stopwatch | None = None) -> float:
     recipe = load_recipe([str(RECIPE), "--max_steps", str(steps), "--eval_strategy", "no", "--eval_on_start",
                           "false", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "10",
-                          "--output_dir", output_dir])
+                          "--output_dir", output_dir], hardware=hardware_defaults)
     tokenizer = load_tokenizer(recipe.model)
     train_dataset, _ = load_splits(recipe.data, tokenizer, recipe.training.seed, recipe.training.main_process_first)
     model = load_model(recipe.model)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     if metered:
+        metrics = MetricsCallback()
         trainer = FinetuneTrainer(model=model, args=recipe.training, train_dataset=train_dataset,
-                                 data_collator=CountingCollator(collator), processing_class=tokenizer)
-        trainer.metrics = MetricsCallback()
-        trainer.callback_handler.callbacks.insert(0, trainer.metrics)
+                                  data_collator=CountingCollator(collator), processing_class=tokenizer,
+                                  callbacks=[metrics])
+        trainer.metrics = metrics
         if stopwatch is not None:
             instrument(trainer, stopwatch)
     else:

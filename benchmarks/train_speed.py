@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 LOSS_TOLERANCE = 0.005  # relative gap allowed between final losses: fp32 arms agree to 1e-6, bf16 QLoRA to ~5e-4
 
@@ -128,6 +127,7 @@ def run_arm(arm: str, size: str, variant: str, steps: int, workdir: Path) -> dic
         tokens = int(trainer.tokens)
         loss = [e["loss"] for e in trainer.state.log_history if "loss" in e][-1]
     else:
+        from finetune.model import hardware_defaults
         from finetune.recipe import load_recipe
         from finetune.run import train
 
@@ -136,7 +136,7 @@ def run_arm(arm: str, size: str, variant: str, steps: int, workdir: Path) -> dic
                 "eval_strategy": "no", "output_dir": workdir / "toolkit-out", "overwrite_output_dir": True,
                 "train_on_prompt": True, "padding_free": arm == "toolkit", **common}
         recipe_path = ROOT / "recipes" / ("qlora_int4.yaml" if variant == "qlora" else "lora_bf16.yaml")
-        recipe = load_recipe([str(recipe_path)] +
+        recipe = load_recipe(hardware=hardware_defaults, argv=[str(recipe_path)] +
                              [item for key, value in keys.items() for item in (f"--{key}", str(value))])
         trainer = train(recipe)
         summary = json.loads((workdir / "toolkit-out" / "summary.json").read_text())
@@ -160,11 +160,11 @@ def run_arm(arm: str, size: str, variant: str, steps: int, workdir: Path) -> dic
 def model_flops_utilisation(model, tokens: int, samples: int, seconds: float, device_name: str) -> float | None:
     """MFU of an arm by the toolkit's own formula (finetune.metrics), from its non-padding tokens: FLOPs spent on
     padding count as lost, as they are. None for a GPU missing from the peak table."""
-    from finetune import metrics
+    from finetune import flops, metrics
 
     _, total = metrics.count_parameters(model)
-    flops = metrics.training_flops(model, total, tokens, samples, lora=True)
-    return metrics.mfu(flops, seconds, device_name, world_size=1)
+    total_flops = flops.training_flops(model, total, tokens, samples, lora=True)
+    return flops.mfu(total_flops, seconds, device_name, world_size=1)
 
 
 ARMS = ("baseline", "toolkit-padded", "toolkit")  # toolkit-padded: the toolkit with padding_free off

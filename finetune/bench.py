@@ -14,7 +14,6 @@ run with job_type `inference` in the training run's group, named after it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -22,9 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finetune import errors, rundir
 from finetune.data import IGNORE_INDEX
-from finetune.metrics import GB, host_peak_rss_gb, write_summary
-from finetune.recipe import RecipeError
+from finetune.errors import UsageError
+from finetune.metrics import GB, host_peak_rss_gb
 
 
 def prompts_and_references(dataset, tokenizer, count: int) -> list[tuple[list[int], str | None]]:
@@ -61,20 +61,15 @@ def size_on_disk_gb(paths: list[Path]) -> float:
                if p.is_file()) / GB
 
 
-def weight_files(directory: Path) -> list[Path]:
-    return [p for p in directory.glob("*.safetensors")] + [p for p in directory.glob("*.bin")
-                                                          if p.name != "training_args.bin"]
-
-
 def base_weight_files(name_or_path: str) -> list[Path]:
     """The base model's weight files: a local directory's, or the hub cache's copy."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return weight_files(path)
+        return rundir.weight_files(path)
     try:
         from huggingface_hub import snapshot_download
 
-        return weight_files(Path(snapshot_download(name_or_path, local_files_only=True)))
+        return rundir.weight_files(Path(snapshot_download(name_or_path, local_files_only=True)))
     except Exception:  # not in the cache: the size can't be measured offline
         return []
 
@@ -86,12 +81,12 @@ def run_benchmark(output_dir: Path, samples: int, max_new_tokens: int, warmup: i
     import torch
 
     from finetune.data import load_splits
-    from finetune.merge import load_trained
+    from finetune.model import load_for_inference
 
-    recipe, tokenizer, model = load_trained(output_dir)
+    recipe, tokenizer, model = load_for_inference(output_dir)
     _, evaluation = load_splits(recipe.data, tokenizer, recipe.training.seed, lambda **_: nullcontext())
     if evaluation is None:
-        raise RecipeError([f"{output_dir}: the run has no eval split to take prompts from"])
+        raise UsageError(f"{output_dir}: the run has no eval split to take prompts from")
     pairs = prompts_and_references(evaluation, tokenizer, samples)
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
@@ -121,7 +116,7 @@ def run_benchmark(output_dir: Path, samples: int, max_new_tokens: int, warmup: i
             judged += 1
             matches += tokenizer.decode(new_ids, skip_special_tokens=True).strip() == reference
 
-    files = weight_files(output_dir) + (base_weight_files(recipe.model.model_name_or_path)
+    files = rundir.weight_files(output_dir) + (base_weight_files(recipe.model.model_name_or_path)
                                         if recipe.model.use_lora else [])
     result: dict[str, Any] = {
         "inference/samples": len(pairs),
@@ -144,22 +139,17 @@ def run_benchmark(output_dir: Path, samples: int, max_new_tokens: int, warmup: i
 def log_to_wandb(output_dir: Path, result: dict[str, Any]) -> None:
     """An `inference` run in the training run's group, named after it (when tracking is on)."""
     from finetune import tracking
-    from finetune.merge import trained_recipe
 
-    recipe = trained_recipe(output_dir)
+    recipe = rundir.trained_recipe(output_dir)
     # Tracking follows this environment, not the report_to the training ran with.
-    recipe = dataclasses.replace(recipe, source={k: v for k, v in recipe.source.items() if k != "report_to"})
-    plan = tracking.resolve(recipe)
+    plan = tracking.resolve(recipe, job_type="inference", report_to=["wandb"])
     if not plan.uses_wandb:
         return
     trained = tracking.read_saved_run(output_dir) or {}
     name = trained.get("name") or plan.init["name"]
-    plan.init.update({"job_type": "inference", "name": f"{name}-inference",
-                      "group": plan.init.get("group") or name})
-    for key in ("id", "resume"):
-        plan.init.pop(key, None)
+    plan.init.update({"name": f"{name}-inference", "group": plan.init.get("group") or name})
     tracking.prepare(plan)
-    run = tracking.start(plan, recipe, save_run=False)
+    run = tracking.start(plan, tracking.run_config(recipe))
     if run is not None:
         run.summary.update(result)
         run.finish()
@@ -177,15 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup()
     try:
         result = run_benchmark(args.output_dir, args.samples, args.max_new_tokens, args.warmup)
-        write_summary(result, args.output_dir / "bench.json")
+        rundir.write_json(args.output_dir / rundir.BENCH, result)
         log_to_wandb(args.output_dir, result)
-    except RecipeError as error:
-        for problem in error.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return 2
+    except UsageError as error:
+        return errors.report(error)
     print(json.dumps(result, indent=2, sort_keys=True))
-    print(f"bench: {args.output_dir / 'bench.json'}", file=sys.stderr)
-    return 0
+    print(f"bench: {args.output_dir / rundir.BENCH}", file=sys.stderr)
+    return errors.OK
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
+from finetune import errors, rundir
+from finetune.errors import UsageError
 
 COLUMNS = [  # (key in a row, header, format)
     ("run", "run", "{}"),
@@ -53,14 +53,9 @@ def read_run(directory: Path) -> dict[str, Any]:
     """One table row from a run directory's recipe, training summary and inference benchmark."""
     from finetune.tracking import variant_name
 
-    def load(name: str) -> dict:
-        path = directory / name
-        return json.loads(path.read_text()) if path.is_file() else {}
-
-    recipe = yaml.safe_load((directory / "recipe.yaml").read_text()) if (directory / "recipe.yaml").is_file() else {}
-    summary, bench = load("summary.json"), load("bench.json")
+    recipe, summary, bench = rundir.results(directory)
     if not summary and not bench:
-        raise ValueError(f"{directory}: no summary.json or bench.json; train (and bench) it first")
+        raise UsageError(f"{directory}: no {rundir.SUMMARY} or {rundir.BENCH}; train (and bench) it first")
 
     variant = variant_name(recipe.get("quantization", "none"), recipe.get("dtype", "auto"),
                            recipe.get("use_lora", True)) if recipe else ""
@@ -174,36 +169,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rows = [read_run(directory) for directory in args.runs]
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.wandb_project:
-        rows += read_wandb_project(args.wandb_project)
-    if len(rows) < 1:
-        print("error: no runs to compare; pass run directories or --wandb_project", file=sys.stderr)
-        return 2
+        if args.wandb_project:
+            rows += read_wandb_project(args.wandb_project)
+        if not rows:
+            raise UsageError("no runs to compare; pass run directories or --wandb_project")
+    except UsageError as error:
+        return errors.report(error)
     args.out.mkdir(parents=True, exist_ok=True)
     write_tables(rows, args.out)
     plot = plot_pareto(rows, args.out / "pareto.png")
     log_to_wandb(rows, plot)
     print((args.out / "comparison.md").read_text())
     print(f"table: {args.out / 'comparison.md'}, {args.out / 'comparison.csv'}\nplot: {plot}", file=sys.stderr)
-    return 0
+    return errors.OK
 
 
 def log_to_wandb(rows: list[dict[str, Any]], plot: Path) -> None:
     """A `comparison` run with the table and the plot, unless tracking is off (WANDB_DISABLED)."""
-    import os
+    from finetune import tracking
 
-    from finetune.tracking import has_credentials, is_truthy
-
-    if is_truthy(os.environ.get("WANDB_DISABLED")) or os.environ.get("WANDB_MODE") == "disabled":
+    plan = tracking.resolve_job("comparison", "comparison")
+    run = tracking.start(plan, {"runs": [r["run"] for r in rows]})
+    if run is None:
         return
     import wandb
 
-    mode = os.environ.get("WANDB_MODE") or ("online" if has_credentials(os.environ) else "offline")
-    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "finetune"), job_type="comparison", mode=mode,
-                     name=os.environ.get("WANDB_NAME", "comparison"))
     keys = [k for k, _, _ in COLUMNS]
     run.log({"comparison": wandb.Table(columns=keys, data=[[r.get(k) for k in keys] for r in rows]),
              "pareto": wandb.Image(str(plot))})

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune import chat
-from finetune.recipe import DATA_FILE_EXTENSIONS, DataArguments, RecipeError, is_local_path
+from finetune.config import DATA_FILE_EXTENSIONS, DataArguments, is_local_path
+from finetune.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +46,11 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 
 def detect_format(columns: list[str]) -> str:
-    """Pick the dataset format from column names. Raises RecipeError when nothing fits."""
+    """Pick the dataset format from column names. Raises UsageError when nothing fits."""
     for name, alternatives in FORMAT_COLUMNS.items():
         if any(all(column in columns for column in needed) for needed in alternatives):
             return name
-    raise RecipeError([
+    raise UsageError([
         f"dataset: can't tell the format from the columns {sorted(columns)}; expected `messages`, "
         "`instruction`+`output` (alpaca), `prompt`+`completion` or `text`, or set dataset_format"
     ])
@@ -58,7 +59,7 @@ def detect_format(columns: list[str]) -> str:
 def check_format(fmt: str, columns: list[str]) -> None:
     if not any(all(column in columns for column in needed) for needed in FORMAT_COLUMNS[fmt]):
         wanted = " or ".join("+".join(needed) for needed in FORMAT_COLUMNS[fmt])
-        raise RecipeError([f"dataset_format: {fmt} needs the column(s) {wanted}; the dataset has "
+        raise UsageError([f"dataset_format: {fmt} needs the column(s) {wanted}; the dataset has "
                            f"{sorted(columns)}"])
 
 
@@ -151,16 +152,16 @@ def _load_raw(data_args: DataArguments):
         path = Path(name).expanduser()
         builder = DATA_FILE_EXTENSIONS.get(path.suffix.lower())
         if builder is None:
-            raise RecipeError([f"dataset: {name!r} has an unsupported extension; use "
+            raise UsageError([f"dataset: {name!r} has an unsupported extension; use "
                                f"{', '.join(sorted(DATA_FILE_EXTENSIONS))}"])
         return load_dataset(builder, data_files={"train": str(path)})
     try:
         return load_dataset(name, data_args.dataset_config)
     except FileNotFoundError as exc:
-        raise RecipeError([f"dataset: can't load {name!r} ({str(exc).splitlines()[0]}); check the name, or "
+        raise UsageError([f"dataset: can't load {name!r} ({str(exc).splitlines()[0]}); check the name, or "
                            "download it first when running offline"]) from None
     except (ConnectionError, OSError) as exc:
-        raise RecipeError([f"dataset: can't reach the hub for {name!r} ({type(exc).__name__}); download it "
+        raise UsageError([f"dataset: can't reach the hub for {name!r} ({type(exc).__name__}); download it "
                            "first or give a local file"]) from None
 
 
@@ -176,7 +177,7 @@ def _tokenize_row(example: dict[str, Any], dataset: str, **kwargs) -> dict[str, 
     try:
         return tokenize_example(example, **kwargs)
     except chat.ConversationError as error:
-        raise RecipeError([f"dataset {dataset}, row {example[ROW] + 1}: {error}"]) from None
+        raise UsageError([f"dataset {dataset}, row {example[ROW] + 1}: {error}"]) from None
 
 
 def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_first: Callable) -> tuple[Any, Any]:
@@ -184,7 +185,7 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
     with main_process_first(desc="loading the dataset"):
         raw = _load_raw(data_args)
     if data_args.dataset_split not in raw:
-        raise RecipeError([f"dataset_split: {data_args.dataset_split!r} is not a split of {data_args.dataset!r} "
+        raise UsageError([f"dataset_split: {data_args.dataset_split!r} is not a split of {data_args.dataset!r} "
                            f"(splits: {', '.join(raw)})"])
     train = raw[data_args.dataset_split]
     columns = train.column_names
@@ -196,7 +197,7 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
     else:
         check_format(fmt, columns)
     if fmt == "messages" and not getattr(tokenizer, "chat_template", None):
-        raise RecipeError(["dataset_format: messages needs a tokenizer with a chat template, and this model's "
+        raise UsageError(["dataset_format: messages needs a tokenizer with a chat template, and this model's "
                            "tokenizer has none; use a chat/instruct model or convert the data to alpaca or "
                            "prompt_completion"])
 
@@ -204,7 +205,7 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
     evaluation = None
     if data_args.eval_split:
         if data_args.eval_split not in raw:
-            raise RecipeError([f"eval_split: {data_args.eval_split!r} is not a split of {data_args.dataset!r} "
+            raise UsageError([f"eval_split: {data_args.eval_split!r} is not a split of {data_args.dataset!r} "
                                f"(splits: {', '.join(raw)})"])
         evaluation = with_row_numbers(raw[data_args.eval_split])
     else:
@@ -213,7 +214,7 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
         if data_args.eval_fraction and held_out == 0:
             held_out = 1
         if held_out >= len(train):
-            raise RecipeError([f"eval_size/eval_fraction: holding out {held_out} of {len(train)} examples leaves "
+            raise UsageError([f"eval_size/eval_fraction: holding out {held_out} of {len(train)} examples leaves "
                                "nothing to train on; hold out fewer"])
         if held_out:
             evaluation = train.select(range(held_out))
@@ -241,7 +242,7 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
             logger.warning("dropped %d of %d examples with no answer tokens left after truncation to "
                            "max_length=%d", before - len(tokenized), before, data_args.max_length)
         if len(tokenized) == 0:
-            raise RecipeError([f"dataset: no example has answer tokens within max_length={data_args.max_length}; "
+            raise UsageError([f"dataset: no example has answer tokens within max_length={data_args.max_length}; "
                                "raise max_length"])
         return tokenized
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -31,30 +30,11 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from finetune.flops import mfu, training_flops
+from finetune.ranks import reduce_across_ranks, world_size
+
 GB = 1e9  # bytes: every *_gb figure is in decimal gigabytes
 MB = 1e6
-
-# Dense bf16/fp16 tensor-core peak, FLOP/s per device, by a substring of torch.cuda.get_device_name().
-# Matched in order: the more specific names first.
-PEAK_FLOPS = [
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("GH200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-    ("V100", 125e12),
-    ("T4", 65e12),
-]
-
 
 # Pure functions ------------------------------------------------------------------------------------------------
 
@@ -81,34 +61,6 @@ def batch_counts(features: list[dict[str, Any]], ignore_index: int = -100) -> tu
     return len(features), inputs, targets
 
 
-def flops_per_token(matmul_params: int, layers: int, hidden_size: int, context: float, lora: bool) -> float:
-    """Training FLOPs per token: (4 if LoRA else 6) x matmul params + 12 x layers x hidden x context (attention).
-
-    The forward pass costs 2 FLOPs per weight, the backward 2 for activation gradients and, only where weights
-    train, 2 for weight gradients: LoRA skips those for the frozen base (~4N), full fine-tuning doesn't (~6N).
-    Attention scores and context add 4 x hidden x context per layer forward, 3x for forward and backward.
-    """
-    return (4 if lora else 6) * matmul_params + 12 * layers * hidden_size * context
-
-
-def peak_flops(device_name: str | None) -> float | None:
-    """Dense bf16 peak FLOP/s of one GPU from the table above, or None when unknown."""
-    if not device_name:
-        return None
-    for name, flops in PEAK_FLOPS:
-        if name in device_name:
-            return flops
-    return None
-
-
-def mfu(total_flops: float, seconds: float, device_name: str | None, world_size: int) -> float | None:
-    """Model FLOPs utilisation: achieved FLOP/s over the peak of all devices, or None when the peak is unknown."""
-    peak = peak_flops(device_name)
-    if peak is None or seconds <= 0:
-        return None
-    return total_flops / seconds / (peak * world_size)
-
-
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit layers counted at their true size (two values per stored byte)."""
     if hasattr(model, "get_nb_trainable_parameters"):
@@ -116,24 +68,6 @@ def count_parameters(model) -> tuple[int, int]:
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
-
-def matmul_parameters(model, total_params: int) -> int:
-    """Parameters that cost FLOPs per token: all but the input embedding lookup (a tied output head counts)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    embedding = base.get_input_embeddings().weight
-    output = base.get_output_embeddings()
-    tied = output is not None and output.weight.data_ptr() == embedding.data_ptr()
-    return total_params - embedding.numel() + (embedding.numel() if tied else 0)
-
-
-
-def training_flops(model, total_params: int, input_tokens: float, samples: float, lora: bool) -> float:
-    """Training FLOPs over `input_tokens` tokens in `samples` examples, whose mean length is the attention context."""
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    context = input_tokens / samples if samples else 0.0
-    return input_tokens * flops_per_token(matmul_parameters(model, total_params), text_config.num_hidden_layers,
-                                          text_config.hidden_size, context, lora)
 
 def weight_bits(quantization: str, dtype) -> int:
     """Bits per base weight: 4 or 8 when quantized, else the dtype's width."""
@@ -154,31 +88,6 @@ def base_weight_bytes(model) -> int:
     """Bytes of the base model's parameters as held in memory: everything but LoRA adapters, 4-bit and 8-bit
     layers at their packed size (what quantization saves). For full fine-tuning, every parameter."""
     return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "lora_" not in name)
-
-
-def world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def reduce_across_ranks(values: list[float], op: str = "sum", group=None) -> list[float]:
-    """Sum or max each value over all processes (of `group`); the identity in a single process.
-
-    A collective: every rank must call it at the same point. On an NCCL group the values go through the GPU, a
-    device sync point, so the metrics call it at log steps and at the end of training only; a gloo group keeps
-    it on the CPU.
-    """
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(values)
-    on_gpu = dist.get_backend(group) == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu"
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
-    return tensor.tolist()
 
 
 # Trainer wiring ------------------------------------------------------------------------------------------------
@@ -331,9 +240,9 @@ class MetricsCallback(TrainerCallback, ExportableState):
     def on_save(self, args, state, control, **kwargs):
         self._resume_after("save")
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None:
-            return
+    def add_to_log(self, logs: dict[str, float]) -> None:
+        """Add this callback's numbers to a log the Trainer is about to hand to its loggers (FinetuneTrainer.log),
+        so that every logger, W&B's included, sees them."""
         if "loss" in logs:  # a training log, on every rank: the Trainer has just synced to read the loss
             self._close_interval()
             interval, now = self.unlogged, self.clock.read()
@@ -426,13 +335,6 @@ class MetricsCallback(TrainerCallback, ExportableState):
         return out
 
 
-def write_summary(summary: dict[str, Any], path: Path) -> None:
-    """summary.json, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 # The console table: (summary key, label with its unit and basis, format). README "Metrics" explains each.
 REPORT_ROWS = [
     ("train/mean_loss", "train loss, mean over the run", "{:.4f}"),
@@ -465,3 +367,28 @@ def format_report(summary: dict[str, Any]) -> str:
     value_width = max(len(value) for _, value in rows)
     rule = "-" * (width + value_width + 3)
     return "\n".join([rule] + [f"{label:<{width}}   {value:>{value_width}}" for label, value in rows] + [rule])
+
+
+def report(trainer, output_dir: Path, summary: dict[str, Any]) -> None:
+    """Tell the user what the run did, its headline numbers (the table), and where everything went."""
+    import logging
+
+    from finetune import rundir
+
+    logger = logging.getLogger("finetune")
+    world = trainer.args.world_size
+    logger.info("trained %d steps on %d process%s", trainer.state.global_step, world, "es" if world > 1 else "")
+    evals = [(entry["step"], entry["eval_loss"]) for entry in trainer.state.log_history if "eval_loss" in entry]
+    if len(evals) > 1 and evals[0][0] < evals[-1][0]:
+        (first_step, first), (last_step, last) = evals[0], evals[-1]
+        logger.info("eval loss: %.4f (step %d) -> %.4f (step %d); perplexity %.2f -> %.2f", first, first_step,
+                    last, last_step, perplexity(first), perplexity(last))
+    print(format_report(summary), file=sys.stderr)
+    weights = rundir.saved_weights(output_dir, trainer.recipe.model.use_lora)
+    where = [("adapter" if trainer.recipe.model.use_lora else "model", weights[0] if weights else output_dir),
+             ("recipe", output_dir / rundir.RECIPE), ("summary", output_dir / rundir.SUMMARY)]
+    checkpoints = [str(path) for _, path in sorted(rundir.checkpoints(output_dir))]
+    if checkpoints:
+        where.append(("checkpoints", ", ".join(checkpoints)))
+    for label, path in where:
+        logger.info("%s: %s", label, path)

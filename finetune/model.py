@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from finetune.recipe import ModelArguments, RecipeError
+from finetune import rundir
+from finetune.config import ModelArguments
+from finetune.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -20,19 +23,23 @@ def resolve_dtype(name: str):
     return torch.float32
 
 
-def hardware_defaults(model_args: ModelArguments) -> dict[str, bool]:
-    """TrainingArguments defaults that follow the hardware; a recipe that sets a key keeps its own value.
+def hardware_defaults(model_args: ModelArguments, training_values: dict[str, Any]) -> dict[str, Any]:
+    """TrainingArguments defaults that follow the machine (the recipe's own keys win): `finetune.recipe.load_recipe`
+    takes this as its `hardware` hook, so that parsing a recipe queries no hardware unless the runner asks.
 
     On a GPU, half-precision weights compute under autocast (`bf16`/`fp16` to match the dtype), except full
-    fine-tuning in fp16, whose fp16 gradients the grad scaler refuses. Without a GPU, pinned memory buys nothing.
+    fine-tuning in fp16, whose fp16 gradients the grad scaler refuses. Without a GPU, pinned memory buys nothing,
+    and several processes train with DDP over gloo. Raises UsageError for settings this machine can't run.
     """
     import os
 
     import torch
 
+    if training_values.get("use_liger_kernel") and not torch.cuda.is_available():
+        raise UsageError("use_liger_kernel: Liger's kernels run on CUDA GPUs only and this machine has none; set "
+                         "use_liger_kernel: false")
     if not torch.cuda.is_available():
-        # Several processes without GPUs: DDP over gloo on the CPU (launch/accelerate/cpu_ddp.yaml).
-        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launch/accelerate/cpu_ddp.yaml
         return {"dataloader_pin_memory": False, **({"use_cpu": True} if several else {})}
     dtype = resolve_dtype(model_args.dtype)
     if dtype == torch.bfloat16:
@@ -51,11 +58,11 @@ def load_tokenizer(model_args: ModelArguments):
             model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
         )
     except OSError as exc:
-        raise RecipeError([f"model_name_or_path: can't load a tokenizer from {model_args.model_name_or_path!r} "
-                           f"({str(exc).splitlines()[0]})"]) from None
+        raise UsageError(f"model_name_or_path: can't load a tokenizer from {model_args.model_name_or_path!r} "
+                         f"({str(exc).splitlines()[0]})") from None
     if not tokenizer.is_fast:
-        raise RecipeError([f"model_name_or_path: {model_args.model_name_or_path!r} has only a slow tokenizer; "
-                           "answer-only labels need a fast tokenizer (offsets)"])
+        raise UsageError(f"model_name_or_path: {model_args.model_name_or_path!r} has only a slow tokenizer; "
+                         "answer-only labels need a fast tokenizer (offsets)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -99,40 +106,27 @@ def device_map(model_args: ModelArguments):
     return {"": "cpu"}
 
 
-def load_model(model_args: ModelArguments, for_training: bool = True, padding_free: bool = False):
+def load_model(model_args: ModelArguments, for_training: bool = True, attention: str | None = None):
     """Load the base model, prepare it for k-bit training if quantized, and wrap it with LoRA when asked.
 
     With `for_training=False`, only the base model as the recipe describes it (quantized or not), for inference.
-    With `padding_free`, on the architectures `packing.flattens` accepts, the attention is one that keeps flattened
-    examples apart (`packing.training_attention`).
-    Raises RecipeError when the model can't be loaded from `model_name_or_path`.
+    `attention` overrides the recipe's attn_implementation (the padding-free plan, `finetune.padding_free.plan`).
+    Raises UsageError when the model can't be loaded from `model_name_or_path`.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    attention = model_args.attn_implementation
     try:
-        if for_training and padding_free:
-            from finetune.packing import flattens, training_attention
-
-            config = AutoConfig.from_pretrained(model_args.model_name_or_path,
-                                                trust_remote_code=model_args.trust_remote_code)
-            if flattens(config):
-                attention = training_attention(config, attention)
-                logger.info("padding-free batches, attention: %s", attention or "transformers' default")
-            else:
-                logger.info("padding-free batches are not verified for model type %r: training on padded batches",
-                            config.model_type)
         model = AutoModelForCausalLM.from_pretrained(
             model_args.model_name_or_path,
             dtype=resolve_dtype(model_args.dtype),
             quantization_config=quantization_config(model_args),
             device_map=device_map(model_args),
-            attn_implementation=attention,
+            attn_implementation=attention or model_args.attn_implementation,
             trust_remote_code=model_args.trust_remote_code,
         )
     except OSError as exc:
-        raise RecipeError([f"model_name_or_path: can't load a model from {model_args.model_name_or_path!r} "
-                           f"({str(exc).splitlines()[0]})"]) from None
+        raise UsageError(f"model_name_or_path: can't load a model from {model_args.model_name_or_path!r} "
+                         f"({str(exc).splitlines()[0]})") from None
     if model_args.quantization == "int4":
         # Inference in bf16 may take bitsandbytes' packed CPU kernel: its result is bf16, as the compute is.
         bf16_inference = not for_training and str(resolve_dtype(model_args.dtype)) == "torch.bfloat16"
@@ -160,7 +154,7 @@ def load_model(model_args: ModelArguments, for_training: bool = True, padding_fr
         try:
             model = get_peft_model(model, config)
         except ValueError as exc:
-            raise RecipeError([f"lora_target_modules: {str(exc).splitlines()[0]}"]) from None
+            raise UsageError([f"lora_target_modules: {str(exc).splitlines()[0]}"]) from None
     return model
 
 
@@ -210,3 +204,19 @@ def describe(model) -> str:
 
     trainable, total = count_parameters(model)
     return f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+
+
+def load_for_inference(output_dir):
+    """(recipe, tokenizer, model) of a finished run, for inference: the base loaded as trained (same quantization)
+    plus the adapter, or the full model. Raises UsageError when `output_dir` is not a finished run."""
+    import dataclasses
+
+    from peft import PeftModel
+
+    recipe = rundir.trained_recipe(output_dir)
+    tokenizer = load_tokenizer(recipe.model)
+    if not recipe.model.use_lora:
+        full = dataclasses.replace(recipe.model, model_name_or_path=str(output_dir))
+        return recipe, tokenizer, load_model(full, for_training=False)
+    base = load_model(recipe.model, for_training=False)
+    return recipe, tokenizer, PeftModel.from_pretrained(base, str(output_dir)).eval()

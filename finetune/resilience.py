@@ -5,93 +5,38 @@
   (summary.json present) is never silently overwritten; `overwrite_output_dir: true` starts over.
 - `PreemptionCallback`: SIGTERM or SIGUSR1 (what Slurm sends before a time limit or preemption) asks every rank to
   stop at the next step boundary; the ranks agree, a complete checkpoint is written, and the run exits with
-  PREEMPTED_EXIT_CODE. The same command resumes it.
+  errors.PREEMPTED. The same command resumes it.
 - `NonFiniteGuard`: a non-finite loss or gradient norm stops training (or, with `on_nonfinite_loss: skip`, drops
   that batch's gradient); a checkpoint is never written from non-finite weights, so the last good one survives.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
-import shutil
 import signal
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from finetune.recipe import Recipe, RecipeError
+from finetune import rundir
+from finetune.config import Recipe
+from finetune.errors import UsageError
+from finetune.ranks import agree
 
 logger = logging.getLogger(__name__)
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" -- the same command resumes
-DIVERGED_EXIT_CODE = 3
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
-OPTIMIZER_STATE = ("optimizer.pt", "optimizer.bin")
 
 
 class TrainingDiverged(Exception):
     """Training stopped on a non-finite loss, gradient norm or weight."""
 
 
-def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every checkpoint-N directory, newest first."""
-    if not output_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))]
-    return sorted(found, reverse=True)
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why a checkpoint can't be resumed from (missing or unreadable parts), or None when it is complete.
-
-    The Trainer writes trainer_state.json last, so a save that was cut short has none.
-    """
-    state_file = path / "trainer_state.json"
-    if not state_file.is_file():
-        return "no trainer_state.json (the save was cut short)"
-    try:
-        state = json.loads(state_file.read_text())
-    except ValueError:
-        return "trainer_state.json is not valid JSON"
-    match = CHECKPOINT.match(path.name)
-    if match and state.get("global_step") != int(match.group(1)):
-        return f"trainer_state.json says step {state.get('global_step')}, the directory says {match.group(1)}"
-    weights = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
-    sharded = any(p.is_dir() and p.name.startswith(("pytorch_model_fsdp", "global_step")) for p in path.iterdir())
-    if not weights and not sharded:
-        return "no model or adapter weights"
-    for weight in weights:
-        if weight.suffix == ".safetensors":
-            problem = _safetensors_problem(weight)
-            if problem:
-                return problem
-    if not sharded and not any((path / name).is_file() for name in OPTIMIZER_STATE):
-        return "no optimizer state"
-    return None
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as handle:
-            keys = list(handle.keys())
-            if keys:
-                handle.get_tensor(keys[-1])  # the last tensor ends the file: a truncated file fails here
-    except Exception as error:  # safetensors raises its own error types for every kind of damage
-        return f"{path.name} is unreadable ({str(error).splitlines()[0][:80]})"
-    return None
-
-
 def plan_resume(recipe: Recipe) -> Path | None:
     """The checkpoint to resume from, or None to start fresh. Checks only; deletes and loads nothing.
 
-    Raises RecipeError when output_dir holds a finished run (and overwrite_output_dir is off), when auto_resume
+    Raises UsageError when output_dir holds a finished run (and overwrite_output_dir is off), when auto_resume
     is off but checkpoints exist, or when an explicit resume_from_checkpoint is missing or incomplete.
     """
     args = recipe.training
@@ -99,41 +44,26 @@ def plan_resume(recipe: Recipe) -> Path | None:
     explicit = args.resume_from_checkpoint
     if explicit:
         path = Path(explicit)
-        problem = checkpoint_problem(path) if path.is_dir() else "no such directory"
+        problem = rundir.checkpoint_problem(path) if path.is_dir() else "no such directory"
         if problem:
-            raise RecipeError([f"resume_from_checkpoint: {explicit}: {problem}"])
+            raise UsageError(f"resume_from_checkpoint: {explicit}: {problem}")
         return path
     if recipe.run.overwrite_output_dir:
         return None
-    if (output_dir / "summary.json").is_file():
-        raise RecipeError([f"output_dir: {output_dir} already holds a finished run (summary.json); choose another "
-                           "output_dir, or pass --overwrite_output_dir true to replace it"])
-    found = checkpoints(output_dir)
+    if rundir.is_finished(output_dir):
+        raise UsageError(f"output_dir: {output_dir} already holds a finished run ({rundir.SUMMARY}); choose another "
+                         "output_dir, or pass --overwrite_output_dir true to replace it")
+    found = rundir.checkpoints(output_dir)
     if found and not recipe.run.auto_resume:
-        raise RecipeError([f"output_dir: {output_dir} has checkpoints ({found[0][1].name} newest) and auto_resume is "
-                           "off; pass --overwrite_output_dir true to start over, or drop --auto_resume false to "
-                           "continue"])
+        raise UsageError(f"output_dir: {output_dir} has checkpoints ({found[0][1].name} newest) and auto_resume is "
+                         "off; pass --overwrite_output_dir true to start over, or drop --auto_resume false to "
+                         "continue")
     for _, path in found:
-        problem = checkpoint_problem(path)
+        problem = rundir.checkpoint_problem(path)
         if problem is None:
             return path
         logger.warning("skipping %s: %s", path, problem)
     return None
-
-
-def clear_output_dir(output_dir: Path) -> None:
-    """For overwrite_output_dir: remove what a previous run left (checkpoints, summary, run id) before starting."""
-    for _, path in checkpoints(output_dir):
-        shutil.rmtree(path)
-    for name in ("summary.json", "wandb_run.json"):
-        (output_dir / name).unlink(missing_ok=True)
-
-
-def agree(flag: bool, group=None) -> bool:
-    """True when any rank says True. Given a gloo group, a CPU collective: no step waits on the GPU."""
-    from finetune.metrics import reduce_across_ranks
-
-    return reduce_across_ranks([1.0 if flag else 0.0], "max", group)[0] > 0
 
 
 class PreemptionCallback(TrainerCallback):
@@ -177,29 +107,6 @@ class PreemptionCallback(TrainerCallback):
             control.should_training_stop = True
 
 
-def leave_process_group(trainer=None, wait: bool = True) -> None:
-    """End this rank's part in the process group; with `wait`, only once every rank has got here. A no-op in a
-    single-process run, and once left.
-
-    Called by every rank right after its last collective work (saving), before the main process alone writes
-    the summary and finishes the W&B run, so that no rank exits while a peer still holds a live connection to it.
-    The order avoids a deadlock in torch's gloo teardown: a process group destroyed by the last reference to it
-    held in C++ (the DDP reducer) joins its worker threads while holding the GIL, and a worker that is releasing
-    a finished collective's tensors needs the GIL. So the wrapped model (and the Accelerator's references to it)
-    go first, and the process groups die last, from Python, which releases the GIL while it waits.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if wait:
-        dist.barrier()
-    if trainer is not None:
-        trainer.model_wrapped = trainer.model
-        trainer.accelerator.free_memory()  # drops its references to the DDP wrapper, then collects
-    dist.destroy_process_group()
-
-
 class NonFiniteGuard(TrainerCallback):
     """Stops on a non-finite logged loss or gradient norm; refuses to checkpoint non-finite weights."""
 
@@ -227,3 +134,26 @@ class NonFiniteGuard(TrainerCallback):
         import torch
 
         return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+
+
+def end_early(trainer, run, output_dir: Path):
+    """After training stopped before its end: every rank leaves the process group (they stopped at the same step),
+    then the W&B run ends with the run's exit code. Raises TrainingDiverged for a non-finite loss; returns the
+    trainer when preempted."""
+    from finetune import errors, ranks
+
+    ranks.leave_process_group(trainer)
+    if trainer.guard.problem:
+        if run is not None:
+            run.finish(exit_code=errors.DIVERGED)
+        good = next((p for _, p in rundir.checkpoints(output_dir) if not rundir.checkpoint_problem(p)), None)
+        raise TrainingDiverged(f"training stopped: {trainer.guard.problem}. Last good checkpoint: {good or 'none'}. "
+                               "Lower learning_rate, raise warmup_steps, or set on_nonfinite_loss: skip; then rerun "
+                               "to resume")
+    if trainer.is_world_process_zero():
+        logger.warning("stopped by %s at step %d, checkpoint saved in %s; run the same command again to resume",
+                       trainer.preemption.received, trainer.preemption.stopped_at, output_dir)
+    if run is not None:
+        run.mark_preempting()
+        run.finish(exit_code=errors.PREEMPTED)
+    return trainer

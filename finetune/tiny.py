@@ -148,3 +148,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def used_by(recipe) -> bool:
+    """Whether a recipe trains on the embedded model or data (which are built on first use)."""
+    from finetune.config import is_embedded_asset
+
+    return is_embedded_asset(Path(recipe.model.model_name_or_path)) or is_embedded_asset(Path(recipe.data.dataset))

@@ -20,7 +20,6 @@ The Trainer's own `WandbCallback` then finds `wandb.run` and logs into it.
 
 from __future__ import annotations
 
-import json
 import logging
 import netrc
 import os
@@ -32,7 +31,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from finetune.recipe import Recipe, RecipeError, looks_secret
+from finetune import rundir
+from finetune.config import Recipe, looks_secret
+from finetune.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +46,6 @@ RESUME_VALUES = ("allow", "must", "never", "auto")
 LOG_MODEL_VALUES = {"false": "false", "": "false", "end": "end", "true": "end", "checkpoint": "checkpoint"}
 WATCH_VALUES = ("false", "gradients", "parameters", "all")
 DEFAULT_INIT_TIMEOUT = 20.0
-RUN_FILE = "wandb_run.json"  # in output_dir: the run id, so a resumed training continues the same run
-# Files of a checkpoint that are training state, not model: never uploaded.
-TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state", "training_args.bin")
 
 
 def is_truthy(value: str | None) -> bool:
@@ -63,7 +61,6 @@ class Tracking:
     offline_reason: str | None = None  # why the run logs offline when the user didn't ask for it
     init_timeout: float = DEFAULT_INIT_TIMEOUT
     log_model: str = "false"
-    generated_name: bool = False
 
     @property
     def uses_wandb(self) -> bool:
@@ -146,13 +143,9 @@ def git_commit() -> str | None:
     return f"{commit}-dirty" if dirty else commit
 
 
-def resolve(recipe: Recipe, env: Mapping[str, str] = os.environ, resuming: bool = False,
-            now: float | None = None) -> Tracking:
-    """Resolve tracking from the environment, the recipe's defaults and any saved run in output_dir.
-
-    Raises RecipeError naming the variable and its allowed values for a bad WANDB_MODE, WANDB_RESUME,
-    WANDB_LOG_MODEL, WANDB_WATCH, WANDB_INIT_TIMEOUT or WANDB_TAGS. Writes nothing.
-    """
+def environment(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """The WANDB_* settings every job shares, checked: disabled (and why), mode, resume, log_model, init_timeout,
+    offline_reason. Raises UsageError naming the variable and its allowed values. Reads nothing else."""
     problems: list[str] = []
     disabled_value = env.get("WANDB_DISABLED", "")
     if disabled_value.strip().lower() not in TRUTHY | FALSY:
@@ -181,37 +174,49 @@ def resolve(recipe: Recipe, env: Mapping[str, str] = os.environ, resuming: bool 
                 raise ValueError
         except ValueError:
             problems.append(f"WANDB_INIT_TIMEOUT={timeout_text!r}: give a positive number of seconds")
-    tags = split_tags(env.get("WANDB_TAGS")) + list(recipe.tracking.wandb_tags) + variant_tags(recipe)
-    tags = sorted(dict.fromkeys(tags))
-    for tag in tags:
+    for tag in split_tags(env.get("WANDB_TAGS")):
         if len(tag) > 64:
             problems.append(f"WANDB_TAGS: tag {tag[:20]!r}... is {len(tag)} characters; W&B allows 64")
     if problems:
-        raise RecipeError(problems)
-
-    requested = recipe.source.get("report_to", "wandb")
-    report_to = list(requested) if isinstance(requested, list) else [str(requested)]
-    report_to = [] if report_to == ["none"] else report_to
+        raise UsageError(problems)
+    disabled = None
     if is_truthy(disabled_value) or mode == "disabled":
-        why = f"WANDB_DISABLED={disabled_value}" if is_truthy(disabled_value) else "WANDB_MODE=disabled"
-        return Tracking(report_to=[r for r in report_to if r not in ("wandb", "all")], offline_reason=why)
-    tracking = Tracking(report_to=report_to, init_timeout=init_timeout, log_model=LOG_MODEL_VALUES[log_model])
-    if not tracking.uses_wandb:
-        return tracking
-
-    if mode is None:
+        disabled = f"WANDB_DISABLED={disabled_value}" if is_truthy(disabled_value) else "WANDB_MODE=disabled"
+    offline_reason = None
+    if disabled is None and mode is None:
         if has_credentials(env):
             mode = "online"
         else:
-            mode, tracking.offline_reason = "offline", "no W&B credentials (WANDB_API_KEY or `wandb login`)"
+            mode, offline_reason = "offline", "no W&B credentials (WANDB_API_KEY or `wandb login`)"
     elif mode in ("online", "shared") and not has_credentials(env):
         logger.warning("WANDB_MODE=%s but no W&B credentials: logging offline instead of waiting at a login "
                        "prompt; run `wandb login` or set WANDB_API_KEY", raw_mode)
-        mode, tracking.offline_reason = "offline", f"WANDB_MODE={raw_mode} without credentials"
+        mode, offline_reason = "offline", f"WANDB_MODE={raw_mode} without credentials"
+    return {"disabled": disabled, "mode": mode, "resume": resume, "log_model": LOG_MODEL_VALUES[log_model],
+            "init_timeout": init_timeout, "offline_reason": offline_reason}
 
-    name = env.get("WANDB_NAME") or recipe.source.get("run_name")
-    tracking.generated_name = not name
-    name = str(name) if name else generated_name(recipe, now)
+
+def resolve(recipe: Recipe, env: Mapping[str, str] = os.environ, resuming: bool = False,
+            now: float | None = None, job_type: str = "training", report_to: list[str] | None = None) -> Tracking:
+    """Resolve tracking for a job about `recipe` from the environment, the recipe's defaults and any saved run in
+    its output_dir. `report_to` (default: the recipe's) says whether W&B is wanted at all.
+
+    Raises UsageError naming the variable and its allowed values for a bad WANDB_MODE, WANDB_RESUME,
+    WANDB_LOG_MODEL, WANDB_WATCH, WANDB_INIT_TIMEOUT or WANDB_TAGS. Writes nothing.
+    """
+    settings = environment(env)
+    wanted = list(recipe.training.report_to or []) if report_to is None else list(report_to)
+    if settings["disabled"]:
+        return Tracking(report_to=[r for r in wanted if r not in ("wandb", "all")],
+                        offline_reason=settings["disabled"])
+    tracking = Tracking(report_to=wanted, init_timeout=settings["init_timeout"], log_model=settings["log_model"],
+                        offline_reason=settings["offline_reason"])
+    if not tracking.uses_wandb:
+        return tracking
+    tags = sorted(dict.fromkeys(split_tags(env.get("WANDB_TAGS")) + list(recipe.tracking.wandb_tags) +
+                                variant_tags(recipe)))
+    mode, resume = settings["mode"], settings["resume"]
+    name = env.get("WANDB_NAME") or recipe.source.get("run_name") or generated_name(recipe, now)
     run_id = env.get("WANDB_RUN_ID") or None
     saved = read_saved_run(Path(recipe.training.output_dir))
     if run_id is None and resuming and saved:
@@ -225,10 +230,10 @@ def resolve(recipe: Recipe, env: Mapping[str, str] = os.environ, resuming: bool 
         "project": env.get("WANDB_PROJECT") or recipe.tracking.wandb_project,
         "entity": env.get("WANDB_ENTITY") or recipe.tracking.wandb_entity,
         "group": env.get("WANDB_RUN_GROUP") or recipe.tracking.wandb_group,
-        "name": name,
+        "name": str(name),
         "notes": env.get("WANDB_NOTES") or recipe.tracking.wandb_notes,
         "tags": tags,
-        "job_type": env.get("WANDB_JOB_TYPE") or "training",
+        "job_type": (env.get("WANDB_JOB_TYPE") or job_type) if job_type == "training" else job_type,
         "dir": env.get("WANDB_DIR") or None,
         "id": run_id,
         "resume": resume,
@@ -238,11 +243,23 @@ def resolve(recipe: Recipe, env: Mapping[str, str] = os.environ, resuming: bool 
     return tracking
 
 
+def resolve_job(job_type: str, name: str, env: Mapping[str, str] = os.environ) -> Tracking:
+    """Tracking for a job that belongs to no one recipe (a comparison): project, name and group from the
+    environment, W&B wanted unless it is disabled."""
+    settings = environment(env)
+    if settings["disabled"]:
+        return Tracking(report_to=[], offline_reason=settings["disabled"])
+    init = {"project": env.get("WANDB_PROJECT") or "finetune", "entity": env.get("WANDB_ENTITY") or None,
+            "group": env.get("WANDB_RUN_GROUP") or None, "name": env.get("WANDB_NAME") or name,
+            "tags": split_tags(env.get("WANDB_TAGS")), "job_type": job_type, "dir": env.get("WANDB_DIR") or None,
+            "mode": settings["mode"]}
+    return Tracking(report_to=["wandb"], init={k: v for k, v in init.items() if v is not None},
+                    init_timeout=settings["init_timeout"], offline_reason=settings["offline_reason"])
+
+
 def read_saved_run(output_dir: Path) -> dict | None:
-    try:
-        return json.loads((output_dir / RUN_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    """The W&B run a training in `output_dir` logged to (id, name, project, mode), or None."""
+    return rundir.read_json(output_dir / rundir.WANDB_RUN)
 
 
 def run_config(recipe: Recipe) -> dict[str, Any]:
@@ -257,9 +274,14 @@ def run_config(recipe: Recipe) -> dict[str, Any]:
     return {key: value for key, value in config.items() if not looks_secret(key)}
 
 
-def prepare(tracking: Tracking, env=os.environ) -> None:
-    """Environment for the Trainer's WandbCallback in this process: our resolved values, and no model upload
-    of its own (ours never includes optimizer state)."""
+def prepare(tracking: Tracking, training_args=None, env=os.environ) -> None:
+    """Point the Trainer at the resolved tracking: its `report_to` and `run_name`, and the environment its
+    WandbCallback reads in this process (our resolved values, and no model upload of its own: ours never includes
+    optimizer state)."""
+    if training_args is not None:
+        training_args.report_to = tracking.report_to
+        if tracking.uses_wandb:
+            training_args.run_name = tracking.init["name"]
     if not tracking.uses_wandb:
         return
     env["WANDB_LOG_MODEL"] = "false"
@@ -268,18 +290,18 @@ def prepare(tracking: Tracking, env=os.environ) -> None:
     env["WANDB_PROJECT"] = tracking.init["project"]
 
 
-def start(tracking: Tracking, recipe: Recipe, save_run: bool = True):
-    """Create the run (main process only). Returns the wandb Run, or None when tracking is off.
+def start(tracking: Tracking, config: dict[str, Any], output_dir: Path | None = None):
+    """Create the run (main process only) with `config`; returns the wandb Run, or None when tracking is off.
+    With `output_dir`, the run id is saved there so that a resumed training continues the run.
 
     Online init is bounded by WANDB_INIT_TIMEOUT; a server that can't be reached in time, or refuses the key,
-    turns the run into an offline one with a warning, and training goes on.
+    turns the run into an offline one with a warning, and the job goes on.
     """
     if not tracking.uses_wandb:
         logger.info("tracking is off (%s)", tracking.offline_reason or "report_to has no wandb")
         return None
     import wandb
 
-    config = run_config(recipe)
     settings = wandb.Settings(init_timeout=tracking.init_timeout)
     try:
         run = wandb.init(**tracking.init, config=config, settings=settings)
@@ -297,8 +319,8 @@ def start(tracking: Tracking, recipe: Recipe, save_run: bool = True):
         sync_dir = Path(run.settings.sync_dir)
         logger.info("W&B run %s logs offline (%s); upload it later with: wandb sync %s",
                     run.name, tracking.offline_reason or "WANDB_MODE=offline", sync_dir)
-    if save_run:
-        save_run_file(run, Path(recipe.training.output_dir))
+    if output_dir is not None:
+        save_run_file(run, output_dir)
     return run
 
 
@@ -309,25 +331,17 @@ def is_offline(run) -> bool:
 def save_run_file(run, output_dir: Path) -> None:
     """Record the run id in output_dir, atomically, so that resuming continues the same run."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    info = {"id": run.id, "name": run.name, "project": run.project, "entity": run.entity or None,
-            "mode": "offline" if is_offline(run) else "online", "sync_dir": str(run.settings.sync_dir)}
-    tmp = output_dir / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, output_dir / RUN_FILE)
-
-
-def model_files(directory: Path) -> list[Path]:
-    """The files of a saved adapter/model/checkpoint worth uploading: weights, configs, tokenizer, recipe."""
-    return sorted(p for p in directory.iterdir()
-                  if p.is_file() and not p.name.startswith(TRAINING_STATE_FILES) and not p.name.startswith("."))
+    rundir.write_json(output_dir / rundir.WANDB_RUN, {
+        "id": run.id, "name": run.name, "project": run.project, "entity": run.entity or None,
+        "mode": "offline" if is_offline(run) else "online", "sync_dir": str(run.settings.sync_dir)})
 
 
 def log_model_artifact(run, directory: Path, recipe: Recipe, metrics: dict[str, Any], aliases: list[str]) -> None:
     """Upload the adapter (or full model) files of `directory` as a model artifact; never optimizer state."""
     import wandb
 
-    files = model_files(directory)
-    size_mb = sum(p.stat().st_size for p in files) / 2**20
+    files = rundir.model_files(directory)
+    size_mb = sum(p.stat().st_size for p in files) / 1e6
     logger.warning("WANDB_LOG_MODEL: uploading %d files, %.1f MB, from %s (storage counts against your W&B quota)",
                    len(files), size_mb, directory)
     metadata = {"recipe": recipe.resolved(), "metrics": {k: v for k, v in metrics.items()
@@ -338,7 +352,7 @@ def log_model_artifact(run, directory: Path, recipe: Recipe, metrics: dict[str, 
     run.log_artifact(artifact, aliases=aliases)
 
 
-def checkpoint_callback(run, tracking: Tracking, recipe: Recipe):
+def checkpoint_callback(run, recipe: Recipe):
     """A TrainerCallback that uploads each checkpoint's model files when WANDB_LOG_MODEL=checkpoint."""
     from transformers import TrainerCallback
 
@@ -350,3 +364,18 @@ def checkpoint_callback(run, tracking: Tracking, recipe: Recipe):
                 log_model_artifact(run, directory, recipe, last, [f"step-{state.global_step}"])
 
     return CheckpointArtifacts()
+
+
+def callbacks(run, tracking: Tracking, recipe: Recipe) -> list:
+    """The Trainer callbacks this tracking needs beyond the Trainer's own W&B logging."""
+    return [checkpoint_callback(run, recipe)] if run is not None and tracking.log_model == "checkpoint" else []
+
+
+def finish(run, tracking: Tracking, recipe: Recipe, output_dir: Path, summary: dict[str, Any]) -> None:
+    """End a finished training's run: the summary, the model artifact when WANDB_LOG_MODEL asks, and finish."""
+    if run is None:
+        return
+    run.summary.update(summary)
+    if tracking.log_model != "false":
+        log_model_artifact(run, output_dir, recipe, summary, ["final"])
+    run.finish()

@@ -9,10 +9,15 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 from transformers import Trainer
 
 from finetune.metrics import MetricsCallback, batch_counts
-from finetune.resilience import NonFiniteGuard
+from finetune.resilience import NonFiniteGuard, PreemptionCallback
+
+logger = logging.getLogger("finetune")
 
 COUNTS_KEY = "finetune_counts"  # batch key carrying (samples, input tokens, target tokens) as host ints
 
@@ -29,12 +34,71 @@ class CountingCollator:
         return batch
 
 
+def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, flatten: bool,
+                  callbacks: list) -> FinetuneTrainer:
+    """The Trainer for a recipe: counting collators (padding-free training batches when `flatten`, padded eval
+    batches), the toolkit's callbacks after the Trainer's own flow callback (which decides when to log, evaluate
+    and save), then `callbacks`. Metrics write their numbers into each log before any logger reads it
+    (`FinetuneTrainer.log`)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from finetune.data import IGNORE_INDEX
+    from finetune.padding_free import FlatteningCollator
+
+    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    preemption, metrics = PreemptionCallback(), MetricsCallback()
+    guard = NonFiniteGuard(recipe.run.on_nonfinite_loss)
+    # The preemption callback may ask for a save at a step's end; the metrics callback, after it, sees every
+    # save and evaluation that follows and stops its clock for them.
+    trainer = FinetuneTrainer(model=model, args=recipe.training, train_dataset=train_dataset,
+                              eval_dataset=eval_dataset, processing_class=tokenizer,
+                              data_collator=CountingCollator(FlatteningCollator() if flatten else padded),
+                              callbacks=[preemption, metrics, guard, *callbacks])
+    trainer.eval_collator = CountingCollator(padded)
+    trainer.metrics, trainer.preemption, trainer.guard, trainer.recipe = metrics, preemption, guard, recipe
+    return trainer
+
+
 class FinetuneTrainer(Trainer):
     """transformers.Trainer plus host-side counting, the skip mode for non-finite losses and a checkpoint guard."""
 
     metrics: MetricsCallback | None = None
+    preemption: PreemptionCallback | None = None
     guard: NonFiniteGuard | None = None
     eval_collator = None  # None: eval batches are collated like training batches
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.metrics is not None:
+            self.metrics.add_to_log(logs)
+        super().log(logs, start_time)
+
+    def fit(self, resume_from: Path | None) -> None:
+        """Train, from a checkpoint when given (its metrics totals restored); SIGTERM/SIGUSR1 stop at a step
+        boundary with a checkpoint (`preemption.stopped_at`)."""
+        if resume_from is not None:
+            self.metrics.restore(resume_from)
+            if self.is_world_process_zero():
+                logger.info("resuming from %s (step %s)", resume_from, resume_from.name.rsplit("-", 1)[-1])
+        self.preemption.install()
+        try:
+            self.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        finally:
+            self.preemption.uninstall()
+
+    @property
+    def stopped_early(self) -> bool:
+        """Preempted, or stopped on a non-finite loss (see finetune.resilience.end_early)."""
+        return self.guard.problem is not None or self.preemption.stopped_at is not None
+
+    def summary(self) -> dict:
+        """The run summary (finetune.metrics), with the batches skip mode dropped, if any."""
+        from finetune import rundir
+
+        out = self.metrics.summary(self, self.recipe.model, rundir.saved_weights(Path(self.args.output_dir),
+                                                                                 self.recipe.model.use_lora))
+        if self.guard.skipped_batches:
+            out["train/skipped_batches"] = self.guard.skipped_batches
+        return out
 
     def get_eval_dataloader(self, eval_dataset=None):
         return self._with_eval_collator(super().get_eval_dataloader, eval_dataset)

@@ -22,6 +22,9 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 "${pip[@]}" -r requirements.txt
+# The toolkit itself, editable: `import finetune` works from any directory (`accelerate launch finetune/run.py`,
+# `-m finetune.run`), and the `finetune` command lands in $VENV/bin.
+"${pip[@]}" --no-deps --no-build-isolation -e .
 
 if ! command -v nvidia-smi >/dev/null 2>&1 && "$VENV/bin/python" -m pip list 2>/dev/null | grep -q '^nvidia-'; then
   echo "warning: CUDA packages (nvidia-*) were installed on a machine without an NVIDIA GPU;" \

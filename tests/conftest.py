@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,43 @@ def data_files(tmp_path_factory) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("data")
     return {fmt: write_jsonl(_rows(fmt), directory / f"{fmt}.jsonl")
             for fmt in ("text", "alpaca", "messages", "prompt_completion")}
+
+
+def recipe_argv(recipe: str | Path, **keys) -> list[str]:
+    """The command line after `finetune/run.py`: a recipe (a name under recipes/, or a path) and `--key value`
+    for each key."""
+    path = recipe if isinstance(recipe, Path) or "/" in recipe else REPO / "recipes" / f"{recipe}.yaml"
+    return [str(path)] + [item for key, value in keys.items() for item in (f"--{key}", str(value))]
+
+
+def load(argv: list[str]):
+    """A recipe as the runner loads it, with this machine's TrainingArguments defaults."""
+    from finetune.model import hardware_defaults
+    from finetune.recipe import load_recipe
+
+    return load_recipe(argv, hardware=hardware_defaults)
+
+
+def train_and_summarise(recipe: str | Path, **keys):
+    """Train in this process (no W&B unless the keys say so); returns (trainer, summary.json)."""
+    from finetune.run import train
+
+    trainer = train(load(recipe_argv(recipe, **{"report_to": "none", "disable_tqdm": "true", **keys})))
+    return trainer, json.loads((Path(trainer.args.output_dir) / "summary.json").read_text())
+
+
+def accelerate_launch(*args: str, processes: int = 1, config: Path | None = None, script: bool = False) -> list[str]:
+    """`accelerate launch ... -m finetune.run ARGS` (or `... finetune/run.py ARGS` with `script`): one process,
+    several (DDP over gloo on a CPU), or a config file."""
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch"]
+    if config is not None:
+        command += ["--config_file", str(config)]
+    else:
+        command += ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+                    "--dynamo_backend", "no"]
+        if processes > 1:
+            command += ["--multi_gpu", "--main_process_port", "0"]
+    return command + ([str(REPO / "finetune/run.py")] if script else ["-m", "finetune.run"]) + list(args)
 
 
 def write_recipe(path: Path, **keys) -> Path:

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from finetune import bench, compare
-from finetune.merge import load_trained, merge
-from finetune.recipe import load_recipe
-from finetune.run import train
-from tests.conftest import REPO, subprocess_env
+from finetune.merge import merge
+from finetune.model import load_for_inference
+from tests.conftest import REPO, subprocess_env, train_and_summarise
 from tests.wandb_file import load_run, offline_runs
 
 
@@ -54,12 +53,10 @@ def trained_runs(tmp_path_factory, llama_dir, data_files):
     """Two tiny runs on the same chat data: QLoRA (fp32 compute, for a tight merge check) and LoRA."""
     root = tmp_path_factory.mktemp("runs")
     runs = {}
-    for name, recipe in (("qlora", "qlora_int4.yaml"), ("lora", "lora_bf16.yaml")):
-        out = root / name
-        train(load_recipe([str(REPO / "recipes" / recipe), "--model_name_or_path", str(llama_dir), "--dataset",
-                           str(data_files["messages"]), "--output_dir", str(out), "--max_steps", "4", "--dtype",
-                           "float32", "--eval_size", "6", "--report_to", "none", "--disable_tqdm", "true"]))
-        runs[name] = out
+    for name, recipe in (("qlora", "qlora_int4"), ("lora", "lora_bf16")):
+        runs[name] = root / name
+        train_and_summarise(recipe, model_name_or_path=llama_dir, dataset=data_files["messages"],
+                            output_dir=runs[name], max_steps=4, dtype="float32", eval_size=6)
     return runs
 
 
@@ -122,7 +119,7 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(trained_runs, cpu_re
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert not any("lora" in name for name, _ in merged.named_parameters())
     assert not any(type(m).__name__.startswith("Linear4bit") for m in merged.modules())
-    _, tokenizer, adapted = load_trained(trained_runs["qlora"])
+    _, tokenizer, adapted = load_for_inference(trained_runs["qlora"])
     ids = tokenizer(["Reverse the word. abcde", "How many letters does the word have? xyz"], return_tensors="pt",
                     padding=True)
     with torch.no_grad():

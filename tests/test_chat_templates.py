@@ -16,7 +16,7 @@ import pytest
 
 from finetune import chat
 from finetune.data import IGNORE_INDEX, ROW, _tokenize_row, marked_targets, render, tokenize_example
-from finetune.recipe import RecipeError
+from finetune.errors import UsageError
 
 TEMPLATES = Path(__file__).parent / "chat_templates"
 
@@ -220,7 +220,7 @@ def test_defect_3_mistral_with_a_system_message():
     several = conversation(("system", SYSTEM), ("user", USER), ("assistant", ANSWER), ("user", USER_2),
                            ("assistant", ANSWER_2))
     for train_on_prompt in (False, True):
-        with pytest.raises(RecipeError) as error:
+        with pytest.raises(UsageError) as error:
             _tokenize_row({**several, ROW: 6}, "data.jsonl", fmt="messages", tokenizer=tokenizer, max_length=1024,
                           train_on_prompt=train_on_prompt)
         (line,) = error.value.problems
@@ -237,7 +237,7 @@ def test_defect_4_gemma_with_a_system_turn_or_roles_that_do_not_alternate(tmp_pa
     text = render(CASES["system"][1], "messages", tokenizer)[0]
     assert f"<start_of_turn>user\n{SYSTEM}\n\n{USER}<end_of_turn>" in text  # as Gemma 3 does it
     twice = conversation(("user", USER), ("user", USER_2), ("assistant", ANSWER))
-    with pytest.raises(RecipeError, match=r"^dataset d.jsonl, row 3: the Gemma chat template refuses this "
+    with pytest.raises(UsageError, match=r"^dataset d.jsonl, row 3: the Gemma chat template refuses this "
                                           r"conversation \(Conversation roles must alternate"):
         _tokenize_row({**twice, ROW: 2}, "d.jsonl", fmt="messages", tokenizer=tokenizer, max_length=1024,
                       train_on_prompt=False)
@@ -288,12 +288,8 @@ def test_the_preview_marks_exactly_the_trained_text():
 def test_a_run_counts_the_hand_counted_target_tokens(name, tmp_path):
     """Through the runner: a tiny model with the family's tokenizer trains one step on every accepted chat case;
     the summary's target tokens are the hand counts summed."""
-    import json
-
-    from finetune.recipe import load_recipe
-    from finetune.run import train
     from finetune.tiny import save_tiny_model, write_jsonl
-    from tests.conftest import REPO
+    from tests.conftest import train_and_summarise
 
     tokenizer = family_tokenizer(name)
     model_dir = save_tiny_model(tmp_path / "model", hidden_size=64, layers=2, vocab_size=len(tokenizer))
@@ -301,12 +297,9 @@ def test_a_run_counts_the_hand_counted_target_tokens(name, tmp_path):
     cases = [case for case, (fmt, _) in CASES.items() if fmt == "messages" and
              not isinstance(EXPECTED[name][case], str)]
     data = write_jsonl([CASES[case][1] for case in cases], tmp_path / "chat.jsonl")
-    keys = {"model_name_or_path": model_dir, "dataset": data, "output_dir": tmp_path / "out", "max_steps": 1,
-            "per_device_train_batch_size": len(cases), "eval_size": 0, "eval_strategy": "no", "dtype": "float32",
-            "report_to": "none", "disable_tqdm": "true", "save_strategy": "no"}
-    train(load_recipe([str(REPO / "recipes/lora_bf16.yaml")] +
-                      [item for key, value in keys.items() for item in (f"--{key}", str(value))]))
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    _, summary = train_and_summarise("lora_bf16", model_name_or_path=model_dir, dataset=data, max_steps=1,
+                                     output_dir=tmp_path / "out", per_device_train_batch_size=len(cases),
+                                     eval_size=0, eval_strategy="no", dtype="float32", save_strategy="no")
     assert summary["train/samples"] == len(cases)
     assert summary["train/target_tokens"] == sum(EXPECTED[name][case][1] for case in cases)
 
@@ -315,14 +308,14 @@ def test_a_refused_row_stops_loading_with_its_row_number(tmp_path):
     """Through datasets.map and the eval split: the row is its line in the file, whatever the shuffle."""
     from contextlib import nullcontext
 
+    from finetune.config import DataArguments
     from finetune.data import load_splits
-    from finetune.recipe import DataArguments
     from finetune.tiny import write_jsonl
 
     rows = [CASES["no-system"][1]] * 5
     rows[3] = conversation(("user", USER), ("user", USER_2), ("assistant", ANSWER))
     path = write_jsonl(rows, tmp_path / "chat.jsonl")
-    with pytest.raises(RecipeError) as error:
+    with pytest.raises(UsageError) as error:
         load_splits(DataArguments(dataset=str(path), eval_size=2), family_tokenizer("gemma"), 0,
                     lambda **_: nullcontext())
     assert error.value.problems == [f"dataset {path}, row 4: the Gemma chat template refuses this conversation "

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from datasets import Dataset
 
+from finetune.config import DataArguments
 from finetune.data import IGNORE_INDEX, alpaca_prompt, detect_format, load_splits, tokenize_example
-from finetune.recipe import DataArguments, RecipeError
+from finetune.errors import UsageError
 from finetune.tiny import write_jsonl
 
 
@@ -33,7 +34,7 @@ def test_detect_format(columns, expected):
 
 
 def test_detect_format_names_the_columns_when_nothing_fits():
-    with pytest.raises(RecipeError, match=r"can't tell the format from the columns \['answer', 'question'\]"):
+    with pytest.raises(UsageError, match=r"can't tell the format from the columns \['answer', 'question'\]"):
         detect_format(["question", "answer"])
 
 
@@ -119,7 +120,7 @@ def test_named_eval_split(tmp_path, tokenizer):
     train, evaluation = _split(tmp_path, tokenizer, eval_split="test")
     assert (len(train), len(evaluation)) == (10, 4)
     assert all(tokenizer.decode(row["input_ids"]).startswith("<s>test") for row in evaluation)
-    with pytest.raises(RecipeError, match="eval_split: 'validation' is not a split"):
+    with pytest.raises(UsageError, match="eval_split: 'validation' is not a split"):
         _split(tmp_path, tokenizer, eval_split="validation")
 
 
@@ -133,7 +134,7 @@ def test_shuffling_follows_the_seed(tokenizer, data_files):
 
 
 def test_explicit_format_needs_its_columns(tokenizer, data_files):
-    with pytest.raises(RecipeError, match=r"dataset_format: alpaca needs the column\(s\) instruction\+output"):
+    with pytest.raises(UsageError, match=r"dataset_format: alpaca needs the column\(s\) instruction\+output"):
         _split(data_files["text"], tokenizer, dataset_format="alpaca")
 
 
@@ -142,7 +143,7 @@ def test_messages_without_chat_template_is_refused(tokenizer, data_files):
 
     plain = copy.deepcopy(tokenizer)  # the same tokenizer without its chat template
     plain.chat_template = None
-    with pytest.raises(RecipeError, match="needs a tokenizer with a chat template"):
+    with pytest.raises(UsageError, match="needs a tokenizer with a chat template"):
         _split(data_files["messages"], plain)
 
 

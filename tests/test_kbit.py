@@ -14,18 +14,16 @@ import pytest
 import torch
 
 from finetune.model import PACKED_CPU_SWITCH, load_model
-from finetune.recipe import load_recipe
 from finetune.run import train
-from tests.conftest import REPO
+from tests.conftest import load, recipe_argv
 
 
 def kbit_args(quantization: str, model_dir, dataset, out, **overrides) -> list[str]:
-    keys = {"model_name_or_path": model_dir, "dataset": dataset, "output_dir": out, "quantization": quantization,
-            "dtype": "float32", "lora_dropout": 0.0, "max_steps": 4, "logging_steps": 1, "learning_rate": 1e-2,
-            "per_device_train_batch_size": 4, "eval_size": 8, "save_strategy": "no", "report_to": "none",
-            "disable_tqdm": "true", "seed": 0, **overrides}
-    return [str(REPO / "recipes/lora_bf16.yaml")] + [item for key, value in keys.items()
-                                                      for item in (f"--{key}", str(value))]
+    return recipe_argv("lora_bf16", **{
+        "model_name_or_path": model_dir, "dataset": dataset, "output_dir": out, "quantization": quantization,
+        "dtype": "float32", "lora_dropout": 0.0, "max_steps": 4, "logging_steps": 1, "learning_rate": 1e-2,
+        "per_device_train_batch_size": 4, "eval_size": 8, "save_strategy": "no", "report_to": "none",
+        "disable_tqdm": "true", "seed": 0, **overrides})
 
 
 def training_curve(trainer) -> list[tuple[float, float]]:
@@ -44,9 +42,9 @@ def test_linear4bit_still_has_the_packed_path_switch():
 def test_an_eval_after_every_step_does_not_change_training(quantization, cpu_reports_avx512bf16, llama_dir,
                                                            data_files, tmp_path):
     """Same losses and gradient norms (relative 1e-4, fp32 compute) with an evaluation after every step as without."""
-    quiet = train(load_recipe(kbit_args(quantization, llama_dir, data_files["messages"], tmp_path / "no",
+    quiet = train(load(kbit_args(quantization, llama_dir, data_files["messages"], tmp_path / "no",
                                         eval_strategy="no")))
-    evaluated = train(load_recipe(kbit_args(quantization, llama_dir, data_files["messages"], tmp_path / "ev",
+    evaluated = train(load(kbit_args(quantization, llama_dir, data_files["messages"], tmp_path / "ev",
                                             eval_strategy="steps", eval_steps=1)))
     assert sum("eval_loss" in entry for entry in evaluated.state.log_history) >= 4  # one per step, and the final
     expected, actual = training_curve(quiet), training_curve(evaluated)
@@ -66,7 +64,7 @@ def test_after_an_eval_gradients_reach_the_lora_weights_through_every_4bit_layer
                                                                                  llama_dir, data_files, tmp_path):
     import bitsandbytes as bnb
 
-    recipe = load_recipe(kbit_args("int4", llama_dir, data_files["messages"], tmp_path))
+    recipe = load(kbit_args("int4", llama_dir, data_files["messages"], tmp_path))
     batch = {"input_ids": torch.tensor([[1, 40, 41, 42, 43, 44, 45, 2]])}
     batch["labels"] = batch["input_ids"].clone()
 
@@ -105,7 +103,7 @@ def test_only_bf16_inference_may_take_the_packed_kernel(dtype, packed_allowed, m
     import bitsandbytes.nn.modules
 
     monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
-    recipe = load_recipe(kbit_args("int4", llama_dir, data_files["messages"], tmp_path, dtype=dtype))
+    recipe = load(kbit_args("int4", llama_dir, data_files["messages"], tmp_path, dtype=dtype))
     for for_training, allowed in ((True, False), (False, packed_allowed)):
         model = load_model(recipe.model, for_training=for_training)
         switches = {getattr(m, PACKED_CPU_SWITCH) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}

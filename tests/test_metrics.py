@@ -6,7 +6,6 @@ import json
 import math
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,11 +13,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from finetune import metrics
-from finetune.recipe import load_recipe
-from finetune.run import train
+from finetune import flops, metrics
 from finetune.tiny import write_jsonl
-from tests.conftest import REPO, run_to_end, subprocess_env
+from tests.conftest import REPO, accelerate_launch, run_to_end, subprocess_env, train_and_summarise
 from tests.wandb_file import load_run, offline_runs
 
 CUDA_KEYS = {"train/peak_vram_gb", "train/peak_vram_reserved_gb", "train/mfu"}
@@ -53,17 +50,17 @@ def test_batch_counts_skip_padding_masked_prompt_and_the_first_position():
 
 def test_flops_per_token_lora_and_full():
     # 1M matmul params, 2 layers of width 64, context 100: attention 12 * 2 * 64 * 100 = 153,600.
-    assert metrics.flops_per_token(1_000_000, 2, 64, 100, lora=True) == 4_000_000 + 153_600
-    assert metrics.flops_per_token(1_000_000, 2, 64, 100, lora=False) == 6_000_000 + 153_600
+    assert flops.flops_per_token(1_000_000, 2, 64, 100, lora=True) == 4_000_000 + 153_600
+    assert flops.flops_per_token(1_000_000, 2, 64, 100, lora=False) == 6_000_000 + 153_600
 
 
 def test_peak_flops_table_and_mfu():
-    assert metrics.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert metrics.peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert metrics.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert metrics.peak_flops("Some Future GPU") is None and metrics.peak_flops(None) is None
-    assert metrics.mfu(989e12 * 0.5 * 2 * 10, 10, "NVIDIA H100 80GB HBM3", world_size=2) == pytest.approx(0.5)
-    assert metrics.mfu(1e15, 10, "unknown", 1) is None
+    assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert flops.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert flops.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert flops.peak_flops("Some Future GPU") is None and flops.peak_flops(None) is None
+    assert flops.mfu(989e12 * 0.5 * 2 * 10, 10, "NVIDIA H100 80GB HBM3", world_size=2) == pytest.approx(0.5)
+    assert flops.mfu(1e15, 10, "unknown", 1) is None
 
 
 def test_weight_bits():
@@ -82,10 +79,9 @@ def test_report_table_lists_present_keys_only():
 # Real runs, in process (no W&B).
 
 def run_recipe(name: str, model_dir: Path, dataset: Path, out: Path, *extra: str):
-    trainer = train(load_recipe([str(REPO / "recipes" / name), "--model_name_or_path", str(model_dir), "--dataset",
-                                 str(dataset), "--output_dir", str(out), "--report_to", "none",
-                                 "--disable_tqdm", "true", *extra]))
-    return trainer, json.loads((out / "summary.json").read_text())
+    keys = dict(zip(extra[::2], extra[1::2], strict=True))
+    return train_and_summarise(REPO / "recipes" / name, model_name_or_path=model_dir, dataset=dataset, output_dir=out,
+                               **{key.removeprefix("--"): value for key, value in keys.items()})
 
 
 @pytest.mark.parametrize("recipe", ["qlora_int4.yaml", "lora_bf16.yaml", "lora_int8.yaml"])
@@ -152,11 +148,7 @@ def test_total_tokens_match_the_data_under_gradient_accumulation(llama_dir, tmp_
 
 def launch(tmp_path: Path, args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
     env = subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path))
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if processes > 1:
-        command += ["--multi_gpu", "--main_process_port", "0"]
-    return run_to_end(command + [str(REPO / "finetune/run.py"), *args], cwd=tmp_path, env=env, timeout=300)
+    return run_to_end(accelerate_launch(*args, processes=processes), cwd=tmp_path, env=env, timeout=300)
 
 
 def test_summary_json_equals_the_wandb_summary(llama_dir, data_files, tmp_path):
@@ -256,7 +248,7 @@ def test_training_clock_stops_for_evaluations_and_saves_and_continues(monkeypatc
         callback.on_step_end(args, state, control)
         if control.should_log:
             logs = {"loss": 1.0}
-            callback.on_log(args, state, control, logs=logs)
+            callback.add_to_log(logs)
             assert logs["input_tokens_per_second"] == 40 / 4  # 4 steps of 10 tokens in 4 s of training
         if control.should_evaluate:
             clock.now += 10

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.recipe import RecipeError, load_recipe, parse_cli_overrides, write_resolved_recipe
+from finetune.errors import UsageError
+from finetune.recipe import load_recipe, parse_cli_overrides, recipe_yaml
 from tests.conftest import REPO, write_recipe
 
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
@@ -56,12 +57,12 @@ def test_resolved_recipe_loads_back_identically(tmp_path, data_files, llama_dir)
                                dataset=str(data_files["alpaca"]), quantization="int4", lora_r=4,
                                output_dir=str(tmp_path / "out"))
     recipe = load_recipe([str(recipe_path), "--max_steps", "7"])
-    write_resolved_recipe(recipe, tmp_path / "resolved.yaml")
+    (tmp_path / "resolved.yaml").write_text(recipe_yaml(recipe))
     again = load_recipe([str(tmp_path / "resolved.yaml")])
     assert again.resolved() == recipe.resolved()
     # Every variant's resolved recipe loads back, bnb_4bit_* defaults included where quantization is none.
     plain = load_recipe([str(recipe_path), "--quantization", "none"])
-    write_resolved_recipe(plain, tmp_path / "plain.yaml")
+    (tmp_path / "plain.yaml").write_text(recipe_yaml(plain))
     assert load_recipe([str(tmp_path / "plain.yaml")]).resolved() == plain.resolved()
     written = yaml.safe_load((tmp_path / "resolved.yaml").read_text())
     assert written["max_steps"] == 7 and written["quantization"] == "int4" and written["lora_r"] == 4
@@ -117,24 +118,24 @@ def _bad_recipe(tmp_path, keys, llama_dir, data_files) -> Path:
 def test_bad_input_is_refused_with_the_key_named(case, tmp_path, llama_dir, data_files):
     keys, args, fragment = BAD_CASES[case]
     path = _bad_recipe(tmp_path, keys, llama_dir, data_files)
-    with pytest.raises(RecipeError) as error:
+    with pytest.raises(UsageError) as error:
         load_recipe([str(path), *args])
     assert any(fragment in problem for problem in error.value.problems), error.value.problems
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_recipe_file_and_extends_cycle(tmp_path):
-    with pytest.raises(RecipeError, match="no such file"):
+    with pytest.raises(UsageError, match="no such file"):
         load_recipe([str(tmp_path / "missing.yaml")])
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
-    with pytest.raises(RecipeError, match="`extends` forms a cycle"):
+    with pytest.raises(UsageError, match="`extends` forms a cycle"):
         load_recipe([str(tmp_path / "a.yaml")])
 
 
 def test_every_problem_is_reported_at_once(tmp_path, llama_dir, data_files):
     path = _bad_recipe(tmp_path, {"learning_rat": 1, "lora_r": "x", "quantization": "int9"}, llama_dir, data_files)
-    with pytest.raises(RecipeError) as error:
+    with pytest.raises(UsageError) as error:
         load_recipe([str(path), "--max_step", "2"])
     assert len(error.value.problems) == 4
 

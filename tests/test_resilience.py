@@ -14,11 +14,11 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from finetune import resilience
-from finetune.recipe import RecipeError, load_recipe
+from finetune import errors, ranks, resilience, rundir
+from finetune.errors import UsageError
 from finetune.run import train
 from finetune.tiny import write_jsonl
-from tests.conftest import REPO, run_to_end, subprocess_env
+from tests.conftest import REPO, accelerate_launch, load, recipe_argv, run_to_end, subprocess_env
 from tests.wandb_file import load_run, offline_runs
 
 ACCELERATE_CONFIGS = sorted((REPO / "launch/accelerate").glob("*.yaml"))
@@ -52,11 +52,12 @@ def test_slurm_script_parses():
 # Runs through the command line.
 
 def training_args(model_dir: Path, dataset: Path, out: Path, steps: int, **overrides) -> list[str]:
-    keys = {"model_name_or_path": model_dir, "dataset": dataset, "output_dir": out, "max_steps": steps,
-            "dtype": "float32", "lora_dropout": 0.0, "learning_rate": 1e-2, "per_device_train_batch_size": 4,
-            "gradient_accumulation_steps": 1, "logging_steps": 1, "save_steps": 4, "save_total_limit": 10,
-            "eval_size": 0, "eval_strategy": "no", "seed": 0, "disable_tqdm": "true", **overrides}
-    return [LORA] + [item for key, value in keys.items() for item in (f"--{key}", str(value))]
+    """fp32 LoRA, no dropout, fixed seed: runs that are exactly reproducible; a checkpoint every 4 steps."""
+    return recipe_argv("lora_bf16", **{
+        "model_name_or_path": model_dir, "dataset": dataset, "output_dir": out, "max_steps": steps,
+        "dtype": "float32", "lora_dropout": 0.0, "learning_rate": 1e-2, "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1, "logging_steps": 1, "save_steps": 4, "save_total_limit": 10,
+        "eval_size": 0, "eval_strategy": "no", "seed": 0, "disable_tqdm": "true", **overrides})
 
 
 def run_py(args: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
@@ -94,10 +95,10 @@ def test_sigterm_then_rerun_matches_an_uninterrupted_run(llama_dir, text_data, t
                 break
     process.stdout.read()
     stderr = process.stderr.read()
-    assert process.wait(timeout=300) == resilience.PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert process.wait(timeout=300) == errors.PREEMPTED, stderr[-3000:]
     assert "SIGTERM received" in stderr and "run the same command again to resume" in stderr
-    stopped = resilience.checkpoints(resumed)[0]
-    assert 3 <= stopped[0] < 12 and resilience.checkpoint_problem(stopped[1]) is None
+    stopped = rundir.checkpoints(resumed)[0]
+    assert 3 <= stopped[0] < 12 and rundir.checkpoint_problem(stopped[1]) is None
     assert not (resumed / "summary.json").exists()
 
     again = run_py(args, tmp_path)
@@ -142,16 +143,16 @@ def test_finished_run_is_not_overwritten(llama_dir, text_data, tmp_path):
                    tmp_path)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "resuming" not in fresh.stderr
-    assert [p.name for _, p in resilience.checkpoints(out)] == ["checkpoint-3"]  # old checkpoints gone
+    assert [p.name for _, p in rundir.checkpoints(out)] == ["checkpoint-3"]  # old checkpoints gone
 
 
 def test_auto_resume_off_refuses_existing_checkpoints(llama_dir, text_data, tmp_path):
     out = tmp_path / "out"
     (out / "checkpoint-4").mkdir(parents=True)
-    with pytest.raises(RecipeError, match="has checkpoints .* auto_resume is off"):
-        resilience.plan_resume(load_recipe(training_args(llama_dir, text_data, out, 2, auto_resume="false")))
+    with pytest.raises(UsageError, match="has checkpoints .* auto_resume is off"):
+        resilience.plan_resume(load(training_args(llama_dir, text_data, out, 2, auto_resume="false")))
     # An incomplete checkpoint alone: nothing to resume from, start fresh.
-    assert resilience.plan_resume(load_recipe(training_args(llama_dir, text_data, out, 2))) is None
+    assert resilience.plan_resume(load(training_args(llama_dir, text_data, out, 2))) is None
 
 
 # The non-finite guard, in process: the loss turns NaN from the 4th optimizer step on.
@@ -172,19 +173,19 @@ def nan_from_step_4(monkeypatch):
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(nan_from_step_4, llama_dir, text_data, tmp_path):
     out = tmp_path / "out"
     # Saves every step, logs every 5: the save after the bad step 4 comes before any log could show the NaN.
-    recipe = load_recipe(training_args(llama_dir, text_data, out, 10, save_steps=1, logging_steps=5,
+    recipe = load(training_args(llama_dir, text_data, out, 10, save_steps=1, logging_steps=5,
                                        report_to="none"))
     with pytest.raises(resilience.TrainingDiverged, match="non-finite weights at step 4") as error:
         train(recipe)
     assert f"Last good checkpoint: {out / 'checkpoint-3'}" in str(error.value)
-    assert [p.name for _, p in resilience.checkpoints(out)] == ["checkpoint-3", "checkpoint-2", "checkpoint-1"]
-    for _, path in resilience.checkpoints(out):
+    assert [p.name for _, p in rundir.checkpoints(out)] == ["checkpoint-3", "checkpoint-2", "checkpoint-1"]
+    for _, path in rundir.checkpoints(out):
         assert all(torch.isfinite(t).all() for t in load_file(str(path / "adapter_model.safetensors")).values())
     assert not (out / "summary.json").exists()
 
 
 def test_nan_in_the_logged_loss_stops_the_run(nan_from_step_4, llama_dir, text_data, tmp_path):
-    recipe = load_recipe(training_args(llama_dir, text_data, tmp_path / "out", 10, save_steps=100,
+    recipe = load(training_args(llama_dir, text_data, tmp_path / "out", 10, save_steps=100,
                                        report_to="none"))
     with pytest.raises(resilience.TrainingDiverged, match="loss is nan at step 4"):
         train(recipe)
@@ -192,7 +193,7 @@ def test_nan_in_the_logged_loss_stops_the_run(nan_from_step_4, llama_dir, text_d
 
 def test_skip_mode_drops_non_finite_batches(nan_from_step_4, llama_dir, text_data, tmp_path):
     out = tmp_path / "out"
-    recipe = load_recipe(training_args(llama_dir, text_data, out, 6, on_nonfinite_loss="skip", report_to="none",
+    recipe = load(training_args(llama_dir, text_data, out, 6, on_nonfinite_loss="skip", report_to="none",
                                        gradient_accumulation_steps=2))
     train(recipe)
     summary = json.loads((out / "summary.json").read_text())
@@ -201,14 +202,10 @@ def test_skip_mode_drops_non_finite_batches(nan_from_step_4, llama_dir, text_dat
 
 
 def test_cpu_ddp_config_trains_qlora_on_two_processes_with_one_run(llama_dir, data_files, tmp_path):
-    result = run_to_end(
-        [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-         str(REPO / "launch/accelerate/cpu_ddp.yaml"), str(REPO / "finetune/run.py"),
-         str(REPO / "recipes/qlora_int4.yaml"), "--model_name_or_path", str(llama_dir), "--dataset",
-         str(data_files["alpaca"]), "--max_steps", "3", "--output_dir", str(tmp_path / "out"),
-         "--per_device_train_batch_size", "2", "--disable_tqdm", "true"],
-        cwd=tmp_path, timeout=300, env=subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path)),
-    )
+    args = recipe_argv("qlora_int4", model_name_or_path=llama_dir, dataset=data_files["alpaca"], max_steps=3,
+                       output_dir=tmp_path / "out", per_device_train_batch_size=2, disable_tqdm="true")
+    result = run_to_end(accelerate_launch(*args, config=REPO / "launch/accelerate/cpu_ddp.yaml", script=True),
+                        cwd=tmp_path, timeout=300, env=subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path)))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["run/world_size"] == 2
@@ -243,12 +240,12 @@ def test_leaving_the_process_group_frees_the_ddp_wrapper_first(monkeypatch):
         destroy = dist.destroy_process_group
         monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: (seen.append(alive()), destroy(*a, **k)))
 
-        resilience.leave_process_group(trainer)
+        ranks.leave_process_group(trainer)
 
         assert seen == [None], "the DDP wrapper was still alive when the process group was destroyed"
         assert trainer.model_wrapped is model
         assert not dist.is_initialized()
-        resilience.leave_process_group(trainer)  # a no-op once left
+        ranks.leave_process_group(trainer)  # a no-op once left
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

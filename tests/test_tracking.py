@@ -12,20 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from finetune import tracking
-from finetune.recipe import RecipeError, load_recipe
-from tests.conftest import REPO, subprocess_env
+from finetune import rundir, tracking
+from finetune.config import looks_secret
+from finetune.errors import UsageError
+from tests.conftest import REPO, accelerate_launch, load, recipe_argv, run_to_end, subprocess_env
 from tests.wandb_file import load_run, offline_runs
 
-QLORA = str(REPO / "recipes/qlora_int4.yaml")
+QLORA = REPO / "recipes/qlora_int4.yaml"
 SECRET = "planted-secret-value-7f3a9c"
 
 
 @pytest.fixture
 def qlora_recipe(llama_dir, data_files, tmp_path):
     def build(*extra: str):
-        return load_recipe([QLORA, "--model_name_or_path", str(llama_dir), "--dataset", str(data_files["text"]),
-                            "--output_dir", str(tmp_path / "out"), *extra])
+        return load(recipe_argv(QLORA, model_name_or_path=llama_dir, dataset=data_files["text"],
+                                output_dir=tmp_path / "out") + list(extra))
     return build
 
 
@@ -54,7 +55,7 @@ def test_wandb_disabled_falsy_keeps_tracking_on(value, qlora_recipe):
 
 
 def test_bad_values_are_refused_together_naming_the_variable(qlora_recipe):
-    with pytest.raises(RecipeError) as error:
+    with pytest.raises(UsageError) as error:
         tracking.resolve(qlora_recipe(), env(WANDB_MODE="cloud", WANDB_RESUME="sometimes", WANDB_LOG_MODEL="all",
                                              WANDB_INIT_TIMEOUT="-3", WANDB_DISABLED="maybe"))
     text = "\n".join(error.value.problems)
@@ -83,7 +84,6 @@ def test_generated_name_and_explicit_names(qlora_recipe, llama_dir):
     plan = tracking.resolve(qlora_recipe("--lora_r", "8", "--learning_rate", "2e-4"), env(), now=0)
     stamp = time.strftime("%m%d-%H%M", time.localtime(0))
     assert plan.init["name"] == f"{llama_dir.name}-qlora-int4-r8-lr2e-04-{stamp}"
-    assert plan.generated_name
     assert tracking.resolve(qlora_recipe("--run_name", "mine"), env()).init["name"] == "mine"
     assert tracking.resolve(qlora_recipe("--run_name", "mine"), env(WANDB_NAME="exact name")).init["name"] == \
         "exact name"
@@ -107,7 +107,7 @@ def test_resume_continues_the_saved_online_run_but_not_an_offline_one(qlora_reci
     recipe = qlora_recipe()
     out = Path(recipe.training.output_dir)
     out.mkdir(parents=True)
-    (out / tracking.RUN_FILE).write_text(json.dumps({"id": "run42", "mode": "online"}))
+    (out / rundir.WANDB_RUN).write_text(json.dumps({"id": "run42", "mode": "online"}))
     online = tracking.resolve(recipe, env(WANDB_API_KEY="k" * 40, WANDB_NAME="n"), resuming=True)
     assert (online.init["id"], online.init["resume"], online.init["name"]) == ("run42", "allow", "n")
     fresh = tracking.resolve(recipe, env(WANDB_API_KEY="k" * 40), resuming=False)
@@ -121,7 +121,7 @@ def test_run_config_has_variant_fields_recipe_and_no_secrets(qlora_recipe):
     assert config["model_variant"] == "qlora-int4" and config["quantization"] == "int4"
     assert config["lora_r"] == 16 and config["recipe"]["lora_r"] == 16
     assert config["finetune_version"]
-    assert not [key for key in config["recipe"] if tracking.looks_secret(key)]
+    assert not [key for key in config["recipe"] if looks_secret(key)]
 
 
 # Real runs, read back from the offline run file.
@@ -137,7 +137,7 @@ def run_cli(tmp_path: Path, model_dir: Path, dataset: Path, environment: dict, *
             "disable_tqdm": "true"}
     for name, value in zip(extra[::2], extra[1::2], strict=True):
         keys[name.removeprefix("--")] = value
-    args = [QLORA] + [item for key, value in keys.items() for item in (f"--{key}", str(value))]
+    args = recipe_argv(QLORA, **keys)
     started = time.monotonic()
     result = subprocess.run([sys.executable, str(REPO / "finetune/run.py"), *args], capture_output=True, text=True,
                             cwd=tmp_path, env=base, timeout=timeout)
@@ -165,7 +165,7 @@ def test_offline_run_records_exactly_what_the_environment_says(tmp_path, llama_d
     assert run.config["recipe"]["model_name_or_path"] == str(llama_dir)
     assert any("train/loss" in row for row in run.history)
     assert f"wandb sync {run_dir}" in result.stderr
-    saved = json.loads((tmp_path / "out" / tracking.RUN_FILE).read_text())
+    saved = json.loads((tmp_path / "out" / rundir.WANDB_RUN).read_text())
     assert saved["id"] == run.run.run_id and saved["mode"] == "offline"
     # WANDB_LOG_MODEL=end: one model artifact with the adapter, no optimizer state.
     (artifact,) = run.artifacts
@@ -182,7 +182,7 @@ def test_wandb_disabled_writes_nothing(tmp_path, llama_dir, data_files):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tracking is off (WANDB_DISABLED=true)" in result.stderr
     assert not list((tmp_path / "wb").iterdir())
-    assert not list(tmp_path.rglob("wandb")) and not (tmp_path / "out" / tracking.RUN_FILE).exists()
+    assert not list(tmp_path.rglob("wandb")) and not (tmp_path / "out" / rundir.WANDB_RUN).exists()
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
@@ -257,14 +257,10 @@ def test_two_processes_make_one_run(tmp_path, llama_dir, data_files):
     """Real 2-process DDP on CPU (gloo): exactly one W&B run."""
     base = subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wb"), WANDB_NAME="ddp")
     (tmp_path / "wb").mkdir()
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-         str(REPO / "finetune/run.py"), QLORA, "--model_name_or_path", str(llama_dir), "--dataset",
-         str(data_files["text"]), "--max_steps", "2", "--output_dir", str(tmp_path / "out"), "--use_cpu", "true",
-         "--per_device_train_batch_size", "2", "--disable_tqdm", "true"],
-        capture_output=True, text=True, cwd=tmp_path, env=base, timeout=400,
-    )
+    args = recipe_argv(QLORA, model_name_or_path=llama_dir, dataset=data_files["text"], max_steps=2,
+                       output_dir=tmp_path / "out", use_cpu="true", per_device_train_batch_size=2,
+                       disable_tqdm="true")
+    result = run_to_end(accelerate_launch(*args, processes=2), cwd=tmp_path, env=base, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = offline_runs(tmp_path / "wb")
     run = load_run(run_dir)
@@ -277,7 +273,7 @@ def test_launch_wrapper_passes_the_environment_and_sets_defaults(tmp_path, llama
     base = subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_PROJECT="x", WANDB_TAGS="a,b",
                           PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     result = subprocess.run(
-        [str(REPO / "launch/train.sh"), QLORA, "--model_name_or_path", str(llama_dir), "--dataset",
+        [str(REPO / "launch/train.sh"), str(QLORA), "--model_name_or_path", str(llama_dir), "--dataset",
          str(data_files["text"]), "--max_steps", "2", "--output_dir", str(tmp_path / "out"), "--disable_tqdm", "true",
          "--num_train_epochs", "1"],
         capture_output=True, text=True, cwd=tmp_path, env=base, timeout=300,

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.recipe import load_recipe
 from finetune.run import main, train
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import accelerate_launch, load, recipe_argv, subprocess_env
 
 VARIANTS = {
     "lora_bf16": {"dtype": torch.bfloat16, "quantized": False},
@@ -22,11 +20,10 @@ VARIANTS = {
 
 
 def recipe_args(name: str, model_dir: Path, dataset: Path, output_dir: Path, **overrides) -> list[str]:
-    keys = {"model_name_or_path": model_dir, "dataset": dataset, "output_dir": output_dir, "max_steps": 3,
-            "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-2,
-            "report_to": "none", "disable_tqdm": "true", **overrides}
-    return [str(REPO / "recipes" / f"{name}.yaml")] + [item for key, value in keys.items()
-                                                        for item in (f"--{key}", str(value))]
+    """A shipped recipe on a tiny model and data file: three quick steps."""
+    return recipe_argv(name, **{"model_name_or_path": model_dir, "dataset": dataset, "output_dir": output_dir,
+                                "max_steps": 3, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                                "learning_rate": 1e-2, "report_to": "none", "disable_tqdm": "true", **overrides})
 
 
 def base_weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -39,7 +36,7 @@ def lora_tensors(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_lora_variant_moves_adapters_not_base(variant, llama_dir, data_files, tmp_path):
-    trainer = train(load_recipe(recipe_args(variant, llama_dir, data_files["alpaca"], tmp_path / "out")))
+    trainer = train(load(recipe_args(variant, llama_dir, data_files["alpaca"], tmp_path / "out")))
     model = trainer.model
     adapters = lora_tensors(model)
     lora_b = {name: t for name, t in adapters.items() if "lora_B" in name}
@@ -50,7 +47,7 @@ def test_lora_variant_moves_adapters_not_base(variant, llama_dir, data_files, tm
     if VARIANTS[variant]["quantized"]:
         from finetune.model import load_model
 
-        recipe = load_recipe(recipe_args(variant, llama_dir, data_files["alpaca"], tmp_path / "unused"))
+        recipe = load(recipe_args(variant, llama_dir, data_files["alpaca"], tmp_path / "unused"))
         fresh = dict(load_model(recipe.model).named_parameters())
         layers = [name for name, p in model.named_parameters() if "base_layer" in name]
         assert layers
@@ -82,7 +79,7 @@ def test_kbit_base_keeps_its_compute_dtype(variant, llama_dir, data_files, tmp_p
 
     from finetune.model import load_model, quantization_config
 
-    recipe = load_recipe(recipe_args(variant, llama_dir, data_files["text"], tmp_path))
+    recipe = load(recipe_args(variant, llama_dir, data_files["text"], tmp_path))
     model = load_model(recipe.model)
     float_params = {name: p for name, p in model.named_parameters() if p.is_floating_point() and "lora_" not in name}
     assert float_params and {p.dtype for p in float_params.values()} == {torch.bfloat16}
@@ -100,7 +97,7 @@ def test_kbit_base_keeps_its_compute_dtype(variant, llama_dir, data_files, tmp_p
 
 
 def test_full_fine_tuning_moves_the_weights(llama_dir, data_files, tmp_path):
-    trainer = train(load_recipe(recipe_args("full_bf16", llama_dir, data_files["text"], tmp_path / "out",
+    trainer = train(load(recipe_args("full_bf16", llama_dir, data_files["text"], tmp_path / "out",
                                             dtype="float32", learning_rate=1e-3)))
     original = base_weights(llama_dir)
     saved = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -110,9 +107,19 @@ def test_full_fine_tuning_moves_the_weights(llama_dir, data_files, tmp_path):
     assert all(p.requires_grad for p in trainer.model.parameters())
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
-@pytest.mark.parametrize("fmt", ["text", "alpaca", "messages"])
-@pytest.mark.parametrize("variant", VARIANTS)
+# Every pair of (variant, format), (variant, architecture) and (format, architecture) once: 9 runs, not 18.
+PAIRWISE = [("lora_bf16", "text", "llama"), ("lora_bf16", "alpaca", "qwen2"), ("lora_bf16", "messages", "llama"),
+            ("qlora_int4", "text", "qwen2"), ("qlora_int4", "alpaca", "llama"), ("qlora_int4", "messages", "qwen2"),
+            ("lora_int8", "text", "llama"), ("lora_int8", "alpaca", "qwen2"), ("lora_int8", "messages", "qwen2")]
+
+
+def test_the_pairwise_set_covers_every_pair():
+    for first, second in ((0, 1), (0, 2), (1, 2)):
+        values = [sorted({case[i] for case in PAIRWISE}) for i in (first, second)]
+        assert {(case[first], case[second]) for case in PAIRWISE} == {(a, b) for a in values[0] for b in values[1]}
+
+
+@pytest.mark.parametrize("variant, fmt, architecture", PAIRWISE)
 def test_recipe_trains_on_local_model_and_data(variant, fmt, architecture, request, data_files, tmp_path, caplog):
     model_dir = request.getfixturevalue(f"{architecture}_dir")
     caplog.set_level("INFO")
@@ -121,20 +128,17 @@ def test_recipe_trains_on_local_model_and_data(variant, fmt, architecture, reque
     assert f"dataset format: {fmt} (detected from columns" in caplog.text
 
 
-@pytest.mark.parametrize("variant, architecture, fmt", [
-    ("qlora_int4", "qwen2", "messages"), ("lora_int8", "llama", "alpaca"), ("lora_bf16", "qwen2", "text"),
+@pytest.mark.parametrize("variant, architecture, fmt, script", [
+    ("qlora_int4", "qwen2", "messages", True), ("lora_int8", "llama", "alpaca", False),
+    ("lora_bf16", "qwen2", "text", True),
 ])
-def test_accelerate_launch_command_line(variant, architecture, fmt, request, data_files, tmp_path):
-    """The documented launch line, as a user types it."""
+def test_accelerate_launch_command_line(variant, architecture, fmt, script, request, data_files, tmp_path):
+    """The documented launch lines, as a user types them: the script path and `-m finetune.run`."""
     model_dir = request.getfixturevalue(f"{architecture}_dir")
     out = tmp_path / "out"
     args = recipe_args(variant, model_dir, data_files[fmt], out)
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "finetune/run.py"), *args],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
-        env=subprocess_env(WANDB_DISABLED="true"),
-    )
+    result = subprocess.run(accelerate_launch(*args, script=script), capture_output=True, text=True, cwd=tmp_path,
+                            timeout=600, env=subprocess_env(WANDB_DISABLED="true"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "adapter_model.safetensors").is_file()
     assert f"adapter: {out / 'adapter_model.safetensors'}" in result.stderr
@@ -142,8 +146,8 @@ def test_accelerate_launch_command_line(variant, architecture, fmt, request, dat
 
 def test_embedded_default_learns(tmp_path):
     """The make-train recipe, shortened: the eval loss must fall well below where it started."""
-    trainer = train(load_recipe([str(REPO / "recipes/tiny.yaml"), "--max_steps", "120", "--eval_steps", "120",
-                                 "--output_dir", str(tmp_path / "out"), "--disable_tqdm", "true"]))
+    trainer = train(load(recipe_argv("tiny", max_steps=120, eval_steps=120, output_dir=tmp_path / "out",
+                                     disable_tqdm="true")))
     eval_losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
     assert eval_losses[0] > 5.0
     assert eval_losses[-1] < eval_losses[0] - 1.5, eval_losses

@@ -17,6 +17,7 @@ Eval batches stay padded (the Trainer weighs eval losses by rows, and one flatte
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ VARLEN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "g
                                 "smollm3", "starcoder2"})
 # Architectures whose flattened batches are kept exact by transformers' own masks (rotary positions from the
 # position ids, masks from `masking_utils`): the ones above plus windowed, soft-capped and mixture-of-experts models.
-# tests/test_packing.py checks each against per-example ground truth. Other models train on padded batches.
+# tests/test_padding_free.py checks each against per-example ground truth. Other models train on padded batches.
 FLATTENING_MODEL_TYPES = VARLEN_MODEL_TYPES | {"gemma2", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe", "phi",
                                                "stablelm"}
 
@@ -110,6 +111,32 @@ def training_attention(config, requested: str | None) -> str | None:
         return requested
     register()
     return VARLEN_ATTENTION
+
+
+@dataclass
+class Plan:
+    """Decided once per run, before the model loads: whether training batches are flattened, and the attention
+    implementation to load the model with (None: the recipe's, or transformers' default)."""
+
+    flatten: bool
+    attention: str | None
+
+
+def plan(model_args, data_args) -> Plan:
+    """The padding-free plan for a recipe: reads the model's config.json (not its weights)."""
+    requested = model_args.attn_implementation
+    if not data_args.padding_free:
+        return Plan(False, requested)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    if not flattens(config):
+        logger.info("padding-free batches are not verified for model type %r: training on padded batches",
+                    config.model_type)
+        return Plan(False, requested)
+    attention = training_attention(config, requested)
+    logger.info("padding-free batches, attention: %s", attention or "transformers' default")
+    return Plan(True, attention)
 
 
 class FlatteningCollator:

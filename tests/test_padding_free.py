@@ -6,14 +6,23 @@ import pytest
 import torch
 from transformers import DataCollatorForSeq2Seq, LlamaConfig, MistralConfig, Qwen2Config
 
-from finetune import packing
+from finetune import padding_free as packing
 from finetune.data import IGNORE_INDEX, load_splits
 from finetune.model import load_model, load_tokenizer
-from finetune.recipe import load_recipe
 from finetune.run import train
-from tests.test_train import lora_tensors, recipe_args
+from tests.conftest import load, recipe_argv
 
 TOLERANCE = 1e-5  # fp32: the same sums in another order
+
+
+def recipe_args(name: str, model_dir, dataset, output_dir, **overrides) -> list[str]:
+    return recipe_argv(name, **{"model_name_or_path": model_dir, "dataset": dataset, "output_dir": output_dir,
+                                "max_steps": 3, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                                "learning_rate": 1e-2, "report_to": "none", "disable_tqdm": "true", **overrides})
+
+
+def lora_tensors(model) -> dict:
+    return {name: p.detach().float().cpu() for name, p in model.named_parameters() if "lora_" in name}
 
 
 def _examples(recipe, count=6):
@@ -35,7 +44,8 @@ def _loss_and_grads(model, batch, scale=1.0):
 
 def _model(recipe, padding_free):
     torch.manual_seed(0)
-    model = load_model(recipe.model, padding_free=padding_free)
+    attention = packing.plan(recipe.model, recipe.data).attention if padding_free else None
+    model = load_model(recipe.model, attention=attention)
     torch.manual_seed(1)
     for name, param in model.named_parameters():
         if "lora_B" in name:  # peft starts B at zero, which would leave A's gradient zero and untested
@@ -51,7 +61,7 @@ def test_flattened_batch_equals_padded_batch_and_per_example_truth(attention, ar
     overrides = {"dtype": "float32", "lora_dropout": 0.0}
     if attention:
         overrides["attn_implementation"] = attention
-    recipe = load_recipe(recipe_args("lora_bf16", model_dir, data_files["alpaca"], tmp_path, **overrides))
+    recipe = load(recipe_args("lora_bf16", model_dir, data_files["alpaca"], tmp_path, **overrides))
     tokenizer, features = _examples(recipe)
 
     model = _model(recipe, padding_free=True)
@@ -84,7 +94,7 @@ def test_flattened_batch_equals_padded_batch_and_per_example_truth(attention, ar
 
 def test_cache_left_on_lets_flattened_examples_attend_to_each_other(llama_dir, data_files, tmp_path):
     """The trap `load_model` avoids: with use_cache on, transformers builds no per-example mask (eager, sdpa)."""
-    recipe = load_recipe(recipe_args("lora_bf16", llama_dir, data_files["alpaca"], tmp_path, dtype="float32",
+    recipe = load(recipe_args("lora_bf16", llama_dir, data_files["alpaca"], tmp_path, dtype="float32",
                                      attn_implementation="eager"))
     _, features = _examples(recipe)
     flat = packing.FlatteningCollator()(features)
@@ -128,7 +138,7 @@ def test_padding_free_training_matches_padded_training(llama_dir, data_files, tm
     runs = {}
     for padding_free in (True, False):
         out = tmp_path / str(padding_free)
-        trainer = train(load_recipe(recipe_args(
+        trainer = train(load(recipe_args(
             "lora_bf16", llama_dir, data_files["alpaca"], out, dtype="float32", lora_dropout=0.0, max_steps=4,
             learning_rate=1e-3, eval_size=8, eval_strategy="no", logging_steps=1, padding_free=padding_free)))
         train_batch = next(iter(trainer.get_train_dataloader()))

@@ -1,0 +1,40 @@
+"""The `finetune` command: one entry for every job of the toolkit.
+
+    finetune train recipes/tiny.yaml --max_steps 100        # the same as finetune/run.py (single process)
+    finetune bench outputs/tiny
+    finetune compare outputs/matrix/* --out outputs/comparison
+    finetune merge outputs/tiny
+
+Multi-process training goes through accelerate: `accelerate launch -m finetune.run RECIPE ...` (or the script
+path, `accelerate launch finetune/run.py RECIPE ...`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {  # command: (module with main(argv), one line)
+    "train": ("finetune.run", "train from a YAML recipe"),
+    "bench": ("finetune.bench", "inference benchmark of a finished run"),
+    "compare": ("finetune.compare", "comparison table and Pareto plot of several runs"),
+    "merge": ("finetune.merge", "merge an adapter into a standalone model"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:8} {summary}" for name, (_, summary) in COMMANDS.items()]
+        usage = "usage: finetune COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(lines)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
+            return 2
+        print(usage)
+        return 0
+    module, _ = COMMANDS[argv[0]]
+    return importlib.import_module(module).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

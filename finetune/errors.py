@@ -1,0 +1,33 @@
+"""What a run can end with: the exit codes of the README's table, and the error for bad input.
+
+| code | meaning |
+|---|---|
+| 0 | trained, evaluated, saved |
+| 2 | bad input (recipe, environment, data, output directory): nothing was written |
+| 3 | stopped on a non-finite loss or weights; the last good checkpoint is kept |
+| 75 | preempted (SIGTERM/SIGINT/SIGUSR1): checkpoint saved, run the same command to resume |
+"""
+
+from __future__ import annotations
+
+import sys
+
+OK = 0
+USAGE = 2
+DIVERGED = 3
+PREEMPTED = 75  # EX_TEMPFAIL: "try again later", the same command resumes
+
+
+class UsageError(Exception):
+    """Bad input, every problem found, one line each. Commands print them and exit with USAGE."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def report(error: UsageError) -> int:
+    """Print each problem as `error: ...` on stderr; returns USAGE."""
+    for problem in error.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return USAGE

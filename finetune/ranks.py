@@ -1,0 +1,69 @@
+"""The processes of a multi-process run: sums and maxima across ranks, agreeing on a flag, and leaving the
+process group in an order that cannot deadlock. In a single process every function is the identity or a no-op."""
+
+from __future__ import annotations
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def reduce_across_ranks(values: list[float], op: str = "sum", group=None) -> list[float]:
+    """Sum or max each value over all processes (of `group`); the identity in a single process.
+
+    A collective: every rank must call it at the same point. On an NCCL group the values go through the GPU, a
+    device sync point, so the metrics call it at log steps and at the end of training only; a gloo group keeps
+    it on the CPU.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    on_gpu = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+    return tensor.tolist()
+
+
+def agree(flag: bool, group=None) -> bool:
+    """True when any rank says True. Given a gloo group, a CPU collective: no step waits on the GPU."""
+    return reduce_across_ranks([1.0 if flag else 0.0], "max", group)[0] > 0
+
+
+def leave_process_group(trainer=None, wait: bool = True) -> None:
+    """End this rank's part in the process group; with `wait`, only once every rank has got here. A no-op in a
+    single-process run, and once left.
+
+    Called by every rank right after its last collective work (saving), before the main process alone writes
+    the summary and finishes the W&B run, so that no rank exits while a peer still holds a live connection to it.
+    The order avoids a deadlock in torch's gloo teardown: a process group destroyed by the last reference to it
+    held in C++ (the DDP reducer) joins its worker threads while holding the GIL, and a worker that is releasing
+    a finished collective's tensors needs the GIL. So the wrapped model (and the Accelerator's references to it)
+    go first, and the process groups die last, from Python, which releases the GIL while it waits.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait:
+        dist.barrier()
+    if trainer is not None:
+        trainer.model_wrapped = trainer.model
+        trainer.accelerator.free_memory()  # drops its references to the DDP wrapper, then collects
+    dist.destroy_process_group()
+
+
+def check_launch(training_args) -> None:
+    """Refuse a launch whose processes did not form one group (a launcher/config mismatch), naming both sizes."""
+    import os
+
+    from finetune.errors import UsageError
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size != launched:
+        raise UsageError(f"the launcher started {launched} processes but they formed a group of "
+                         f"{training_args.world_size}; check the accelerate config (see launch/accelerate/)")

@@ -1,0 +1,168 @@
+"""The run directory (`output_dir`): every file a run writes there, written atomically, and read back.
+
+    output_dir/
+      adapter_model.safetensors, adapter_config.json   LoRA runs (model*.safetensors + config.json: full runs)
+      tokenizer files, chat_template.jinja              the tokenizer, as the Trainer saves it
+      recipe.yaml      every key with its effective value (finetune.recipe.recipe_yaml)
+      summary.json     the run summary, written last: its presence means the run finished
+      wandb_run.json   the W&B run id, so that a resumed run continues it
+      bench.json       the inference benchmark (finetune.bench)
+      checkpoint-N/    Trainer checkpoints
+
+Everything else asks this module for those names. A write goes to a temporary file in the same directory and is
+renamed into place, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import UsageError
+
+RECIPE = "recipe.yaml"
+SUMMARY = "summary.json"
+WANDB_RUN = "wandb_run.json"
+BENCH = "bench.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# A checkpoint's model weights (adapter, full model, or a sharded full model) and its optimizer state.
+WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+OPTIMIZER_STATE = ("optimizer.pt", "optimizer.bin")
+# Files of a checkpoint that are training state, not model: never uploaded as a model.
+TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state", "training_args.bin")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (a temporary file in the same directory, renamed into place)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None when it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_finished(output_dir: Path) -> bool:
+    return (output_dir / SUMMARY).is_file()
+
+
+def saved_weights(output_dir: Path, use_lora: bool) -> list[Path]:
+    """The weight files a finished run saved: its adapter, or every shard of its full model."""
+    return sorted(output_dir.glob("adapter_model*.safetensors" if use_lora else "model*.safetensors"))
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files of a model directory (safetensors, or legacy .bin), for sizes on disk."""
+    return sorted(directory.glob("*.safetensors")) + sorted(p for p in directory.glob("*.bin")
+                                                            if p.name != "training_args.bin")
+
+
+def model_files(directory: Path) -> list[Path]:
+    """The files of a saved adapter/model/checkpoint worth uploading: weights, configs, tokenizer, recipe."""
+    return sorted(p for p in directory.iterdir()
+                  if p.is_file() and not p.name.startswith(TRAINING_STATE_FILES) and not p.name.startswith("."))
+
+
+# Checkpoints -------------------------------------------------------------------------------------------------
+
+def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint-N directory, newest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint can't be resumed from (missing or unreadable parts), or None when it is complete.
+
+    The Trainer writes trainer_state.json last, so a save that was cut short has none.
+    """
+    state = read_json(path / "trainer_state.json")
+    if not (path / "trainer_state.json").is_file():
+        return "no trainer_state.json (the save was cut short)"
+    if state is None:
+        return "trainer_state.json is not valid JSON"
+    match = CHECKPOINT.match(path.name)
+    if match and state.get("global_step") != int(match.group(1)):
+        return f"trainer_state.json says step {state.get('global_step')}, the directory says {match.group(1)}"
+    weights = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+    sharded = any(p.is_dir() and p.name.startswith(("pytorch_model_fsdp", "global_step")) for p in path.iterdir())
+    if not weights and not sharded:
+        return "no model or adapter weights"
+    for weight in weights:
+        if weight.suffix == ".safetensors":
+            problem = _safetensors_problem(weight)
+            if problem:
+                return problem
+    if not sharded and not any((path / name).is_file() for name in OPTIMIZER_STATE):
+        return "no optimizer state"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            keys = list(handle.keys())
+            if keys:
+                handle.get_tensor(keys[-1])  # the last tensor ends the file: a truncated file fails here
+    except Exception as error:  # safetensors raises its own error types for every kind of damage
+        return f"{path.name} is unreadable ({str(error).splitlines()[0][:80]})"
+    return None
+
+
+def clear_previous_run(output_dir: Path) -> None:
+    """For overwrite_output_dir: remove what a previous run left (checkpoints, summary, run id, benchmark)."""
+    for _, path in checkpoints(output_dir):
+        shutil.rmtree(path)
+    for name in (SUMMARY, WANDB_RUN, BENCH):
+        (output_dir / name).unlink(missing_ok=True)
+
+
+# A finished run, read back ------------------------------------------------------------------------------------
+
+def trained_recipe(output_dir: Path):
+    """The recipe of a finished training run in `output_dir`. Raises UsageError when it is not one."""
+    from finetune.recipe import load_recipe
+
+    if not (output_dir / RECIPE).is_file():
+        raise UsageError(f"{output_dir}: no {RECIPE}; give the output_dir of a finished training run")
+    recipe = load_recipe([str(output_dir / RECIPE)])
+    if recipe.model.use_lora and not (output_dir / ADAPTER_WEIGHTS).is_file():
+        raise UsageError(f"{output_dir}: no {ADAPTER_WEIGHTS}; has the training finished?")
+    return recipe
+
+
+def results(output_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(recipe keys, summary, benchmark) of a run directory, each {} when missing. For comparisons."""
+    import yaml
+
+    recipe_file = output_dir / RECIPE
+    recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else {}
+    return recipe or {}, read_json(output_dir / SUMMARY) or {}, read_json(output_dir / BENCH) or {}
+
+
+def prepare(output_dir: Path, recipe_text: str, fresh: bool) -> None:
+    """Make the directory ready for a run (main process only): with `fresh`, the previous run's checkpoints,
+    summary, run id and benchmark are removed first; the recipe is written."""
+    if fresh:
+        clear_previous_run(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text(output_dir / RECIPE, recipe_text)
