@@ -80,6 +80,11 @@ def model_files(directory: Path) -> list[Path]:
 
 # Checkpoints -------------------------------------------------------------------------------------------------
 
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    """Where the Trainer writes the checkpoint of a step."""
+    return output_dir / f"checkpoint-{step}"
+
+
 def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """(step, path) of every checkpoint-N directory, newest first."""
     if not output_dir.is_dir():

@@ -359,7 +359,7 @@ def checkpoint_callback(run, recipe: Recipe):
     class CheckpointArtifacts(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
-                directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                directory = rundir.checkpoint_dir(Path(args.output_dir), state.global_step)
                 last = state.log_history[-1] if state.log_history else {}
                 log_model_artifact(run, directory, recipe, last, [f"step-{state.global_step}"])
 
