@@ -1,6 +1,7 @@
 """The `finetune` command: one entry for every job of the toolkit.
 
     finetune train recipes/tiny.yaml --max_steps 100        # the same as finetune/run.py (single process)
+    finetune launch recipes/tiny.yaml                       # through accelerate, as launch/train.sh does
     finetune bench outputs/tiny
     finetune compare outputs/matrix/* --out outputs/comparison
     finetune merge outputs/tiny
@@ -15,7 +16,8 @@ import importlib
 import sys
 
 COMMANDS = {  # command: (module with main(argv), one line)
-    "train": ("finetune.run", "train from a YAML recipe"),
+    "train": ("finetune.run", "train from a YAML recipe, in this process"),
+    "launch": ("finetune.launch", "train through accelerate (ACCELERATE_CONFIG): exact exit codes, signals passed on"),
     "bench": ("finetune.bench", "inference benchmark of a finished run"),
     "compare": ("finetune.compare", "comparison table and Pareto plot of several runs"),
     "merge": ("finetune.merge", "merge an adapter into a standalone model"),

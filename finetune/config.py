@@ -202,6 +202,9 @@ class Recipe:
                             "eval_strategy: no or hold out some examples")
         if self.training.max_steps <= 0 and self.training.num_train_epochs <= 0:
             problems.append("max_steps and num_train_epochs are both <= 0; set one of them to a positive number")
+        protected = protected_problem(Path(self.training.output_dir), self.model.model_name_or_path, self.data.dataset)
+        if protected:
+            problems.append(protected)
         if self.training.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
             problems.append("use_liger_kernel: needs the liger-kernel package (Triton kernels for CUDA GPUs); pip "
                             "install liger-kernel, or set use_liger_kernel: false")
@@ -218,6 +221,9 @@ class Recipe:
         for key, value in self.training.to_dict().items():
             if key in current and not looks_secret(key):
                 out[key] = value
+        # What to do with an existing output_dir is this invocation's choice, not the run's: a saved recipe that
+        # is run again must refuse a finished run like any other command.
+        out.update(overwrite_output_dir=False, resume_from_checkpoint=None)
         return out
 
 
@@ -229,6 +235,25 @@ def _default(cls, name: str):
 def _raise(problems: list[str]) -> None:
     if problems:
         raise UsageError(problems)
+
+
+def protected_problem(output_dir: Path, model: str, dataset: str) -> str | None:
+    """Why `output_dir` must never be written to: it is (or is inside) the base model's directory or the dataset's
+    directory, or it is the directory that holds the dataset file. None when it is safe."""
+    target = output_dir.expanduser().resolve()
+    for key, name in (("model_name_or_path", model), ("dataset", dataset)):
+        source = Path(name).expanduser() if name else None
+        if source is None or not source.exists():
+            continue
+        source = source.resolve()
+        if source.is_file():
+            if target == source.parent:
+                return f"output_dir: {output_dir} is the directory of the {key} file ({name}); choose another"
+            continue
+        if target == source or source in target.parents:
+            return (f"output_dir: {output_dir} is {'inside ' if target != source else ''}the {key} directory "
+                    f"({name}); a run would write over it. Choose another output_dir")
+    return None
 
 
 def looks_secret(name: str) -> bool:

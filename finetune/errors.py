@@ -6,6 +6,7 @@
 | 2 | bad input (recipe, environment, data, output directory): nothing was written |
 | 3 | stopped on a non-finite loss or weights; the last good checkpoint is kept |
 | 75 | preempted (SIGTERM/SIGINT/SIGUSR1): checkpoint saved, run the same command to resume |
+| 128 + signal | stopped before training began (130 for Ctrl-C, 143 for SIGTERM), or by a second Ctrl-C: nothing saved |
 """
 
 from __future__ import annotations

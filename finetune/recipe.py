@@ -202,14 +202,9 @@ def check_keys(merged: dict[str, Any], overrides: dict[str, Any], path: Path,
 Hardware = Callable[[config.ModelArguments, dict[str, Any]], dict[str, Any]]
 
 
-def load_recipe(argv: list[str], hardware: Hardware | None = None) -> Recipe:
-    """Parse `RECIPE.yaml [--key value ...]` into a validated Recipe.
-
-    `hardware`, given the model arguments and the Trainer's keys, returns TrainingArguments defaults that follow
-    the machine (the runner passes `finetune.model.hardware_defaults`); keys the recipe sets keep their value.
-    Raises UsageError listing every problem found: unknown keys (with a suggestion), wrong types, values outside
-    their choices, impossible combinations and missing local files. Nothing is written and no model is loaded.
-    """
+def read_checked(argv: list[str]) -> tuple[Path, dict[str, Any], dict[str, Any], dict[type, Any]]:
+    """Everything `load_recipe` checks that needs no torch: the files, every key and value, and the combinations
+    of the toolkit's own keys. Returns (recipe path, merged keys, checked values, the toolkit's groups)."""
     if not argv or argv[0].startswith("--"):
         raise UsageError("usage: finetune/run.py RECIPE.yaml [--key value ...]; the recipe path comes first (see "
                          "recipes/)")
@@ -220,7 +215,6 @@ def load_recipe(argv: list[str], hardware: Hardware | None = None) -> Recipe:
     values = check_keys(merged, overrides, path, problems)
     if problems:
         raise UsageError(problems)
-
     groups = {}
     for cls in config.GROUPS:
         try:
@@ -229,6 +223,18 @@ def load_recipe(argv: list[str], hardware: Hardware | None = None) -> Recipe:
             problems += error.problems
     if problems:
         raise UsageError(problems)
+    return path, merged, values, groups
+
+
+def load_recipe(argv: list[str], hardware: Hardware | None = None) -> Recipe:
+    """Parse `RECIPE.yaml [--key value ...]` into a validated Recipe.
+
+    `hardware`, given the model arguments and the Trainer's keys, returns TrainingArguments defaults that follow
+    the machine (the runner passes `finetune.model.hardware_defaults`); keys the recipe sets keep their value.
+    Raises UsageError listing every problem found: unknown keys (with a suggestion), wrong types, values outside
+    their choices, impossible combinations and missing local files. Nothing is written and no model is loaded.
+    """
+    path, merged, values, groups = read_checked(argv)
     ours = set().union(*(config.group_fields(cls) for cls in config.GROUPS))
     training_values = {k: v for k, v in values.items() if k not in ours}
     if "gradient_checkpointing_kwargs" in training_values:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 from pathlib import Path
 
@@ -26,18 +27,64 @@ from finetune.ranks import agree
 
 logger = logging.getLogger(__name__)
 
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class TrainingDiverged(Exception):
     """Training stopped on a non-finite loss, gradient norm or weight."""
 
 
-def plan_resume(recipe: Recipe) -> Path | None:
-    """The checkpoint to resume from, or None to start fresh. Checks only; deletes and loads nothing.
+class Interrupted(Exception):
+    """A stop signal arrived before training began: there is nothing to save. `code` is 128 + the signal."""
+
+    def __init__(self, signum: int):
+        self.code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} before training began; nothing was saved")
+
+
+def stop_before_training() -> None:
+    """Until training begins (PreemptionCallback takes over), a stop signal ends the run at once, cleanly."""
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    for signum in PREEMPT_SIGNALS:
+        signal.signal(signum, interrupt)
+
+
+def _finish_first(signum, frame) -> None:
+    global _finishing_signals
+    _finishing_signals += 1
+    if signum == signal.SIGINT and _finishing_signals > 1:
+        os._exit(130)
+    logger.warning("%s received after training: finishing the final evaluation and save first",
+                   signal.Signals(signum).name)
+
+
+_finishing_signals = 0
+
+
+# Settings a resumed run cannot change: what is trained (model, adapter shape, quantization, data and its order)
+# and how (the optimizer and learning-rate schedule restored from the checkpoint). Every other key may change
+# on resume (steps, saving, evaluation, logging, tracking), and the change applies from the resume step.
+FIXED_ON_RESUME = (
+    "model_name_or_path", "dtype", "trust_remote_code", "quantization", "bnb_4bit_quant_type",
+    "bnb_4bit_use_double_quant", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "dataset", "dataset_format", "dataset_config", "dataset_split", "eval_split", "eval_fraction", "eval_size",
+    "max_train_samples", "max_length", "train_on_prompt", "seed", "data_seed", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
+    "weight_decay", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16",
+    "fp16",
+)
+NOT_COMPARED = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "auto_resume", "run_name")
+
+
+def plan_resume(recipe: Recipe) -> tuple[Path | None, dict[str, tuple]]:
+    """(the checkpoint to resume from or None, the settings that changed since the run's last segment).
+    Checks only; deletes and loads nothing.
 
     Raises UsageError when output_dir holds a finished run (and overwrite_output_dir is off), when auto_resume
-    is off but checkpoints exist, or when an explicit resume_from_checkpoint is missing or incomplete.
+    is off but checkpoints exist, when an explicit resume_from_checkpoint is missing or incomplete, or when a
+    setting a resumed run cannot change differs from the run being resumed (each one named).
     """
     args = recipe.training
     output_dir = Path(args.output_dir)
@@ -47,12 +94,17 @@ def plan_resume(recipe: Recipe) -> Path | None:
         problem = rundir.checkpoint_problem(path) if path.is_dir() else "no such directory"
         if problem:
             raise UsageError(f"resume_from_checkpoint: {explicit}: {problem}")
-        return path
+        return path, changed_settings(recipe, path.parent)
     if recipe.run.overwrite_output_dir:
-        return None
+        return None, {}
     if rundir.is_finished(output_dir):
         raise UsageError(f"output_dir: {output_dir} already holds a finished run ({rundir.SUMMARY}); choose another "
                          "output_dir, or pass --overwrite_output_dir true to replace it")
+    foreign = rundir.foreign_files(output_dir)
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+        raise UsageError(f"output_dir: {output_dir} holds files no finetune run wrote ({shown}); choose another "
+                         "output_dir, or pass --overwrite_output_dir true to write there anyway")
     found = rundir.checkpoints(output_dir)
     if found and not recipe.run.auto_resume:
         raise UsageError(f"output_dir: {output_dir} has checkpoints ({found[0][1].name} newest) and auto_resume is "
@@ -61,9 +113,30 @@ def plan_resume(recipe: Recipe) -> Path | None:
     for _, path in found:
         problem = rundir.checkpoint_problem(path)
         if problem is None:
-            return path
+            return path, changed_settings(recipe, output_dir)
         logger.warning("skipping %s: %s", path, problem)
-    return None
+    return None, {}
+
+
+def changed_settings(recipe: Recipe, run_dir: Path) -> dict[str, tuple]:
+    """{key: (before, now)} for every setting that differs from the recipe the run in `run_dir` last ran with.
+    Raises UsageError naming each one that a resumed run cannot change."""
+    import yaml
+
+    saved_file = run_dir / rundir.RECIPE
+    if not saved_file.is_file():
+        return {}
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    now = recipe.resolved()
+    changed = {key: (saved.get(key), value) for key, value in now.items()
+               if key not in NOT_COMPARED and key in saved and saved[key] != value}
+    fixed = [f"{key} ({before!r} -> {after!r})" for key, (before, after) in changed.items()
+             if key in FIXED_ON_RESUME]
+    if fixed:
+        raise UsageError(f"output_dir: resuming the run in {run_dir}, whose model, data, optimizer and schedule "
+                         f"a resumed run continues; these settings differ from it: {', '.join(fixed)}. Rerun with "
+                         "the run's values, or start over with --overwrite_output_dir true (or another output_dir)")
+    return changed
 
 
 class PreemptionCallback(TrainerCallback):
@@ -80,14 +153,20 @@ class PreemptionCallback(TrainerCallback):
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def uninstall(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        """Training is over: a signal now lets the final evaluation and save finish (a second Ctrl-C does not)."""
+        for signum in PREEMPT_SIGNALS:
+            signal.signal(signum, _finish_first)
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
             self.received = signal.Signals(signum).name
-            logger.warning("%s received: saving a checkpoint at the end of this step, then stopping", self.received)
+            again = " (Ctrl-C again to stop at once, without saving)" if signum == signal.SIGINT else ""
+            logger.warning("%s received: saving a checkpoint at the end of this step, then stopping%s",
+                           self.received, again)
+        elif signum == signal.SIGINT:  # a second Ctrl-C: the user wants out now
+            logger.warning("stopped at once; the last checkpoint is the one to resume from")
+            os._exit(130)
 
     def on_train_begin(self, args, state, control, **kwargs):
         import torch.distributed as dist
@@ -105,6 +184,14 @@ class PreemptionCallback(TrainerCallback):
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
+
+
+class ResumedSettings(TrainerCallback):
+    """A resumed run logs, evaluates and saves at the intervals its recipe says now: the Trainer would keep the
+    ones stored in the checkpoint's state."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -147,9 +234,10 @@ def end_early(trainer, run, output_dir: Path):
         if run is not None:
             run.finish(exit_code=errors.DIVERGED)
         good = next((p for _, p in rundir.checkpoints(output_dir) if not rundir.checkpoint_problem(p)), None)
-        raise TrainingDiverged(f"training stopped: {trainer.guard.problem}. Last good checkpoint: {good or 'none'}. "
-                               "Lower learning_rate, raise warmup_steps, or set on_nonfinite_loss: skip; then rerun "
-                               "to resume")
+        start_over = "start over with a lower learning_rate or more warmup_steps (--overwrite_output_dir true)"
+        advice = (f"Last good checkpoint: {good}. Rerun with --on_nonfinite_loss skip to resume from it, skipping "
+                  f"such batches; or {start_over}" if good else f"No checkpoint was written: {start_over}")
+        raise TrainingDiverged(f"training stopped: {trainer.guard.problem}. {advice}")
     if trainer.is_world_process_zero():
         logger.warning("stopped by %s at step %d, checkpoint saved in %s; run the same command again to resume",
                        trainer.preemption.received, trainer.preemption.stopped_at, output_dir)
@@ -157,3 +245,64 @@ def end_early(trainer, run, output_dir: Path):
         run.mark_preempting()
         run.finish(exit_code=errors.PREEMPTED)
     return trainer
+
+
+class Attempt:
+    """One invocation of a run in its output_dir: holds the directory's lock for its life (main process), and if
+    it fails before writing a checkpoint, puts back what it wrote (recipe, run id, history), so that nothing it
+    leaves makes the next attempt wrong. A W&B run it started is finished as failed."""
+
+    RESTORED = (rundir.RECIPE, rundir.WANDB_RUN, rundir.MARKER)
+
+    def __init__(self, output_dir: Path, main: bool):
+        self.output_dir, self.main = output_dir, main
+        self.claim = rundir.Claim(output_dir) if main else None
+        self.before: dict[str, bytes | None] = {}
+        self.checkpoints: list = []
+        self.run = None  # the W&B run, once started
+
+    def __enter__(self):
+        from finetune import ranks
+
+        problem = None
+        if self.main:
+            try:
+                self.claim.acquire()
+            except UsageError as error:
+                problem = error
+        if ranks.agree(problem is not None):  # every rank stops, not only the one that found the problem
+            raise problem or UsageError(f"output_dir: {self.output_dir} could not be claimed (see the main process)")
+        if self.main:
+            self.before = {name: (self.output_dir / name).read_bytes() if (self.output_dir / name).is_file()
+                           else None for name in self.RESTORED}
+            self.checkpoints = rundir.checkpoints(self.output_dir)
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if not self.main:
+            return False
+        wrote_nothing = kind is not None and rundir.checkpoints(self.output_dir) == self.checkpoints \
+            and not rundir.is_finished(self.output_dir)
+        if wrote_nothing:
+            for name, content in self.before.items():
+                path = self.output_dir / name
+                if content is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    rundir.write_text(path, content.decode())
+        if kind is not None and self.run is not None and not isinstance(error, TrainingDiverged):
+            self.run.finish(exit_code=1)
+        self.claim.release(clean=wrote_nothing)
+        return False
+
+
+def segment(resume_from: Path | None, changed: dict[str, tuple]) -> dict:
+    """What the run's history records for this invocation: when, from which step, and what changed."""
+    import time
+
+    step = int(resume_from.name.rsplit("-", 1)[-1]) if resume_from is not None else 0
+    if changed:
+        logger.info("resuming with changed settings: %s", ", ".join(f"{key} {before!r} -> {after!r}"
+                                                                     for key, (before, after) in changed.items()))
+    return {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "from_step": step,
+            "changed": {key: list(values) for key, values in changed.items()}}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from finetune import errors, logs, padding_free, ranks, resilience, rundir, tiny, tracking
+from finetune import errors, launch, logs, padding_free, ranks, resilience, rundir, tiny, tracking
 from finetune.config import Recipe
 from finetune.data import load_splits
 from finetune.errors import UsageError
@@ -30,18 +30,25 @@ logger = logging.getLogger("finetune")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a recipe from the command line; returns the exit code (finetune.errors: 0, 2, 3 or 75)."""
+    """Run a recipe from the command line; returns the exit code (finetune.errors: 0, 2, 3, 75, or 128 + a signal)."""
     argv = sys.argv[1:] if argv is None else argv
+    resilience.stop_before_training()
+    launch.follow_launcher()
+    code = errors.OK
     try:
         trainer = train(load_recipe(argv, hardware=hardware_defaults))
+        code = errors.PREEMPTED if trainer.preemption.stopped_at is not None else errors.OK
     except UsageError as error:
-        return errors.report(error)
+        code = errors.report(error)
     except resilience.TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
-        return errors.DIVERGED
+        code = errors.DIVERGED
+    except resilience.Interrupted as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = error.code
     finally:
         ranks.leave_process_group(wait=False)  # after an error; train() has left in step otherwise
-    return errors.PREEMPTED if trainer.preemption.stopped_at is not None else errors.OK
+    return launch.report_exit(code)
 
 
 def train(recipe: Recipe):
@@ -51,55 +58,56 @@ def train(recipe: Recipe):
     being finite. A preempted run returns early with `trainer.preemption.stopped_at` set.
     """
     args, output_dir = recipe.training, Path(recipe.training.output_dir)
+    recipe_text = recipe_yaml(recipe)  # as given: tracking sets the Trainer's report_to and run_name below
     logs.setup(args.process_index == 0)
     ranks.check_launch(args)
+    with resilience.Attempt(output_dir, main=args.process_index == 0) as attempt:
+        # 1. Where to start (a checkpoint to resume, or fresh) and where to report, before anything heavy loads.
+        resume_from, changed = resilience.plan_resume(recipe)
+        plan = tracking.resolve(recipe, resuming=resume_from is not None)
+        tracking.prepare(plan, args)
 
-    # 1. Where to start (a checkpoint to resume, or fresh) and where to report, before anything heavy loads.
-    resume_from = resilience.plan_resume(recipe)
-    plan = tracking.resolve(recipe, resuming=resume_from is not None)
-    tracking.prepare(plan, args)
+        # 2. Data; the embedded default builds its tiny model and data on first use.
+        if tiny.used_by(recipe):
+            with args.main_process_first(desc="building the embedded tiny model and data"):
+                tiny.ensure_assets()
+        tokenizer = load_tokenizer(recipe.model)
+        train_set, eval_set = load_splits(recipe.data, tokenizer, args.seed, args.main_process_first)
 
-    # 2. Data; the embedded default builds its tiny model and data on first use.
-    if tiny.used_by(recipe):
-        with args.main_process_first(desc="building the embedded tiny model and data"):
-            tiny.ensure_assets()
-    tokenizer = load_tokenizer(recipe.model)
-    train_set, eval_set = load_splits(recipe.data, tokenizer, args.seed, args.main_process_first)
+        # 3. The model, quantized and/or wrapped with LoRA; seeded first, so that the adapter initialisation is the
+        #    same on every run of the recipe. Padding-free batches decide its attention.
+        batches = padding_free.plan(recipe.model, recipe.data)
+        set_seed(args.seed)
+        model = load_model(recipe.model, attention=batches.attention)
 
-    # 3. The model, quantized and/or wrapped with LoRA; seeded first, so that the adapter initialisation is the
-    #    same on every run of the recipe. Padding-free batches decide its attention.
-    batches = padding_free.plan(recipe.model, recipe.data)
-    set_seed(args.seed)
-    model = load_model(recipe.model, attention=batches.attention)
+        # 4. The run directory (recipe, history) and the W&B run: one of each per job, on the main process.
+        if args.process_index == 0:
+            rundir.prepare(output_dir, recipe_text, fresh=recipe.run.overwrite_output_dir and not resume_from,
+                           segment=resilience.segment(resume_from, changed))
+            attempt.run = tracking.start(plan, tracking.run_config(recipe), output_dir)
 
-    # 4. The run directory and the W&B run: one of each per job, on the main process.
-    run = None
-    if args.process_index == 0:
-        rundir.prepare(output_dir, recipe_yaml(recipe), fresh=resume_from is None and recipe.run.overwrite_output_dir)
-        run = tracking.start(plan, tracking.run_config(recipe), output_dir)
+        # 5. Train; SIGTERM, SIGINT and SIGUSR1 end it at a step boundary with a checkpoint.
+        trainer = build_trainer(recipe, model, tokenizer, train_set, eval_set, batches.flatten,
+                                callbacks=tracking.callbacks(attempt.run, plan, recipe))
+        trainer.fit(resume_from)
+        if trainer.stopped_early:
+            return resilience.end_early(trainer, attempt.run, output_dir)  # raises TrainingDiverged if non-finite
 
-    # 5. Train; SIGTERM/SIGUSR1 end it at a step boundary with a checkpoint.
-    trainer = build_trainer(recipe, model, tokenizer, train_set, eval_set, batches.flatten,
-                            callbacks=tracking.callbacks(run, plan, recipe))
-    trainer.fit(resume_from)
-    if trainer.stopped_early:
-        return resilience.end_early(trainer, run, output_dir)  # raises TrainingDiverged for a non-finite loss
+        # 6. Evaluate, unless the Trainer's schedule just did at the last step.
+        if eval_set is not None and not trainer.metrics.evaluated_at(trainer.state.global_step):
+            trainer.evaluate()
 
-    # 6. Evaluate, unless the Trainer's schedule just did at the last step.
-    if eval_set is not None and not trainer.metrics.evaluated_at(trainer.state.global_step):
-        trainer.evaluate()
+        # 7. Save the adapter (or the full model) and the tokenizer; then every rank leaves the process group
+        #    together, so that the main process's W&B upload can take as long as it needs.
+        trainer.save_model(str(output_dir))
+        ranks.leave_process_group(trainer)
 
-    # 7. Save the adapter (or the full model) and the tokenizer; then every rank leaves the process group
-    #    together, so that the main process's W&B upload can take as long as it needs.
-    trainer.save_model(str(output_dir))
-    ranks.leave_process_group(trainer)
-
-    # 8. Summarise: the same numbers in summary.json, the W&B summary and on the console.
-    if args.process_index == 0:
-        summary = trainer.summary()
-        rundir.write_json(output_dir / rundir.SUMMARY, summary)
-        tracking.finish(run, plan, recipe, output_dir, summary)
-        report(trainer, output_dir, summary)
+        # 8. Summarise: the same numbers in summary.json, the W&B summary and on the console.
+        if args.process_index == 0:
+            summary = trainer.summary()
+            rundir.write_json(output_dir / rundir.SUMMARY, summary)
+            tracking.finish(attempt.run, plan, recipe, output_dir, summary)
+            report(trainer, output_dir, summary)
     return trainer
 
 

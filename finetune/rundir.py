@@ -117,7 +117,7 @@ def checkpoint_problem(path: Path) -> str | None:
                 return problem
     if not sharded and not any((path / name).is_file() for name in OPTIMIZER_STATE):
         return "no optimizer state"
-    return None
+    return manifest_problem(path)
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -164,10 +164,173 @@ def results(output_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str,
     return recipe or {}, read_json(output_dir / SUMMARY) or {}, read_json(output_dir / BENCH) or {}
 
 
-def prepare(output_dir: Path, recipe_text: str, fresh: bool) -> None:
+def prepare(output_dir: Path, recipe_text: str, fresh: bool, segment: dict[str, Any]) -> None:
     """Make the directory ready for a run (main process only): with `fresh`, the previous run's checkpoints,
-    summary, run id and benchmark are removed first; the recipe is written."""
+    summary, run id, benchmark and history are removed first; the segment is recorded and the recipe written,
+    its header listing every segment of the run and what changed at each."""
     if fresh:
         clear_previous_run(output_dir)
+        (output_dir / MARKER).unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_text(output_dir / RECIPE, recipe_text)
+    mark(output_dir, segment)
+    history = []
+    for number, past in enumerate(segments(output_dir), 1):
+        changes = ", ".join(f"{key} {before!r} -> {after!r}" for key, (before, after) in past["changed"].items())
+        history.append(f"# segment {number}: started {past['started']} at step {past['from_step']}"
+                       + (f"; changed: {changes}" if changes else ""))
+    write_text(output_dir / RECIPE, recipe_text + "".join(f"{line}\n" for line in history))
+
+
+# Ownership and the lock ----------------------------------------------------------------------------------------
+
+MARKER = ".finetune-run"  # JSON: this directory belongs to a finetune run (and the history of its segments)
+LOCK = ".finetune-lock"  # holds an exclusive lock for the life of a run; says who holds it
+
+
+def foreign_files(output_dir: Path) -> list[str]:
+    """The entries of an existing, non-empty directory that no finetune run wrote: [] for an empty or missing
+    directory and for one of ours (the marker, or a recipe.yaml a run resolved, from before the marker)."""
+    if not output_dir.is_dir():
+        return []
+    entries = sorted(p.name for p in output_dir.iterdir() if p.name != LOCK)
+    if not entries or MARKER in entries:
+        return []
+    recipe = output_dir / RECIPE
+    if recipe.is_file() and recipe.read_text(errors="replace").startswith("# Resolved from"):
+        return []
+    return entries
+
+
+class Claim:
+    """A run's hold on its directory: an exclusive lock (fcntl) on LOCK for the life of the run, released on
+    every exit path, including a crash (the kernel drops the lock with the process). Stale locks of dead
+    processes don't block: their lock is gone with them."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
+        self.created = not output_dir.exists()
+        self.handle = None
+
+    def acquire(self) -> None:
+        """Raises UsageError naming the holder (pid, host, start time) when another live run holds the lock."""
+        import fcntl
+        import socket
+        import time
+
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise UsageError(f"output_dir: {self.output_dir} is a file; give a directory")
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(self.output_dir / LOCK, "a+")  # noqa: SIM115 - held open for the life of the run
+        except OSError as error:
+            raise UsageError(f"output_dir: can't write to {self.output_dir} ({error.strerror}); choose a writable "
+                             "directory") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UsageError(f"output_dir: {self.output_dir} is in use by a running training ({holder}); wait for "
+                             "it to end, or choose another output_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        self.handle = handle
+
+    def release(self, clean: bool = False) -> None:
+        """Let go of the lock. With `clean` (the run wrote nothing that matters), the lock file goes too, and the
+        directory if this run created it and it is empty."""
+        if self.handle is None:
+            return
+        import fcntl
+
+        if clean:
+            (self.output_dir / LOCK).unlink(missing_ok=True)
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+        self.handle = None
+        if clean and self.created and self.output_dir.is_dir() and not any(self.output_dir.iterdir()):
+            self.output_dir.rmdir()
+
+
+def mark(output_dir: Path, segment: dict[str, Any]) -> None:
+    """Record that a run (segment) started here: the ownership marker, with the history of segments."""
+    from finetune import __version__
+
+    marker = read_json(output_dir / MARKER) or {"finetune_version": __version__, "segments": []}
+    marker["segments"].append(segment)
+    write_json(output_dir / MARKER, marker)
+
+
+def segments(output_dir: Path) -> list[dict[str, Any]]:
+    return (read_json(output_dir / MARKER) or {}).get("segments", [])
+
+
+# Checkpoint manifests -------------------------------------------------------------------------------------------
+
+MANIFEST = "finetune-manifest.json"  # in a checkpoint, written last: every file's size (and checksum)
+CHECKSUM_LIMIT = 256 * 2**20  # bytes: larger files are checked by size (hashing them would slow every save)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def seal_checkpoint(checkpoint: Path) -> None:
+    """Make a checkpoint durable and verifiable: every file fsync'd, then a manifest of sizes (and sha256 for
+    files up to CHECKSUM_LIMIT) written atomically and fsync'd with its directory. Main process, after every
+    rank has written its part."""
+    files = {}
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST):
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+        size = path.stat().st_size
+        files[str(path.relative_to(checkpoint))] = {"size": size,
+                                                    **({"sha256": _sha256(path)} if size <= CHECKSUM_LIMIT else {})}
+    tmp = checkpoint / f".{MANIFEST}.tmp"
+    with tmp.open("w") as handle:
+        handle.write(json.dumps({"files": files}, indent=1))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, checkpoint / MANIFEST)
+    directory = os.open(checkpoint, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def manifest_problem(checkpoint: Path) -> str | None:
+    """Why a sealed checkpoint's files don't match its manifest, or None. Unsealed checkpoints: a trial load of
+    the training state (a file cut short does not load)."""
+    manifest = read_json(checkpoint / MANIFEST)
+    if manifest is None:
+        return _trial_load_problem(checkpoint)
+    for name, expected in manifest.get("files", {}).items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} is {path.stat().st_size} bytes, {expected['size']} were written"
+        if "sha256" in expected and _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def _trial_load_problem(checkpoint: Path) -> str | None:
+    import torch
+
+    for path in sorted(checkpoint.glob("*.pt")) + sorted(checkpoint.glob("*.pth")):
+        try:
+            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as error:  # torch raises several types for a damaged file
+            return f"{path.name} does not load ({str(error).splitlines()[0][:80]})"
+    return None

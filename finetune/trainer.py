@@ -15,7 +15,7 @@ from pathlib import Path
 from transformers import Trainer
 
 from finetune.metrics import MetricsCallback, batch_counts
-from finetune.resilience import NonFiniteGuard, PreemptionCallback
+from finetune.resilience import NonFiniteGuard, PreemptionCallback, ResumedSettings
 
 logger = logging.getLogger("finetune")
 
@@ -53,7 +53,7 @@ def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, flatten
     trainer = FinetuneTrainer(model=model, args=recipe.training, train_dataset=train_dataset,
                               eval_dataset=eval_dataset, processing_class=tokenizer,
                               data_collator=CountingCollator(FlatteningCollator() if flatten else padded),
-                              callbacks=[preemption, metrics, guard, *callbacks])
+                              callbacks=[ResumedSettings(), preemption, metrics, guard, *callbacks])
     trainer.eval_collator = CountingCollator(padded)
     trainer.metrics, trainer.preemption, trainer.guard, trainer.recipe = metrics, preemption, guard, recipe
     return trainer
@@ -144,8 +144,13 @@ class FinetuneTrainer(Trainer):
         return (zero, result[1]) if return_outputs else zero
 
     def _save_checkpoint(self, model, trial):
+        from finetune import rundir
+
         if self.guard is not None and not self.guard.weights_are_finite(self.model):
             self.guard.stop(self.control, f"non-finite weights at step {self.state.global_step}: this "
                                           "checkpoint was not written")
             return
         super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every rank has written its part (its RNG state, its shards)
+        if self.is_world_process_zero():
+            rundir.seal_checkpoint(rundir.checkpoint_dir(Path(self.args.output_dir), self.state.global_step))

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train a recipe through accelerate, with W&B settings from the environment.
+# Train a recipe through accelerate, with W&B settings from the environment; exit codes and signals as the README
+# says (finetune/launch.py: bad input before anything starts, exact exit codes, SIGTERM/Ctrl-C reach training).
 #
 #   launch/train.sh recipes/qlora_int4.yaml --max_steps 10
 #   WANDB_PROJECT=x WANDB_TAGS=a,b launch/train.sh recipes/qlora_int4.yaml --max_steps 10
@@ -18,8 +19,6 @@ export WANDB_INIT_TIMEOUT="${WANDB_INIT_TIMEOUT:-20}"  # seconds to reach the se
 # WANDB_MODE stays unset unless you set it: online with credentials, offline (then `make sync`) without.
 # WANDB_NAME stays unset unless you set it: the run is named model-variant-rank-lr-time.
 
-accelerate_bin="accelerate"
-[ -x "$root/.venv/bin/accelerate" ] && accelerate_bin="$root/.venv/bin/accelerate"
-config_args=()
-[ -n "${ACCELERATE_CONFIG:-}" ] && config_args=(--config_file "$ACCELERATE_CONFIG")
-exec "$accelerate_bin" launch "${config_args[@]}" "$root/finetune/run.py" "$@"
+python="python3"
+[ -x "$root/.venv/bin/python" ] && python="$root/.venv/bin/python"
+exec "$python" -m finetune.launch "$@"

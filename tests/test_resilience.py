@@ -149,10 +149,11 @@ def test_finished_run_is_not_overwritten(llama_dir, text_data, tmp_path):
 def test_auto_resume_off_refuses_existing_checkpoints(llama_dir, text_data, tmp_path):
     out = tmp_path / "out"
     (out / "checkpoint-4").mkdir(parents=True)
+    (out / rundir.MARKER).write_text("{}")  # a run of ours
     with pytest.raises(UsageError, match="has checkpoints .* auto_resume is off"):
         resilience.plan_resume(load(training_args(llama_dir, text_data, out, 2, auto_resume="false")))
     # An incomplete checkpoint alone: nothing to resume from, start fresh.
-    assert resilience.plan_resume(load(training_args(llama_dir, text_data, out, 2))) is None
+    assert resilience.plan_resume(load(training_args(llama_dir, text_data, out, 2))) == (None, {})
 
 
 # The non-finite guard, in process: the loss turns NaN from the 4th optimizer step on.

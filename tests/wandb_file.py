@@ -60,6 +60,7 @@ class RunFile:
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     artifacts: list = field(default_factory=list)
+    exit_code: int | None = None  # None: the run never finished
 
     @property
     def tags(self) -> list[str]:
@@ -89,6 +90,8 @@ def load_run(path: Path) -> RunFile:
                 run_file.summary[item.key or "/".join(item.nested_key)] = _value(item)
         elif kind == "artifact":
             run_file.artifacts.append(record.artifact)
+        elif kind == "exit":
+            run_file.exit_code = record.exit.exit_code
     # Config values are stored as {"value": ..., "desc": ...}.
     run_file.config = {k: (v["value"] if isinstance(v, dict) and "value" in v else v)
                        for k, v in run_file.config.items()}

@@ -1,0 +1,167 @@
+"""The launcher behind `launch/train.sh`, `make train` and `finetune launch`: accelerate, with exact exit codes and
+signals that reach the training processes.
+
+    python -m finetune.launch recipes/tiny.yaml --max_steps 100
+    ACCELERATE_CONFIG=launch/accelerate/cpu_ddp.yaml python -m finetune.launch recipes/tiny.yaml
+
+What `accelerate launch` alone does not do, and this does:
+- Bad input is reported before any process starts: one line per problem, exit code 2, no traceback.
+- The exit code of the run (0, 2, 3, 75; see finetune.errors) comes back exactly. accelerate turns every failure
+  into 1 (and a CalledProcessError traceback without `--quiet`); the training processes write their code to a
+  file this launcher reads (FINETUNE_EXIT_STATUS).
+- SIGTERM, SIGINT and SIGUSR1 sent to this launcher (by a user, a container runtime, a scheduler) go to every
+  training process, which checkpoints at the next step boundary and exits 75. A second Ctrl-C stops them at once.
+  accelerate's own launcher dies on SIGTERM and leaves a single training process running; under torchrun (several
+  processes) it forwards SIGTERM but kills the workers 30 s later. Training processes started by a bare
+  `accelerate launch` get SIGTERM when their launcher dies (`follow_launcher`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+EXIT_STATUS = "FINETUNE_EXIT_STATUS"  # file a training process writes its exit code to (rank 0)
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def follow_launcher() -> None:
+    """In a training process started by a launcher (accelerate, torchrun): receive SIGTERM when the launcher dies,
+    so that a launcher killed by SIGTERM still gets the run checkpointed. Linux only; a no-op elsewhere, and when
+    not launched (a run from a shell, or under nohup, keeps running when its shell goes)."""
+    launched = "LOCAL_RANK" in os.environ or any(key.startswith("ACCELERATE_") for key in os.environ)
+    if not launched or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if parent == 1:  # the launcher died before the line above: as if it had just died
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def report_exit(code: int) -> int:
+    """The exit code to leave with. Under this launcher, the run's code goes to the file it reads (main process)
+    and the process exits 0, so that accelerate and torchrun, which would turn any other code into 1 and a
+    failure report, stay quiet; elsewhere, `code` itself."""
+    path = os.environ.get(EXIT_STATUS)
+    if not path:
+        return code
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(path).write_text(str(code))
+    return 0
+
+
+def accelerate_command(argv: list[str], config: str | None) -> list[str]:
+    """`accelerate launch --quiet` of `-m finetune.run ARGV`: the accelerate config file when given, else the
+    user's accelerate default config when there is one, else one process."""
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--quiet"]
+    if config:
+        command += ["--config_file", config]
+    elif not default_accelerate_config().is_file():
+        command += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                    "--dynamo_backend", "no"]
+    return command + ["-m", "finetune.run", *argv]
+
+
+def default_accelerate_config() -> Path:
+    from accelerate.commands.config import default_config_file
+
+    return Path(default_config_file)
+
+
+def check(argv: list[str]) -> int | None:
+    """The recipe's keys, types and combinations, checked without importing torch: the exit code when it is bad
+    input (the problems printed), None when it may go on. What needs the Trainer (its own checks) is checked by the
+    training process."""
+    from finetune import errors
+    from finetune.recipe import read_checked
+
+    try:
+        read_checked(argv)
+    except errors.UsageError as error:
+        return errors.report(error)
+    return None
+
+
+def descendants(process) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def run(command: list[str]) -> int:
+    """Run `command` in a session of its own, forwarding FORWARDED signals to the processes it starts; returns its
+    exit code, or the one its training processes reported."""
+    import psutil
+
+    with tempfile.TemporaryDirectory(prefix="finetune-launch-") as scratch:
+        status = Path(scratch) / "exit-status"
+        process = subprocess.Popen(command, env={**os.environ, EXIT_STATUS: str(status)}, start_new_session=True)
+        interrupts, pending, delivered = [], [], []
+
+        def send(targets, signum):
+            delivered.append(int(signum))
+            for target in targets:
+                try:
+                    target.send_signal(signum)
+                except (psutil.Error, ProcessLookupError):
+                    pass
+
+        def forward(signum, frame):
+            if signum == signal.SIGINT:
+                interrupts.append(time.monotonic())
+            if len(interrupts) > 1:  # a second Ctrl-C: everything, at once
+                send([*descendants(process), process], signal.SIGKILL)
+                return
+            # The training processes, not accelerate's own launcher: it would die of SIGTERM, or pass it on and
+            # kill the workers 30 s later. Before they exist, the signal waits for them.
+            targets = descendants(process)
+            if targets:
+                send(targets, signum)
+            else:
+                pending.append(signum)
+
+        previous = {signum: signal.signal(signum, forward) for signum in FORWARDED}
+        try:
+            workers = []
+            while process.poll() is None:
+                workers = descendants(process) or workers
+                if workers and pending:
+                    send(workers, pending.pop(0))
+                time.sleep(0.2)
+            psutil.wait_procs([w for w in workers if w.is_running()], timeout=None)  # they may outlive accelerate
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        if status.is_file():
+            return int(status.read_text())
+        if delivered:  # the run was stopped by the signal before it could say so (while it was starting)
+            return 128 + delivered[-1]
+        return process.returncode if process.returncode >= 0 else 128 - process.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    problem = check(argv)
+    if problem is not None:
+        return problem
+    return run(accelerate_command(argv, os.environ.get("ACCELERATE_CONFIG") or None))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Run safety: a user's work is never destroyed, mixed or silently mis-resumed, through every documented launcher.
+
+Each test is one of the cases found by trying to break it: the base model as output_dir, another tool's files,
+two runs into one directory, signals and exit codes through `accelerate launch`, `launch/train.sh` and `make
+train`, changed settings on resume, a truncated checkpoint, Ctrl-C, rerunning a saved recipe, a failed run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune import errors, rundir
+from finetune.run import main
+from finetune.tiny import write_jsonl
+from tests.conftest import REPO, accelerate_launch, recipe_argv, subprocess_env
+from tests.wandb_file import load_run, offline_runs
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file's checksum, but the lock's (it says who holds the directory now)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != rundir.LOCK}
+
+
+@pytest.fixture
+def text_data(tmp_path) -> Path:
+    return write_jsonl([{"text": f"line {i}: " + "abcdefgh"[: 1 + i % 8] * 3} for i in range(40)],
+                       tmp_path / "text.jsonl")
+
+
+def args(model_dir: Path, dataset: Path, out: Path, steps: int = 4, **overrides) -> list[str]:
+    """fp32 LoRA, fixed seed, no dropout: reproducible to 1e-5; a checkpoint every 4 steps."""
+    return recipe_argv("lora_bf16", **{
+        "model_name_or_path": model_dir, "dataset": dataset, "output_dir": out, "max_steps": steps,
+        "dtype": "float32", "lora_dropout": 0.0, "learning_rate": 1e-2, "per_device_train_batch_size": 4,
+        "logging_steps": 1, "save_steps": 4, "save_total_limit": 10, "eval_size": 0, "eval_strategy": "no",
+        "seed": 0, "disable_tqdm": "true", "report_to": "none", **overrides})
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+# 1. The base model's own directory, and 2. another tool's files.
+
+def test_output_dir_in_the_base_model_or_dataset_directory_is_refused(llama_dir, text_data, tmp_path, capsys):
+    before = tree_digest(llama_dir)
+    for out in (llama_dir, llama_dir / "finetuned"):
+        assert main(args(llama_dir, text_data, out, use_lora="false")) == errors.USAGE
+        (line,) = error_lines(capsys.readouterr().err)
+        assert f"output_dir: {out} is" in line and "model_name_or_path directory" in line
+    assert main(args(llama_dir, text_data, text_data.parent)) == errors.USAGE
+    assert "the directory of the dataset file" in capsys.readouterr().err
+    assert tree_digest(llama_dir) == before and not (llama_dir / "finetuned").exists()
+
+
+def test_a_directory_of_someone_elses_files_is_refused_untouched(llama_dir, text_data, tmp_path, capsys):
+    out = tmp_path / "theirs"
+    (out / "checkpoint-7").mkdir(parents=True)
+    (out / "checkpoint-7" / "weights.bin").write_bytes(b"theirs")
+    (out / "README.md").write_text("another tool's run")
+    (out / "tokenizer.json").write_text("{}")
+    before = tree_digest(out)
+    assert main(args(llama_dir, text_data, out)) == errors.USAGE
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line == (f"error: output_dir: {out} holds files no finetune run wrote (README.md, checkpoint-7, "
+                    "tokenizer.json); choose another output_dir, or pass --overwrite_output_dir true to write there "
+                    "anyway")
+    assert tree_digest(out) == before and sorted(p.name for p in out.iterdir()) == [
+        "README.md", "checkpoint-7", "tokenizer.json"]
+
+
+# 3. Two runs into one directory.
+
+def test_a_second_run_into_a_directory_in_use_is_refused_naming_the_holder(llama_dir, text_data, tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-m", "finetune.run", *args(llama_dir, text_data, out, steps=400,
+                                                                         save_steps=1000)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                             env=subprocess_env(WANDB_DISABLED="true"))
+    try:
+        for line in first.stdout:  # training has begun: the lock is held
+            if "'loss'" in line:
+                break
+        second = subprocess.run([sys.executable, "-m", "finetune.run", *args(llama_dir, text_data, out)],
+                                capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                                env=subprocess_env(WANDB_DISABLED="true"))
+        assert second.returncode == errors.USAGE and "Traceback" not in second.stderr
+        (line,) = error_lines(second.stderr)
+        assert f"output_dir: {out} is in use by a running training (pid {first.pid} on " in line
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=300)
+    assert first.returncode == errors.PREEMPTED
+
+
+def test_a_lock_left_by_a_dead_process_does_not_block(llama_dir, text_data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / rundir.MARKER).write_text("{}")
+    (out / rundir.LOCK).write_text("pid 999999 on somewhere, started long ago")  # held by nobody now
+    assert main(args(llama_dir, text_data, out, steps=2)) == errors.OK
+
+
+# 4, 5 and 8: signals and exit codes through the launchers.
+
+def launched(command: list[str], tmp_path: Path, send: signal.Signals | None = None, after_logs: int = 3,
+             **env: str) -> subprocess.CompletedProcess:
+    """Run a launch command; with `send`, signal the launcher (its process only, as `kill PID` or a container
+    runtime does) once the run has logged `after_logs` training steps."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                               env=subprocess_env(WANDB_DISABLED="true", **env))
+    logged = 0
+    if send is not None:
+        for line in process.stdout:
+            logged += "'loss'" in line
+            if logged == after_logs:
+                process.send_signal(send)
+                break
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def final_adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, llama_dir):
+    """The reference: 12 steps, never interrupted."""
+    root = tmp_path_factory.mktemp("straight")
+    data = write_jsonl([{"text": f"line {i}: " + "abcdefgh"[: 1 + i % 8] * 3} for i in range(40)],
+                       root / "text.jsonl")
+    out = root / "out"
+    assert main(args(llama_dir, data, out, steps=12)) == errors.OK
+    return data, final_adapter(out)
+
+
+LAUNCHERS = {
+    "launch/train.sh": lambda argv: [str(REPO / "launch/train.sh"), *argv],
+    "accelerate launch": lambda argv: accelerate_launch(*argv, script=True),
+}
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_signal_to_the_launcher_checkpoints_and_the_rerun_resumes_to_the_same_weights(
+        launcher, stop, uninterrupted, llama_dir, tmp_path):
+    data, expected = uninterrupted
+    out = tmp_path / "out"
+    command = LAUNCHERS[launcher](args(llama_dir, data, out, steps=12))
+    if launcher == "accelerate launch" and stop == signal.SIGINT:
+        pytest.skip("a terminal sends Ctrl-C to accelerate's whole process group; to accelerate alone it is "
+                    "accelerate's KeyboardInterrupt")
+    first = launched(command, tmp_path, send=stop)
+    stopped = rundir.checkpoints(out)
+    assert stopped and 3 <= stopped[0][0] < 12, first.stderr[-2000:]
+    assert rundir.checkpoint_problem(stopped[0][1]) is None
+    assert f"{stop.name} received: saving a checkpoint" in first.stderr
+    if launcher == "launch/train.sh":
+        assert first.returncode == errors.PREEMPTED and "Traceback" not in first.stderr
+    again = launched(command, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {stopped[0][1]}" in again.stderr
+    actual = final_adapter(out)
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert torch.allclose(actual[name], expected[name], rtol=0, atol=1e-5), name
+
+
+def test_two_processes_stop_together_through_the_launcher(llama_dir, text_data, tmp_path):
+    out = tmp_path / "out"
+    command = [str(REPO / "launch/train.sh"), *args(llama_dir, text_data, out, steps=40, use_cpu="true")]
+    result = launched(command, tmp_path, send=signal.SIGTERM,
+                      ACCELERATE_CONFIG=str(REPO / "launch/accelerate/cpu_ddp.yaml"))
+    assert result.returncode == errors.PREEMPTED, result.stderr[-3000:]
+    assert result.stderr.count("SIGTERM received: saving a checkpoint") == 2  # each rank, once
+    assert result.stderr.count("stopped by SIGTERM at step") == 1 and "Traceback" not in result.stderr
+    (step, checkpoint), *_ = rundir.checkpoints(out)
+    assert rundir.checkpoint_problem(checkpoint) is None
+    assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+
+
+def test_exit_codes_come_out_of_the_launcher_exactly(llama_dir, text_data, tmp_path):
+    """2 before anything starts (a bad key) and after (a bad row), 3 (a diverged loss), 0; no traceback."""
+    train_sh = str(REPO / "launch/train.sh")
+    bad_key = launched([train_sh, *args(llama_dir, text_data, tmp_path / "a", lora_rank=8)], tmp_path)
+    assert bad_key.returncode == errors.USAGE and "did you mean `lora_r`" in bad_key.stderr
+    bad_rows = write_jsonl([{"text": "fine"}, {"messages": [{"role": "user", "content": "x"}]}],
+                           tmp_path / "mixed.jsonl")
+    bad_data = launched([train_sh, *args(llama_dir, bad_rows, tmp_path / "b")], tmp_path)
+    assert bad_data.returncode == errors.USAGE, bad_data.stderr[-2000:]
+    diverged = launched([train_sh, *args(llama_dir, text_data, tmp_path / "c", steps=8, learning_rate=1e30)],
+                        tmp_path)
+    assert diverged.returncode == errors.DIVERGED, diverged.stderr[-2000:]
+    assert "training stopped: " in diverged.stderr
+    for result in (bad_key, bad_data, diverged):
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_make_train_passes_signals_and_shows_the_exit_code(llama_dir, text_data, tmp_path):
+    """make passes the signal on, waits for the checkpoint, says the training's code in its last line, then ends
+    by the signal itself (make can only exit 0, 2 or by a signal: `launch/train.sh` gives the exact code)."""
+    out = tmp_path / "out"
+    argv = " ".join(args(llama_dir, text_data, out, steps=40)[1:])
+    command = ["make", "-s", "train", f"RECIPE={REPO / 'recipes/lora_bf16.yaml'}", f"ARGS={argv}"]
+    result = launched(command, tmp_path, send=signal.SIGTERM)
+    assert result.returncode == -signal.SIGTERM and "Error 75" in result.stderr, result.stderr[-2000:]
+    assert "SIGTERM received: saving a checkpoint" in result.stderr and rundir.checkpoints(out)
+
+
+# 6. Changed settings on resume.
+
+def test_resume_refuses_settings_it_cannot_change_and_applies_the_others(llama_dir, text_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "finetune.run", *args(llama_dir, text_data, out, steps=40)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               env=subprocess_env(WANDB_DISABLED="true"))
+    logged = 0
+    for line in process.stdout:
+        logged += "'loss'" in line
+        if logged == 3:
+            process.send_signal(signal.SIGTERM)
+            break
+    process.communicate(timeout=300)
+    recipe_before = (out / rundir.RECIPE).read_text()
+    for key, value in (("learning_rate", 0.5), ("lora_r", 8)):
+        assert main(args(llama_dir, text_data, out, steps=40, **{key: value})) == errors.USAGE
+        (line,) = error_lines(capsys.readouterr().err)
+        assert f"these settings differ from it: {key} (" in line and "--overwrite_output_dir true" in line
+    assert (out / rundir.RECIPE).read_text() == recipe_before  # nothing written before the decision
+    resumed_at = rundir.checkpoints(out)[0][0]
+    assert main(args(llama_dir, text_data, out, steps=resumed_at + 6, save_steps=3)) == errors.OK
+    saved = sorted(step for step, _ in rundir.checkpoints(out))
+    assert [s for s in saved if s > resumed_at] == [s for s in range(resumed_at + 1, resumed_at + 7) if s % 3 == 0
+                                                    or s == resumed_at + 6]
+    history = (out / rundir.RECIPE).read_text()
+    assert "# segment 2: started" in history and f"at step {resumed_at}; changed: " in history
+    assert "save_steps 4 -> 3" in history and "max_steps 40 -> " in history
+
+
+# 7. A truncated optimizer state with a valid trainer_state.json.
+
+def test_a_checkpoint_whose_optimizer_state_was_cut_short_is_skipped(llama_dir, text_data, tmp_path, caplog):
+    out = tmp_path / "out"
+    assert main(args(llama_dir, text_data, out, steps=8)) == errors.OK
+    (out / rundir.SUMMARY).unlink()  # as if the job had died after its last checkpoint
+    optimizer = out / "checkpoint-8" / "optimizer.pt"
+    size = optimizer.stat().st_size
+    optimizer.write_bytes(optimizer.read_bytes()[: size // 2])
+    caplog.set_level("INFO")
+    assert main(args(llama_dir, text_data, out, steps=10)) == errors.OK
+    assert f"skipping {out / 'checkpoint-8'}: optimizer.pt is {size // 2} bytes, {size} were written" in caplog.text
+    assert f"resuming from {out / 'checkpoint-4'} (step 4)" in caplog.text
+
+
+def test_an_unsealed_checkpoint_is_checked_by_loading_its_state(llama_dir, text_data, tmp_path):
+    out = tmp_path / "out"
+    assert main(args(llama_dir, text_data, out, steps=4)) == errors.OK
+    checkpoint = out / "checkpoint-4"
+    assert rundir.checkpoint_problem(checkpoint) is None
+    (checkpoint / rundir.MANIFEST).unlink()  # a checkpoint from before manifests: loaded to be checked
+    assert rundir.checkpoint_problem(checkpoint) is None
+    optimizer = checkpoint / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:-100])
+    assert rundir.checkpoint_problem(checkpoint).startswith("optimizer.pt does not load")
+
+
+# 8. Ctrl-C: covered above through the launchers; the embedded recipe saves, and a second Ctrl-C stops at once.
+
+def test_the_embedded_recipe_saves_checkpoints():
+    from tests.conftest import load
+
+    recipe = load([str(REPO / "recipes/tiny.yaml")])
+    assert str(recipe.training.save_strategy.value) == "steps" and 0 < recipe.training.save_steps < 600
+
+
+def test_a_second_ctrl_c_stops_at_once(monkeypatch):
+    from finetune.resilience import PreemptionCallback
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    callback = PreemptionCallback()
+    callback._handle(signal.SIGINT, None)
+    assert callback.received == "SIGINT" and exits == []
+    callback._handle(signal.SIGINT, None)
+    assert exits == [130]
+
+
+# 9. Rerunning a saved recipe.
+
+def test_rerunning_a_finished_runs_recipe_refuses_like_any_rerun(llama_dir, text_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(args(llama_dir, text_data, out, steps=2, overwrite_output_dir="true")) == errors.OK
+    (out / rundir.BENCH).write_text("{}")
+    before = tree_digest(out)
+    assert main([str(out / rundir.RECIPE)]) == errors.USAGE
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert tree_digest(out) == before
+    assert main([str(out / rundir.RECIPE), "--overwrite_output_dir", "true"]) == errors.OK
+    assert not (out / rundir.BENCH).exists()  # the old benchmark went with the old run
+
+
+# 10. A failed run.
+
+def test_a_failed_run_leaves_nothing_that_makes_the_next_attempt_wrong(llama_dir, text_data, tmp_path,
+                                                                       monkeypatch):
+    from finetune.trainer import FinetuneTrainer
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DISABLED", "false")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setattr(FinetuneTrainer, "train", lambda self, **kwargs: (_ for _ in ()).throw(
+        RuntimeError("out of memory (a stand-in)")))
+    with pytest.raises(RuntimeError, match="a stand-in"):
+        main(args(llama_dir, text_data, out, steps=2, report_to="wandb"))
+    assert not out.exists()  # the attempt made the directory, and took it back
+    (failed,) = offline_runs(tmp_path)
+    assert load_run(failed).exit_code == 1  # W&B shows the run as failed
+    monkeypatch.undo()
+    assert main(args(llama_dir, text_data, out, steps=2)) == errors.OK
+    assert json.loads((out / rundir.SUMMARY).read_text())["final/total_steps"] == 2
+
