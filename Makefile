@@ -23,7 +23,7 @@ MATRIX_VARIANTS = "lora_fp32" "lora_bf16 --dtype bfloat16" "qlora_int4 --quantiz
                   "lora_int8 --quantization int8"
 MATRIX_NAMES    = lora_fp32 lora_bf16 qlora_int4 lora_int8
 
-.PHONY: install train test sync bench compare matrix bench-callback bench-train lint clean
+.PHONY: install train test sync bench compare matrix bench-callback bench-train bench-errors lint clean
 
 install: $(VENV)/.installed
 
@@ -66,6 +66,10 @@ matrix: install
 # Training speed against the hand-written Trainer + PEFT baseline (SIZE=cpu|gpu).
 bench-train: install
 	$(PYTHON) benchmarks/train_speed.py --size $(or $(SIZE),cpu) --variant $(or $(VARIANT),lora) $(ARGS)
+
+# How long a bad recipe takes to be told (make bench-errors ARGS="--before ../old-checkout").
+bench-errors: install
+	$(PYTHON) benchmarks/error_latency.py $(ARGS)
 
 # Cost of the metrics callback: the same tiny CPU training with and without it (target <= 1%).
 bench-callback: install

@@ -78,7 +78,7 @@ def seconds_per_step(metered: bool, steps: int, output_dir: str, stopwatch: Stop
                           "false", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "10",
                           "--output_dir", output_dir], hardware=hardware_defaults)
     tokenizer = load_tokenizer(recipe.model)
-    train_dataset, _ = load_splits(recipe.data, tokenizer, recipe.training.seed, recipe.training.main_process_first)
+    train_dataset, *_ = load_splits(recipe.data, tokenizer, recipe.training.seed, recipe.training.main_process_first)
     model = load_model(recipe.model)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     if metered:

@@ -181,6 +181,39 @@ class RunArguments:
 
 GROUPS = (ModelArguments, DataArguments, TrackingArguments, RunArguments)
 
+# Values the Trainer's arguments take without complaint but that cannot train: (lowest, whether it is allowed).
+RANGES = {
+    "per_device_train_batch_size": (1, True), "per_device_eval_batch_size": (1, True),
+    "gradient_accumulation_steps": (1, True), "learning_rate": (0, False), "warmup_steps": (0, True),
+    "weight_decay": (0, True), "max_grad_norm": (0, True), "logging_steps": (0, False), "eval_steps": (0, False),
+    "save_steps": (0, False), "save_total_limit": (1, True), "dataloader_num_workers": (0, True),
+    "num_train_epochs": (0, True), "adam_epsilon": (0, False),
+}
+
+
+def range_problems(values: dict[str, Any]) -> list[str]:
+    """One line for each value outside RANGES."""
+    problems = []
+    for key, (lowest, inclusive) in RANGES.items():
+        value = values.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                (value < lowest or (value == lowest and not inclusive)):
+            problems.append(f"{key}: must be {'at least' if inclusive else 'more than'} {lowest}, got {value}")
+    return problems
+
+
+def output_dir_problem(output_dir: str) -> str | None:
+    """Why output_dir can't be a run's directory (empty, a file, not writable), or None."""
+    if not str(output_dir).strip():
+        return "output_dir: empty; give a directory to write the run to"
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        return f"output_dir: {output_dir} is a file; give a directory"
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        return f"output_dir: {existing} is not writable; choose a directory you can write to"
+    return None
+
 
 @dataclass
 class Recipe:

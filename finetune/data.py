@@ -19,7 +19,7 @@ import collections
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from finetune import chat
 from finetune.config import DATA_FILE_EXTENSIONS, DataArguments, is_local_path
@@ -41,6 +41,7 @@ FORMAT_COLUMNS = {
     "prompt_completion": [("prompt", "completion")],
     "text": [("text",)],
 }
+ROLE_ALIASES = {"model": "assistant", "bot": "assistant", "gpt": "assistant", "ai": "assistant", "human": "user"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "tool": "tool"}
 
@@ -59,8 +60,8 @@ def detect_format(columns: list[str]) -> str:
 def check_format(fmt: str, columns: list[str]) -> None:
     if not any(all(column in columns for column in needed) for needed in FORMAT_COLUMNS[fmt]):
         wanted = " or ".join("+".join(needed) for needed in FORMAT_COLUMNS[fmt])
-        raise UsageError([f"dataset_format: {fmt} needs the column(s) {wanted}; the dataset has "
-                           f"{sorted(columns)}"])
+        raise UsageError(f"dataset_format: {fmt} needs the column(s) {wanted}; the dataset has "
+                           f"{sorted(columns)}")
 
 
 def alpaca_prompt(example: dict[str, Any]) -> str:
@@ -77,11 +78,66 @@ def normalise_messages(example: dict[str, Any]) -> list[dict[str, str]]:
     turns = example.get("messages") or example.get("conversations") or []
     messages = []
     for turn in turns:
-        if "role" in turn:
-            messages.append({"role": turn["role"], "content": turn["content"]})
+        if turn.get("role") is not None:
+            messages.append({"role": turn["role"], "content": turn.get("content")})
         else:  # ShareGPT: {"from": "human", "value": ...}
-            messages.append({"role": SHAREGPT_ROLES.get(turn["from"], turn["from"]), "content": turn["value"]})
+            role = turn.get("from")
+            messages.append({"role": SHAREGPT_ROLES.get(role, role), "content": turn.get("value")})
     return messages
+
+
+FIELDS = {  # format: (required text fields, optional text fields)
+    "text": (("text",), ()),
+    "alpaca": (("instruction", "output"), ("input",)),
+    "prompt_completion": (("prompt", "completion"), ()),
+}
+
+
+def row_problem(example: dict[str, Any], fmt: str, roles: set[str]) -> str | None:
+    """What is wrong with one raw example for its format, in words a user can act on; None when it is usable."""
+    present = sorted(k for k, v in example.items() if v is not None and k != ROW)
+    if fmt in FIELDS:
+        required, optional = FIELDS[fmt]
+        for name in required + optional:
+            value = example.get(name)
+            if value is None and name in required:
+                return f"`{name}` is missing or null (the row has {', '.join(present) or 'nothing'})"
+            if value is not None and not isinstance(value, str):
+                return f"`{name}` must be text, got {type(value).__name__} {value!r:.40}"
+        return None
+    column = "messages" if example.get("messages") is not None else "conversations"
+    turns = example.get(column)
+    if not turns:
+        return (f"`messages` is missing, null or empty (the row has {', '.join(present) or 'nothing'}; "
+                "one format per file)")
+    if not isinstance(turns, list):
+        return f"`{column}` must be a list of turns, got {type(turns).__name__}"
+    for number, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict):
+            return f"message {number} must be an object with role and content, got {type(turn).__name__}"
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        role = SHAREGPT_ROLES.get(role, role) if "role" not in turn else role
+        if role is None:
+            return f"message {number} has no `role`"
+        if content is None:
+            return f"message {number} ({role}) has no `content`"
+        if not isinstance(content, str):
+            return f"message {number} ({role}): `content` must be text, got {type(content).__name__} {content!r:.40}"
+        if role not in roles:
+            from finetune.recipe import did_you_mean
+
+            alias = ROLE_ALIASES.get(str(role).lower())
+            hint = f" (did you mean `{alias}`?)" if alias in roles else did_you_mean(str(role), roles)
+            return (f"message {number}: role {role!r} is not one this chat template renders "
+                    f"({', '.join(sorted(roles))}){hint}")
+    return None
+
+
+def template_roles(tokenizer) -> set[str]:
+    """The roles a conversation may use with this tokenizer's chat template."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return {"system", "user", "assistant"} | ({"tool"} if "tool" in template else set())
 
 
 def render(example: dict[str, Any], fmt: str, tokenizer,
@@ -152,17 +208,96 @@ def _load_raw(data_args: DataArguments):
         path = Path(name).expanduser()
         builder = DATA_FILE_EXTENSIONS.get(path.suffix.lower())
         if builder is None:
-            raise UsageError([f"dataset: {name!r} has an unsupported extension; use "
-                               f"{', '.join(sorted(DATA_FILE_EXTENSIONS))}"])
-        return load_dataset(builder, data_files={"train": str(path)})
+            raise UsageError(f"dataset: {name!r} has an unsupported extension; use "
+                             f"{', '.join(sorted(DATA_FILE_EXTENSIONS))}")
+        problem = text_file_problem(path) if builder in ("json", "csv") else None
+        if problem:
+            raise UsageError(f"dataset {name}: {problem}")
+        try:
+            return load_dataset(builder, data_files={"train": str(path)})
+        except Exception as error:  # pyarrow and datasets raise many types; the file itself says what is wrong
+            reason = file_problem(path) if builder == "json" else None
+            raise UsageError(f"dataset {name}: {reason or str(error).strip().splitlines()[0]}") from None
     try:
         return load_dataset(name, data_args.dataset_config)
     except FileNotFoundError as exc:
-        raise UsageError([f"dataset: can't load {name!r} ({str(exc).splitlines()[0]}); check the name, or "
-                           "download it first when running offline"]) from None
+        raise UsageError(f"dataset: can't load {name!r} ({str(exc).splitlines()[0]}); check the name, or "
+                           "download it first when running offline") from None
     except (ConnectionError, OSError) as exc:
-        raise UsageError([f"dataset: can't reach the hub for {name!r} ({type(exc).__name__}); download it "
-                           "first or give a local file"]) from None
+        raise UsageError(f"dataset: can't reach the hub for {name!r} ({type(exc).__name__}); download it "
+                           "first or give a local file") from None
+
+
+NEWLINE = b"\n"
+
+
+def text_file_problem(path: Path) -> str | None:
+    """Whether a text data file is empty or not UTF-8 (where: line and byte), read once, streaming, and the answer
+    cached by the file's size and modification time (rereading a large file costs its size in disk reads)."""
+    import codecs
+
+    from finetune.config import cache_dir
+
+    stat = path.stat()
+    stamp = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    cache = cache_dir() / "data-checks.txt"
+    try:
+        if stamp in cache.read_text().splitlines():
+            return None
+    except OSError:
+        pass
+    decoder, offset, line, seen_text = codecs.getincrementaldecoder("utf-8")(), 0, 1, False
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            try:
+                text = decoder.decode(block)
+            except UnicodeDecodeError as error:
+                where = line + block[: error.start].count(NEWLINE)
+                return f"line {where}: not UTF-8 text (byte {offset + error.start} of the file); save it as UTF-8"
+            offset, line, seen_text = offset + len(block), line + block.count(NEWLINE), seen_text or bool(text.strip())
+    if not seen_text:
+        return "the file is empty (or only whitespace); give a file with examples"
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with cache.open("a") as handle:
+            handle.write(stamp + "\n")
+    except OSError:
+        pass
+    return None
+
+
+def file_problem(path: Path) -> str | None:
+    """The first line of a JSON Lines (or JSON) file that isn't UTF-8 text or valid JSON, said in words, read
+    streaming; None when every line is fine. Called when the file fails to load, to say why."""
+    import json
+
+    offset = 0
+    with path.open("rb") as handle:
+        if path.suffix.lower() == ".json" and handle.read(2**16).lstrip().startswith(b"["):
+            try:
+                json.loads(path.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError as error:
+                return f"not UTF-8 text at byte {error.start}; save the file as UTF-8"
+            except ValueError as error:
+                return f"line {error.lineno}: not valid JSON ({error.msg}, column {error.colno})"
+            return None
+        handle.seek(0)
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return (f"line {number}: not UTF-8 text (byte {offset + error.start} of the file); save the file "
+                        "as UTF-8")
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as error:
+                return f"line {number}: not valid JSON ({error.msg}, column {error.colno})"
+            if not isinstance(row, dict):
+                return f"line {number}: expected a JSON object per line, got {type(row).__name__}"
+    return None
 
 
 ROW = "finetune_row"  # column holding each example's position in its split as loaded, for error messages
@@ -172,21 +307,31 @@ def with_row_numbers(split):
     return split.add_column(ROW, list(range(len(split))))
 
 
-def _tokenize_row(example: dict[str, Any], dataset: str, **kwargs) -> dict[str, Any]:
-    """tokenize_example, with a problem in one row reported as bad input that names the row."""
-    try:
-        return tokenize_example(example, **kwargs)
-    except chat.ConversationError as error:
-        raise UsageError([f"dataset {dataset}, row {example[ROW] + 1}: {error}"]) from None
+def _tokenize_row(example: dict[str, Any], dataset: str, roles: set[str] | None = None, **kwargs) -> dict[str, Any]:
+    """tokenize_example after the row's own check; a problem in one row is bad input that names the row (its
+    1-based place in the file: for JSON Lines, the n-th non-empty line)."""
+    problem = row_problem(example, kwargs["fmt"], roles or {"system", "user", "assistant"})
+    if problem is None:
+        try:
+            return tokenize_example(example, **kwargs)
+        except chat.ConversationError as error:
+            problem = str(error)
+    raise UsageError(f"dataset {dataset}, row {example[ROW] + 1}: {problem}")
 
 
-def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_first: Callable) -> tuple[Any, Any]:
-    """Load, format-check, shuffle, split and tokenize. Returns (train, eval_or_None) tokenized datasets."""
+class Splits(NamedTuple):
+    train: Any  # tokenized datasets.Dataset
+    eval: Any  # tokenized, or None
+    format: str  # the dataset format, detected or given
+
+
+def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_first: Callable) -> Splits:
+    """Load, format-check, shuffle, split and tokenize: the train split, the eval split (or None) and the format."""
     with main_process_first(desc="loading the dataset"):
         raw = _load_raw(data_args)
     if data_args.dataset_split not in raw:
-        raise UsageError([f"dataset_split: {data_args.dataset_split!r} is not a split of {data_args.dataset!r} "
-                           f"(splits: {', '.join(raw)})"])
+        raise UsageError(f"dataset_split: {data_args.dataset_split!r} is not a split of {data_args.dataset!r} "
+                           f"(splits: {', '.join(raw)})")
     train = raw[data_args.dataset_split]
     columns = train.column_names
     train = with_row_numbers(train)
@@ -197,16 +342,16 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
     else:
         check_format(fmt, columns)
     if fmt == "messages" and not getattr(tokenizer, "chat_template", None):
-        raise UsageError(["dataset_format: messages needs a tokenizer with a chat template, and this model's "
+        raise UsageError("dataset_format: messages needs a tokenizer with a chat template, and this model's "
                            "tokenizer has none; use a chat/instruct model or convert the data to alpaca or "
-                           "prompt_completion"])
+                           "prompt_completion")
 
     train = train.shuffle(seed=seed)
     evaluation = None
     if data_args.eval_split:
         if data_args.eval_split not in raw:
-            raise UsageError([f"eval_split: {data_args.eval_split!r} is not a split of {data_args.dataset!r} "
-                               f"(splits: {', '.join(raw)})"])
+            raise UsageError(f"eval_split: {data_args.eval_split!r} is not a split of {data_args.dataset!r} "
+                               f"(splits: {', '.join(raw)})")
         evaluation = with_row_numbers(raw[data_args.eval_split])
     else:
         held_out = data_args.eval_size if data_args.eval_size is not None else \
@@ -214,8 +359,8 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
         if data_args.eval_fraction and held_out == 0:
             held_out = 1
         if held_out >= len(train):
-            raise UsageError([f"eval_size/eval_fraction: holding out {held_out} of {len(train)} examples leaves "
-                               "nothing to train on; hold out fewer"])
+            raise UsageError(f"eval_size/eval_fraction: holding out {held_out} of {len(train)} examples leaves "
+                               "nothing to train on; hold out fewer")
         if held_out:
             evaluation = train.select(range(held_out))
             train = train.select(range(held_out, len(train)))
@@ -227,7 +372,8 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
             tokenized = split.map(
                 _tokenize_row,
                 fn_kwargs={"fmt": fmt, "tokenizer": tokenizer, "max_length": data_args.max_length,
-                           "train_on_prompt": data_args.train_on_prompt, "dataset": data_args.dataset},
+                           "train_on_prompt": data_args.train_on_prompt, "dataset": data_args.dataset,
+                           "roles": template_roles(tokenizer)},
                 remove_columns=split.column_names,
                 desc="tokenizing",
             )
@@ -242,8 +388,30 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
             logger.warning("dropped %d of %d examples with no answer tokens left after truncation to "
                            "max_length=%d", before - len(tokenized), before, data_args.max_length)
         if len(tokenized) == 0:
-            raise UsageError([f"dataset: no example has answer tokens within max_length={data_args.max_length}; "
-                               "raise max_length"])
+            raise UsageError(f"dataset: no example has answer tokens within max_length={data_args.max_length}; "
+                               "raise max_length")
         return tokenized
 
-    return tokenize(train), (tokenize(evaluation) if evaluation is not None else None)
+    return Splits(tokenize(train), tokenize(evaluation) if evaluation is not None else None, fmt)
+
+
+def preview(splits: Splits, tokenizer, examples: int = 2) -> str:
+    """What training will see: the format, example counts, token lengths, and the first examples with their
+    loss-bearing text between [[ and ]]."""
+    import statistics
+
+    lengths = sorted(len(ids) for ids in splits.train["input_ids"])
+    targets = [sum(1 for label in labels[1:] if label != IGNORE_INDEX) for labels in splits.train["labels"]]
+
+    def quantile(q: float) -> int:
+        return lengths[min(len(lengths) - 1, int(q * len(lengths)))]
+
+    lines = [f"format: {splits.format}", f"examples: {len(splits.train)} train, "
+             f"{len(splits.eval) if splits.eval is not None else 0} eval",
+             f"tokens per example: min {lengths[0]}, median {quantile(0.5)}, p95 {quantile(0.95)}, max {lengths[-1]}; "
+             f"target tokens per example: mean {statistics.fmean(targets):.1f}"]
+    for number, row in enumerate(splits.train.select(range(min(examples, len(splits.train)))), 1):
+        lines += [f"--- example {number} ({len(row['input_ids'])} tokens, loss on the [[ ]] parts):",
+                  marked_targets(row["input_ids"], row["labels"], tokenizer)]
+    return "\n".join(lines)
+

@@ -115,6 +115,8 @@ def load_model(model_args: ModelArguments, for_training: bool = True, attention:
     """
     from transformers import AutoModelForCausalLM
 
+    if for_training and model_args.use_lora:
+        check_target_modules(model_args)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_args.model_name_or_path,
@@ -182,6 +184,33 @@ def keep_4bit_cpu_path_exact(model, allow_packed: bool = False) -> int:
             break
         setattr(layer, PACKED_CPU_SWITCH, getattr(layer, PACKED_CPU_SWITCH) and allow_packed)
     return len(layers)
+
+
+def check_target_modules(model_args: ModelArguments) -> None:
+    """Every name in lora_target_modules matches a linear layer of the model (as peft matches them: the module's
+    name or its last parts). Checked on the model's architecture built without weights (the meta device), before
+    any weight loads. Raises UsageError naming each name that matches nothing, with the names there are."""
+    targets = model_args.lora_target_modules
+    if targets == ["all-linear"]:
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from finetune.recipe import did_you_mean
+
+    try:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                            trust_remote_code=model_args.trust_remote_code)
+    except OSError:
+        return  # load_model says what is wrong with the model
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
+    linear = [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in linear})
+    unknown = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in linear)]
+    if unknown:
+        raise UsageError([f"lora_target_modules: no linear layer of this model is named `{t}`"
+                          f"{did_you_mean(t, leaves)}; its linear layers are {', '.join(leaves)}" for t in unknown])
 
 
 def prepare_kbit_for_training(model) -> None:

@@ -215,6 +215,8 @@ def read_checked(argv: list[str]) -> tuple[Path, dict[str, Any], dict[str, Any],
     values = check_keys(merged, overrides, path, problems)
     if problems:
         raise UsageError(problems)
+    problems += config.range_problems(values)
+    problems += [p for p in [config.output_dir_problem(values.get("output_dir", ""))] if p]
     groups = {}
     for cls in config.GROUPS:
         try:
@@ -260,3 +262,37 @@ def recipe_yaml(recipe: Recipe) -> str:
     header = f"# Resolved from {recipe.path} with command-line overrides; every key with its effective value.\n"
     return header + yaml.safe_dump(recipe.resolved(), sort_keys=False, default_flow_style=False)
 
+
+
+GROUP_TITLES = {"model": "Model", "quantization": "Quantization (bitsandbytes)", "lora": "LoRA (peft)",
+                "data": "Data", "tracking": "Tracking (W&B defaults; WANDB_* variables win)",
+                "run": "Run (output directory, resuming, non-finite losses)",
+                "trainer": "Trainer (transformers.TrainingArguments; the toolkit's defaults where it sets them)"}
+USAGE = """usage: finetune/run.py RECIPE.yaml [--key value ...] [--print_config] [--dry_run]
+
+Train as RECIPE.yaml says; any key below overrides it: `--key value`, `--key=value`, `--flag` (true), `--key v1 v2`.
+  --print_config   print the resolved recipe (every key with its effective value) and exit
+  --dry_run        load and tokenize the data, show two examples with the loss-bearing text in [[ ]], token
+                   lengths and the detected format, and exit without training
+  --help           this list
+"""
+
+
+def help_text(width: int = 118) -> str:
+    """Every recipe key, by group, with its default and a one-line description. Imports nothing heavy."""
+    import textwrap
+
+    keys = config.recipe_keys()
+    lines = [USAGE]
+    for group, title in GROUP_TITLES.items():
+        lines.append(f"{title}:")
+        for key in (k for k in keys.values() if k.group == group):
+            default = config.TOOLKIT_DEFAULTS.get(key.name, key.default)
+            choices = f" {{{', '.join(key.choices)}}}" if key.choices and len(key.choices) <= 8 else ""
+            head = f"  --{key.name} (default {default!r}){choices}"
+            summary = textwrap.shorten(key.help, 2 * (width - 6), placeholder=" ...") if key.help else ""
+            lines.append(head)
+            if summary:
+                lines += textwrap.wrap(summary, width, initial_indent="      ", subsequent_indent="      ")
+        lines.append("")
+    return "\n".join(lines)

@@ -15,28 +15,43 @@ import logging
 import sys
 from pathlib import Path
 
-from transformers import set_seed
-
-from finetune import errors, launch, logs, padding_free, ranks, resilience, rundir, tiny, tracking
+from finetune import errors, launch
 from finetune.config import Recipe
-from finetune.data import load_splits
 from finetune.errors import UsageError
-from finetune.metrics import report
-from finetune.model import hardware_defaults, load_model, load_tokenizer
-from finetune.recipe import load_recipe, recipe_yaml
-from finetune.trainer import build_trainer
+from finetune.recipe import help_text, read_checked, recipe_yaml
 
 logger = logging.getLogger("finetune")
+FLAGS = ("--print_config", "--dry_run")  # what to do instead of training (see --help)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run a recipe from the command line; returns the exit code (finetune.errors: 0, 2, 3, 75, or 128 + a signal)."""
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        try:
+            print(help_text())
+        except BrokenPipeError:  # `--help | head`
+            sys.stdout = None
+        return errors.OK
+    flags = [token for token in argv if token in FLAGS]
+    argv = [token for token in argv if token not in FLAGS]
+    try:
+        read_checked(argv)  # keys, values and combinations: a typo is reported in a second, before torch loads
+    except UsageError as error:
+        return launch.report_exit(errors.report(error))
+
+    from finetune import ranks, resilience
+    from finetune.model import hardware_defaults
+    from finetune.recipe import load_recipe
+
     resilience.stop_before_training()
     launch.follow_launcher()
     code = errors.OK
     try:
-        trainer = train(load_recipe(argv, hardware=hardware_defaults))
+        recipe = load_recipe(argv, hardware=hardware_defaults)
+        if flags:
+            return launch.report_exit(inspect(recipe, flags))
+        trainer = train(recipe)
         code = errors.PREEMPTED if trainer.preemption.stopped_at is not None else errors.OK
     except UsageError as error:
         code = errors.report(error)
@@ -51,12 +66,33 @@ def main(argv: list[str] | None = None) -> int:
     return launch.report_exit(code)
 
 
-def train(recipe: Recipe):
-    """Train, evaluate and save as the recipe says; returns the Trainer.
+def inspect(recipe: Recipe, flags: list[str]) -> int:
+    """--print_config: the resolved recipe; --dry_run: the data as training would see it. Nothing is written."""
+    from finetune import logs, tiny
+    from finetune.data import load_splits, preview
+    from finetune.model import load_tokenizer
 
-    Raises UsageError for bad input (before anything heavy loads) and TrainingDiverged when the loss stops
-    being finite. A preempted run returns early with `trainer.preemption.stopped_at` set.
-    """
+    logs.setup()
+    if "--print_config" in flags:
+        print(recipe_yaml(recipe), end="")
+    if "--dry_run" in flags:
+        if tiny.used_by(recipe):
+            tiny.ensure_assets()
+        tokenizer = load_tokenizer(recipe.model)
+        print(preview(load_splits(recipe.data, tokenizer, recipe.training.seed,
+                                  recipe.training.main_process_first), tokenizer))
+    return errors.OK
+
+
+def train(recipe: Recipe):
+    """Train, evaluate and save as the recipe says; returns the Trainer. Raises UsageError for bad input (before
+    anything heavy loads), TrainingDiverged for a non-finite loss; a preempted run has `preemption.stopped_at`."""
+    from transformers import set_seed
+
+    from finetune import data, logs, metrics, padding_free, ranks, resilience, rundir, tiny, tracking
+    from finetune.model import load_model, load_tokenizer
+    from finetune.trainer import build_trainer
+
     args, output_dir = recipe.training, Path(recipe.training.output_dir)
     recipe_text = recipe_yaml(recipe)  # as given: tracking sets the Trainer's report_to and run_name below
     logs.setup(args.process_index == 0)
@@ -72,7 +108,7 @@ def train(recipe: Recipe):
             with args.main_process_first(desc="building the embedded tiny model and data"):
                 tiny.ensure_assets()
         tokenizer = load_tokenizer(recipe.model)
-        train_set, eval_set = load_splits(recipe.data, tokenizer, args.seed, args.main_process_first)
+        train_set, eval_set, _ = data.load_splits(recipe.data, tokenizer, args.seed, args.main_process_first)
 
         # 3. The model, quantized and/or wrapped with LoRA; seeded first, so that the adapter initialisation is the
         #    same on every run of the recipe. Padding-free batches decide its attention.
@@ -107,7 +143,7 @@ def train(recipe: Recipe):
             summary = trainer.summary()
             rundir.write_json(output_dir / rundir.SUMMARY, summary)
             tracking.finish(attempt.run, plan, recipe, output_dir, summary)
-            report(trainer, output_dir, summary)
+            metrics.report(trainer, output_dir, summary)
     return trainer
 
 

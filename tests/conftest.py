@@ -108,10 +108,11 @@ def train_and_summarise(recipe: str | Path, **keys):
     return trainer, json.loads((Path(trainer.args.output_dir) / "summary.json").read_text())
 
 
-def accelerate_launch(*args: str, processes: int = 1, config: Path | None = None, script: bool = False) -> list[str]:
+def accelerate_launch(*args: str, processes: int = 1, config: Path | None = None, script: bool = False,
+                      quiet: bool = False) -> list[str]:
     """`accelerate launch ... -m finetune.run ARGS` (or `... finetune/run.py ARGS` with `script`): one process,
-    several (DDP over gloo on a CPU), or a config file."""
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch"]
+    several (DDP over gloo on a CPU), or a config file; `quiet` as the README's lines give it."""
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", *(["--quiet"] if quiet else [])]
     if config is not None:
         command += ["--config_file", str(config)]
     else:

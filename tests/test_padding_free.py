@@ -28,7 +28,7 @@ def lora_tensors(model) -> dict:
 def _examples(recipe, count=6):
     """Real training features (answer-only labels: -100 inside each example too), lengths spread out."""
     tokenizer = load_tokenizer(recipe.model)
-    train_split, _ = load_splits(recipe.data, tokenizer, 0, recipe.training.main_process_first)
+    train_split, *_ = load_splits(recipe.data, tokenizer, 0, recipe.training.main_process_first)
     features = [{key: train_split[i][key] for key in ("input_ids", "labels")} for i in range(count)]
     assert len({len(f["input_ids"]) for f in features}) > 1, "needs examples of different lengths"
     assert all(IGNORE_INDEX in f["labels"] for f in features), "needs masked prompt tokens"
