@@ -23,7 +23,7 @@ MATRIX_VARIANTS = "lora_fp32" "lora_bf16 --dtype bfloat16" "qlora_int4 --quantiz
                   "lora_int8 --quantization int8"
 MATRIX_NAMES    = lora_fp32 lora_bf16 qlora_int4 lora_int8
 
-.PHONY: install train test sync bench compare matrix bench-callback bench-train bench-errors lint clean
+.PHONY: install train test test-fast sync bench compare matrix bench-callback bench-train bench-errors lint clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,9 @@ train: install
 
 test: install
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+test-fast: install  # the suite without the tests marked slow (Slurm, multi-node, multi-process runs)
+	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 sync: install
 	@if [ -z "$(strip $(RUNS))" ]; then echo "no offline runs under $(WANDB_DIR)/wandb"; \

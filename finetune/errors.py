@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 OK = 0
@@ -28,7 +29,10 @@ class UsageError(Exception):
 
 
 def report(error: UsageError) -> int:
-    """Print each problem as `error: ...` on stderr; returns USAGE."""
+    """Print each problem as `error: ...` on stderr (by the main process only: under a launcher every process
+    finds the same problems); returns USAGE."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return USAGE
     for problem in error.problems:
         print(f"error: {problem}", file=sys.stderr)
     return USAGE

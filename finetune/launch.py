@@ -3,6 +3,7 @@ signals that reach the training processes.
 
     python -m finetune.launch recipes/tiny.yaml --max_steps 100
     ACCELERATE_CONFIG=launch/accelerate/cpu_ddp.yaml python -m finetune.launch recipes/tiny.yaml
+    python -m finetune.launch --num_machines 2 --machine_rank 0 ... -- recipes/tiny.yaml   # accelerate's options
 
 What `accelerate launch` alone does not do, and this does:
 - Bad input is reported before any process starts: one line per problem, exit code 2, no traceback.
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 EXIT_STATUS = "FINETUNE_EXIT_STATUS"  # file a training process writes its exit code to (rank 0)
+CONFIG = "FINETUNE_ACCELERATE_CONFIG"  # the accelerate config file the run was launched with, for its record
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
@@ -60,13 +62,13 @@ def report_exit(code: int) -> int:
     return 0
 
 
-def accelerate_command(argv: list[str], config: str | None) -> list[str]:
-    """`accelerate launch --quiet` of `-m finetune.run ARGV`: the accelerate config file when given, else the
-    user's accelerate default config when there is one, else one process."""
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--quiet"]
+def accelerate_command(argv: list[str], config: str | None, options: list[str] = ()) -> list[str]:
+    """`accelerate launch --quiet [OPTIONS]` of `-m finetune.run ARGV`: the accelerate config file when given,
+    else the user's accelerate default config when there is one, else one process."""
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--quiet", *options]
     if config:
         command += ["--config_file", config]
-    elif not default_accelerate_config().is_file():
+    elif "--config_file" not in options and not default_accelerate_config().is_file():
         command += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
                     "--dynamo_backend", "no"]
     return command + ["-m", "finetune.run", *argv]
@@ -92,6 +94,34 @@ def check(argv: list[str]) -> int | None:
     return None
 
 
+def check_config(path: str | None) -> int | None:
+    """An accelerate config this machine can't run, refused before accelerate starts: DeepSpeed without the
+    package, FSDP or DeepSpeed without a CUDA GPU (accelerate would train with plain DDP instead)."""
+    if not path:
+        return None
+    import importlib.util
+
+    import yaml
+
+    from finetune import errors
+
+    try:
+        kind = str((yaml.safe_load(Path(path).read_text()) or {}).get("distributed_type", ""))
+    except (OSError, yaml.YAMLError) as error:
+        return errors.report(errors.UsageError(f"accelerate config {path}: can't be read ({error})"))
+    if kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        return errors.report(errors.UsageError(f"accelerate config {path}: DeepSpeed is not installed; pip install "
+                                               "deepspeed (it needs CUDA GPUs), or use another config"))
+    if kind in ("FSDP", "DEEPSPEED"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return errors.report(errors.UsageError(
+                f"accelerate config {path}: {kind} needs CUDA GPUs, and this machine has none (accelerate would "
+                "train with plain DDP instead); for several CPU processes use launch/accelerate/cpu_ddp.yaml"))
+    return None
+
+
 def descendants(process) -> list:
     import psutil
 
@@ -108,7 +138,11 @@ def run(command: list[str]) -> int:
 
     with tempfile.TemporaryDirectory(prefix="finetune-launch-") as scratch:
         status = Path(scratch) / "exit-status"
-        process = subprocess.Popen(command, env={**os.environ, EXIT_STATUS: str(status)}, start_new_session=True)
+        config = next((command[i + 1] for i, token in enumerate(command[:-1]) if token == "--config_file"), "")
+        # accelerate's own launcher ignores these signals: they are for the training processes, which this
+        # launcher tells (torchrun would kill its workers 30 s after a SIGTERM; accelerate would die of one).
+        process = subprocess.Popen(command, env={**os.environ, EXIT_STATUS: str(status), CONFIG: config},
+                                   start_new_session=True, preexec_fn=_ignore_forwarded)
         interrupts, pending, delivered = [], [], []
 
         def send(targets, signum):
@@ -152,15 +186,23 @@ def run(command: list[str]) -> int:
         return process.returncode if process.returncode >= 0 else 128 - process.returncode
 
 
+def _ignore_forwarded() -> None:
+    for signum in FORWARDED:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    problem = check(argv)
+    options, argv = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else ([], argv)
+    config = os.environ.get("ACCELERATE_CONFIG") or None
+    problem = check(argv) or check_config(config or next(
+        (options[i + 1] for i, token in enumerate(options[:-1]) if token == "--config_file"), None))
     if problem is not None:
         return problem
-    return run(accelerate_command(argv, os.environ.get("ACCELERATE_CONFIG") or None))
+    return run(accelerate_command(argv, config, options))
 
 
 if __name__ == "__main__":

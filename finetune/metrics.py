@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from finetune.flops import mfu, training_flops
-from finetune.ranks import reduce_across_ranks, world_size
+from finetune.ranks import launch_record, reduce_across_ranks, world_size
 
 GB = 1e9  # bytes: every *_gb figure is in decimal gigabytes
 MB = 1e6
@@ -331,6 +331,7 @@ class MetricsCallback(TrainerCallback, ExportableState):
             out["eval/best_perplexity"] = perplexity(min(self.eval_losses))
         out["final/total_steps"] = state.global_step
         out["final/total_epochs"] = state.epoch
+        out.update(launch_record())
         out["run/world_size"] = args.world_size
         return out
 

@@ -61,9 +61,36 @@ def check_launch(training_args) -> None:
     """Refuse a launch whose processes did not form one group (a launcher/config mismatch), naming both sizes."""
     import os
 
+    import torch
+
     from finetune.errors import UsageError
 
+    sharded = {"FSDP": os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true",
+               "DeepSpeed": os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"}
+    for name, asked in sharded.items():
+        if asked and not torch.cuda.is_available():
+            raise UsageError(f"{name} needs CUDA GPUs, and this machine has none (accelerate would train with plain "
+                             "DDP instead); for several CPU processes use launch/accelerate/cpu_ddp.yaml")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and training_args.world_size != launched:
         raise UsageError(f"the launcher started {launched} processes but they formed a group of "
                          f"{training_args.world_size}; check the accelerate config (see launch/accelerate/)")
+
+
+def launch_record() -> dict[str, object]:
+    """How the run was distributed, as the launcher set it up (read from the environment, so it is known before
+    the Trainer exists): `run/distributed_type` (NO, DDP, FSDP, DEEPSPEED), world size, machines, and the
+    accelerate config file (as the toolkit's launcher knows it; "unknown" under a bare `accelerate launch`)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        kind = "FSDP"
+    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        kind = "DEEPSPEED"
+    else:
+        kind = "DDP" if world > 1 else "NO"
+    config = os.environ.get("FINETUNE_ACCELERATE_CONFIG")
+    return {"run/distributed_type": kind, "run/world_size": world, "run/num_machines": max(1, world // per_machine),
+            "run/accelerate_config": config or ("none" if config == "" else "unknown")}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from finetune import rundir
+from finetune import rundir, tracking
 from finetune.config import Recipe
 from finetune.errors import UsageError
 from finetune.ranks import agree
@@ -232,7 +232,7 @@ def end_early(trainer, run, output_dir: Path):
     ranks.leave_process_group(trainer)
     if trainer.guard.problem:
         if run is not None:
-            run.finish(exit_code=errors.DIVERGED)
+            tracking.survive(run.finish, exit_code=errors.DIVERGED)
         good = next((p for _, p in rundir.checkpoints(output_dir) if not rundir.checkpoint_problem(p)), None)
         start_over = "start over with a lower learning_rate or more warmup_steps (--overwrite_output_dir true)"
         advice = (f"Last good checkpoint: {good}. Rerun with --on_nonfinite_loss skip to resume from it, skipping "
@@ -242,8 +242,8 @@ def end_early(trainer, run, output_dir: Path):
         logger.warning("stopped by %s at step %d, checkpoint saved in %s; run the same command again to resume",
                        trainer.preemption.received, trainer.preemption.stopped_at, output_dir)
     if run is not None:
-        run.mark_preempting()
-        run.finish(exit_code=errors.PREEMPTED)
+        tracking.survive(run.mark_preempting)
+        tracking.survive(run.finish, exit_code=errors.PREEMPTED)
     return trainer
 
 
@@ -291,7 +291,7 @@ class Attempt:
                 else:
                     rundir.write_text(path, content.decode())
         if kind is not None and self.run is not None and not isinstance(error, TrainingDiverged):
-            self.run.finish(exit_code=1)
+            tracking.survive(self.run.finish, exit_code=1)
         self.claim.release(clean=wrote_nothing)
         return False
 

@@ -125,6 +125,7 @@ def train(recipe: Recipe):
         # 5. Train; SIGTERM, SIGINT and SIGUSR1 end it at a step boundary with a checkpoint.
         trainer = build_trainer(recipe, model, tokenizer, train_set, eval_set, batches.flatten,
                                 callbacks=tracking.callbacks(attempt.run, plan, recipe))
+        tracking.survive_service_loss(trainer.callback_handler.callbacks)
         trainer.fit(resume_from)
         if trainer.stopped_early:
             return resilience.end_early(trainer, attempt.run, output_dir)  # raises TrainingDiverged if non-finite

@@ -216,9 +216,10 @@ def resolve(recipe: Recipe, env: Mapping[str, str] = os.environ, resuming: bool 
     tags = sorted(dict.fromkeys(split_tags(env.get("WANDB_TAGS")) + list(recipe.tracking.wandb_tags) +
                                 variant_tags(recipe)))
     mode, resume = settings["mode"], settings["resume"]
-    name = env.get("WANDB_NAME") or recipe.source.get("run_name") or generated_name(recipe, now)
-    run_id = env.get("WANDB_RUN_ID") or None
     saved = read_saved_run(Path(recipe.training.output_dir))
+    kept = (saved or {}).get("name") if resuming else None  # a resumed run keeps its name
+    name = env.get("WANDB_NAME") or recipe.source.get("run_name") or kept or generated_name(recipe, now)
+    run_id = env.get("WANDB_RUN_ID") or None
     if run_id is None and resuming and saved:
         if mode == "offline":
             logger.info("W&B can't resume an offline run: this resumed training logs to a new offline run, "
@@ -268,9 +269,10 @@ def run_config(recipe: Recipe) -> dict[str, Any]:
     No key that looks secret is included (the recipe is resolved without them).
     """
     from finetune import __version__
+    from finetune.ranks import launch_record
 
     config = {**variant_fields(recipe), "recipe": recipe.resolved(), "finetune_version": __version__,
-              "git_commit": git_commit()}
+              "git_commit": git_commit(), **{key.split("/")[1]: value for key, value in launch_record().items()}}
     return {key: value for key, value in config.items() if not looks_secret(key)}
 
 
@@ -361,9 +363,47 @@ def checkpoint_callback(run, recipe: Recipe):
             if state.is_world_process_zero:
                 directory = rundir.checkpoint_dir(Path(args.output_dir), state.global_step)
                 last = state.log_history[-1] if state.log_history else {}
-                log_model_artifact(run, directory, recipe, last, [f"step-{state.global_step}"])
+                survive(log_model_artifact, run, directory, recipe, last, [f"step-{state.global_step}"])
 
     return CheckpointArtifacts()
+
+
+_service_lost = False
+
+
+def survive(action, *args, **kwargs):
+    """`action(*args, **kwargs)`, a W&B call, unless W&B's service process is gone: a scheduler's stop signal
+    reaches every process of a job (Slurm signals the whole step, wandb-core included, which does not survive it),
+    and the training must still checkpoint and exit 75. The first lost connection is reported in one line; later
+    W&B calls are skipped. Returns the action's result, or None."""
+    global _service_lost
+    if _service_lost:
+        return None
+    try:
+        return action(*args, **kwargs)
+    except ConnectionError as error:
+        _service_lost = True
+        logger.warning("W&B's service process stopped (%s): this run goes on without W&B; its numbers are in the "
+                       "run directory, and a resumed run continues the W&B run", error)
+        import wandb
+
+        try:
+            wandb.teardown()  # unregisters wandb's exit hook (which would print a traceback), then fails the same way
+        except ConnectionError:
+            pass
+        return None
+
+
+def survive_service_loss(callbacks) -> None:
+    """Route every event of the Trainer's WandbCallback through `survive`."""
+    import functools
+
+    from transformers.integrations import WandbCallback
+
+    for callback in callbacks:
+        if isinstance(callback, WandbCallback):
+            for name in [name for name in dir(callback) if name.startswith("on_")]:
+                setattr(callback, name, functools.partial(survive, getattr(callback, name)))
 
 
 def callbacks(run, tracking: Tracking, recipe: Recipe) -> list:
@@ -375,7 +415,7 @@ def finish(run, tracking: Tracking, recipe: Recipe, output_dir: Path, summary: d
     """End a finished training's run: the summary, the model artifact when WANDB_LOG_MODEL asks, and finish."""
     if run is None:
         return
-    run.summary.update(summary)
+    survive(run.summary.update, summary)
     if tracking.log_model != "false":
-        log_model_artifact(run, output_dir, recipe, summary, ["final"])
-    run.finish()
+        survive(log_model_artifact, run, output_dir, recipe, summary, ["final"])
+    survive(run.finish)

@@ -41,14 +41,6 @@ def test_accelerate_config_loads_with_accelerates_loader(path):
         assert key in options, f"{path.name}: deepspeed_config key {key} is not an accelerate launch option"
 
 
-def test_slurm_script_parses():
-    script = REPO / "launch/slurm.sbatch"
-    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    text = script.read_text()
-    for needle in ("--machine_rank", "--main_process_ip", "WANDB_RUN_ID", "scontrol requeue", "USR1"):
-        assert needle in text
-
-
 # Runs through the command line.
 
 def training_args(model_dir: Path, dataset: Path, out: Path, steps: int, **overrides) -> list[str]:
