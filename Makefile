@@ -23,7 +23,7 @@ MATRIX_VARIANTS = "lora_fp32" "lora_bf16 --dtype bfloat16" "qlora_int4 --quantiz
                   "lora_int8 --quantization int8"
 MATRIX_NAMES    = lora_fp32 lora_bf16 qlora_int4 lora_int8
 
-.PHONY: install train test test-fast sync bench compare matrix bench-callback bench-train bench-errors lint clean
+.PHONY: install train test test-fast download sync bench compare matrix bench-callback bench-train bench-errors lint clean
 
 install: $(VENV)/.installed
 
@@ -43,9 +43,11 @@ test: install
 test-fast: install  # the suite without the tests marked slow (Slurm, multi-node, multi-process runs)
 	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-sync: install
-	@if [ -z "$(strip $(RUNS))" ]; then echo "no offline runs under $(WANDB_DIR)/wandb"; \
-	else $(VENV)/bin/wandb sync --yes $(RUNS); fi
+download: install  # a recipe's hub model, tokenizer and dataset into the HF cache (then HF_HUB_OFFLINE=1)
+	$(PYTHON) -m finetune.hub $(RECIPE) $(ARGS)
+
+sync: install  # checks the W&B login and the network first: one line and exit 2 when either is missing
+	WANDB_DIR=$(WANDB_DIR) $(PYTHON) -m finetune.sync $(RUNS)
 
 # Inference benchmark of one trained run: make bench RUN=outputs/qlora_int4
 bench: install

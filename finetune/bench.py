@@ -74,8 +74,13 @@ def base_weight_files(name_or_path: str) -> list[Path]:
         return []
 
 
-def run_benchmark(output_dir: Path, samples: int, max_new_tokens: int, warmup: int) -> dict[str, Any]:
-    """Generate on the run's eval prompts and measure. Returns the `inference/*` metrics."""
+SAMPLES = "samples"  # bench.json's list of {prompt, reference, answer}: what the model said, not only how fast
+
+
+def run_benchmark(output_dir: Path, samples: int, max_new_tokens: int, warmup: int,
+                  shown_samples: int = 16) -> dict[str, Any]:
+    """Generate on the run's eval prompts and measure. Returns the `inference/*` metrics, and under SAMPLES the
+    first `shown_samples` prompts with their reference and the model's answer."""
     from contextlib import nullcontext
 
     import torch
@@ -105,16 +110,21 @@ def run_benchmark(output_dir: Path, samples: int, max_new_tokens: int, warmup: i
         one(prompt_ids)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    latencies, generated_tokens, matches, judged = [], 0, 0, 0
-    for prompt_ids, reference in pairs:
+    latencies, generated_tokens, matches, judged, shown = [], 0, 0, 0, []
+    from tqdm.auto import tqdm
+
+    for prompt_ids, reference in tqdm(pairs, desc="generating", unit="sample", leave=False):
         new_ids, seconds = one(prompt_ids)
         latencies.append(seconds)
         if tokenizer.eos_token_id in new_ids:
             new_ids = new_ids[: new_ids.index(tokenizer.eos_token_id) + 1]
         generated_tokens += len(new_ids)
+        reply = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
         if reference is not None:
             judged += 1
-            matches += tokenizer.decode(new_ids, skip_special_tokens=True).strip() == reference
+            matches += reply == reference
+        shown.append({"prompt": tokenizer.decode(prompt_ids, skip_special_tokens=False), "reference": reference,
+                      "answer": reply})
 
     files = rundir.weight_files(output_dir) + (base_weight_files(recipe.model.model_name_or_path)
                                         if recipe.model.use_lora else [])
@@ -133,7 +143,19 @@ def run_benchmark(output_dir: Path, samples: int, max_new_tokens: int, warmup: i
     if judged:
         result["inference/exact_match"] = matches / judged
         result["inference/exact_match_samples"] = judged
+    result[SAMPLES] = shown[:shown_samples]
     return result
+
+
+def format_bench(result: dict[str, Any]) -> str:
+    """The headline numbers, and the first answers against their references, for the console."""
+    lines = [f"latency p50 {result['inference/latency_ms_p50']:,.0f} ms, p95 {result['inference/latency_ms_p95']:,.0f} "
+             f"ms; {result['inference/tokens_per_second']:,.1f} tokens/s; peak RAM "
+             f"{result['inference/peak_ram_gb']:.2f} GB"]
+    if "inference/exact_match" in result:
+        lines.append(f"exact match {result['inference/exact_match']:.1%} of {result['inference/exact_match_samples']}")
+    lines += [f"  {row['reference']!r} -> {row['answer']!r}" for row in result[SAMPLES][:3] if row["reference"]]
+    return "\n".join(lines)
 
 
 def log_to_wandb(output_dir: Path, result: dict[str, Any]) -> None:
@@ -151,7 +173,13 @@ def log_to_wandb(output_dir: Path, result: dict[str, Any]) -> None:
     tracking.prepare(plan)
     run = tracking.start(plan, tracking.run_config(recipe))
     if run is not None:
-        run.summary.update(result)
+        import wandb
+
+        shown = result.get(SAMPLES, [])
+        table = wandb.Table(columns=["prompt", "reference", "answer"],
+                            data=[[row["prompt"], row["reference"], row["answer"]] for row in shown])
+        run.log({"inference/answers": table})
+        run.summary.update({key: value for key, value in result.items() if key != SAMPLES})
         run.finish()
 
 
@@ -163,16 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=32, help="eval examples to generate on")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2, help="untimed generations first")
+    parser.add_argument("--show", type=int, default=16, help="generated answers kept in bench.json and W&B")
     args = parser.parse_args(argv)
     logs.setup()
     try:
-        result = run_benchmark(args.output_dir, args.samples, args.max_new_tokens, args.warmup)
+        result = run_benchmark(args.output_dir, args.samples, args.max_new_tokens, args.warmup, args.show)
         rundir.write_json(args.output_dir / rundir.BENCH, result)
         log_to_wandb(args.output_dir, result)
     except UsageError as error:
         return errors.report(error)
-    print(json.dumps(result, indent=2, sort_keys=True))
-    print(f"bench: {args.output_dir / rundir.BENCH}", file=sys.stderr)
+    print(json.dumps({key: value for key, value in result.items() if key != SAMPLES}, sort_keys=True))
+    print(format_bench(result), file=sys.stderr)
+    print(f"bench: {args.output_dir / rundir.BENCH} (with {len(result[SAMPLES])} generated answers)",
+          file=sys.stderr)
     return errors.OK
 
 

@@ -2,6 +2,7 @@
 
     finetune train recipes/tiny.yaml --max_steps 100        # the same as finetune/run.py (single process)
     finetune launch recipes/tiny.yaml                       # through accelerate, as launch/train.sh does
+    finetune chat outputs/tiny                              # talk to it; --prompt "..." for one answer
     finetune bench outputs/tiny
     finetune compare outputs/matrix/* --out outputs/comparison
     finetune merge outputs/tiny
@@ -18,8 +19,11 @@ import sys
 COMMANDS = {  # command: (module with main(argv), one line)
     "train": ("finetune.run", "train from a YAML recipe, in this process"),
     "launch": ("finetune.launch", "train through accelerate (ACCELERATE_CONFIG): exact exit codes, signals passed on"),
+    "chat": ("finetune.generate", "talk to a trained model (interactive, or --prompt for one answer)"),
     "bench": ("finetune.bench", "inference benchmark of a finished run"),
     "compare": ("finetune.compare", "comparison table and Pareto plot of several runs"),
+    "download": ("finetune.hub", "fetch a recipe's hub model and dataset into the HF cache, for offline training"),
+    "sync": ("finetune.sync", "upload offline W&B runs (checks the login and the network first)"),
     "merge": ("finetune.merge", "merge an adapter into a standalone model"),
 }
 

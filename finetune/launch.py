@@ -84,11 +84,11 @@ def check(argv: list[str]) -> int | None:
     """The recipe's keys, types and combinations, checked without importing torch: the exit code when it is bad
     input (the problems printed), None when it may go on. What needs the Trainer (its own checks) is checked by the
     training process."""
-    from finetune import errors
+    from finetune import errors, hub
     from finetune.recipe import read_checked
 
     try:
-        read_checked(argv)
+        hub.check(*read_checked(argv)[::3])
     except errors.UsageError as error:
         return errors.report(error)
     return None
@@ -192,7 +192,9 @@ def _ignore_forwarded() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    from finetune import logs
+
+    argv = logs.take_verbose(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0

@@ -47,13 +47,43 @@ def quiet_third_party() -> None:
         source = logging.getLogger(name)
         if not any(isinstance(f, _DropExpected) and f.prefix == prefix for f in source.filters):
             source.addFilter(_DropExpected(prefix))
+    # transformers prints "[INFO] Running in WANDB offline mode" (a bare print, not a log line) when its W&B
+    # integration is first imported under WANDB_MODE=offline; the toolkit says where an offline run goes itself.
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        import transformers.integrations.integration_utils  # noqa: F401
+
+
+VERBOSE = "FINETUNE_VERBOSE"  # set (to 1) by --verbose: every library's lines, unfiltered, and W&B's own
+
+
+def verbose() -> bool:
+    import os
+
+    return os.environ.get(VERBOSE, "") not in ("", "0", "false")
+
+
+def take_verbose(argv: list[str]) -> list[str]:
+    """`argv` without `--verbose`; when it was there, verbose() is true here and in every process started after."""
+    import os
+
+    if "--verbose" in argv:
+        os.environ[VERBOSE] = "1"
+    return [token for token in argv if token != "--verbose"]
 
 
 def setup(is_main_process: bool = True) -> None:
-    """The toolkit's log format; INFO on the main process, warnings only elsewhere."""
+    """The toolkit's log format; INFO on the main process, warnings only elsewhere. With verbose(), nothing is
+    filtered and transformers logs at INFO."""
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if is_main_process else logging.WARNING)
-    quiet_third_party()
     import transformers
+
+    if verbose():
+        transformers.logging.set_verbosity_info()
+        return
+    quiet_third_party()
 
     transformers.logging.set_verbosity_warning() if is_main_process else transformers.logging.set_verbosity_error()

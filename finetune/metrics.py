@@ -386,10 +386,6 @@ def report(trainer, output_dir: Path, summary: dict[str, Any]) -> None:
                     last, last_step, perplexity(first), perplexity(last))
     print(format_report(summary), file=sys.stderr)
     weights = rundir.saved_weights(output_dir, trainer.recipe.model.use_lora)
-    where = [("adapter" if trainer.recipe.model.use_lora else "model", weights[0] if weights else output_dir),
-             ("recipe", output_dir / rundir.RECIPE), ("summary", output_dir / rundir.SUMMARY)]
-    checkpoints = [str(path) for _, path in sorted(rundir.checkpoints(output_dir))]
-    if checkpoints:
-        where.append(("checkpoints", ", ".join(checkpoints)))
-    for label, path in where:
-        logger.info("%s: %s", label, path)
+    written = [path.name for path in weights[:1]] + [rundir.RECIPE, rundir.SUMMARY] + \
+        [path.name for _, path in sorted(rundir.checkpoints(output_dir))]
+    logger.info("wrote %s: %s", output_dir, ", ".join(written))

@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from finetune import errors, launch
+from finetune import errors, hub, launch, logs
 from finetune.config import Recipe
 from finetune.errors import UsageError
 from finetune.recipe import help_text, read_checked, recipe_yaml
@@ -26,7 +26,7 @@ FLAGS = ("--print_config", "--dry_run")  # what to do instead of training (see -
 
 def main(argv: list[str] | None = None) -> int:
     """Run a recipe from the command line; returns the exit code (finetune.errors: 0, 2, 3, 75, or 128 + a signal)."""
-    argv = sys.argv[1:] if argv is None else argv
+    argv = logs.take_verbose(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
         try:
             print(help_text())
@@ -36,10 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     flags = [token for token in argv if token in FLAGS]
     argv = [token for token in argv if token not in FLAGS]
     try:
-        read_checked(argv)  # keys, values and combinations: a typo is reported in a second, before torch loads
+        path, _, _, groups = read_checked(argv)  # keys, values, combinations: a typo is reported before torch loads
+        if "--print_config" not in flags:
+            hub.check(path, groups)  # a hub model or dataset this machine can't fetch: now, not after retries
     except UsageError as error:
         return launch.report_exit(errors.report(error))
 
+    if not logs.verbose():
+        logs.quiet_third_party()  # before transformers loads: some of its noise is printed at import
     from finetune import ranks, resilience
     from finetune.model import hardware_defaults
     from finetune.recipe import load_recipe
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def inspect(recipe: Recipe, flags: list[str]) -> int:
     """--print_config: the resolved recipe; --dry_run: the data as training would see it. Nothing is written."""
-    from finetune import logs, tiny
+    from finetune import tiny
     from finetune.data import load_splits, preview
     from finetune.model import load_tokenizer
 
@@ -89,7 +93,7 @@ def train(recipe: Recipe):
     anything heavy loads), TrainingDiverged for a non-finite loss; a preempted run has `preemption.stopped_at`."""
     from transformers import set_seed
 
-    from finetune import data, logs, metrics, padding_free, ranks, resilience, rundir, tiny, tracking
+    from finetune import data, metrics, padding_free, ranks, resilience, rundir, tiny, tracking
     from finetune.model import load_model, load_tokenizer
     from finetune.trainer import build_trainer
 

@@ -79,6 +79,27 @@ def has_credentials(env: Mapping[str, str]) -> bool:
         return False
 
 
+def online_problem(env: Mapping[str, str] = os.environ, timeout: float = 5.0) -> str | None:
+    """Why W&B's server can't be used from here (no credentials, or not reachable within `timeout` seconds), with
+    what to do; None when it can. Checked before syncing or reading a project, which would otherwise print a login
+    prompt or wait on retries for minutes."""
+    import urllib.error
+    import urllib.request
+
+    base = env.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    host = urlparse(base).hostname
+    if not has_credentials(env):
+        return f"no W&B credentials for {host}: run `wandb login` (or set WANDB_API_KEY) first"
+    try:
+        urllib.request.urlopen(base.rstrip("/") + "/healthz", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # the server answered
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        return f"W&B's server {host} can't be reached from here ({reason}); do this on a machine with internet access"
+    return None
+
+
 def split_tags(text: str | None) -> list[str]:
     """'a, b,,b' -> ['a', 'b']: split on commas, trimmed, empties dropped, first occurrence kept."""
     return list(dict.fromkeys(tag.strip() for tag in (text or "").split(",") if tag.strip()))
@@ -119,10 +140,35 @@ def variant_fields(recipe: Recipe) -> dict[str, Any]:
     }
 
 
+GENERIC_DIRECTORY_NAMES = {"model", "models", "base", "merged", "final", "hf", "weights", "output", "outputs"}
+
+
+def model_label(name_or_path: str) -> str:
+    """The model's short name for run names: a hub id's last part; for a local directory, the hub id its
+    config.json records (`_name_or_path`), else its own name, with its parent's when the name says nothing
+    (`assets/tiny/model` -> tiny-model, `runs/x/checkpoint-400` -> x-checkpoint-400, a hub cache snapshot's hash)."""
+    import json
+    import re
+
+    path = Path(name_or_path.rstrip("/")).expanduser()
+    if not path.is_dir():
+        return path.name.lower()
+    try:
+        recorded = str(json.loads((path / "config.json").read_text()).get("_name_or_path") or "")
+    except (OSError, ValueError, AttributeError):
+        recorded = ""
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", recorded) and not Path(recorded).exists():  # a hub id, not a path
+        return recorded.split("/")[-1].lower()
+    name = path.name
+    if name.lower() in GENERIC_DIRECTORY_NAMES or name.startswith("checkpoint-") or re.fullmatch(r"[0-9a-f]{40}",
+                                                                                               name):
+        name = f"{path.parent.name}-{name}"
+    return name.lower()
+
+
 def generated_name(recipe: Recipe, now: float | None = None) -> str:
     """model-variant-rank-lr-time, e.g. qwen2.5-0.5b-instruct-qlora-int4-r16-lr2e-04-1123-1905."""
-    model = Path(recipe.model.model_name_or_path.rstrip("/")).name.lower()
-    parts = [model, model_variant(recipe)]
+    parts = [model_label(recipe.model.model_name_or_path), model_variant(recipe)]
     if recipe.model.use_lora:
         parts.append(f"r{recipe.model.lora_r}")
     parts.append(f"lr{recipe.training.learning_rate:.0e}")
@@ -303,8 +349,11 @@ def start(tracking: Tracking, config: dict[str, Any], output_dir: Path | None = 
         logger.info("tracking is off (%s)", tracking.offline_reason or "report_to has no wandb")
         return None
     import wandb
+    from finetune import logs
 
-    settings = wandb.Settings(init_timeout=tracking.init_timeout)
+    # silent: W&B's banner, its offline notes and its end-of-run history/summary; the toolkit prints its summary
+    # and one line saying where the run went (and how to upload it). Failures still raise.
+    settings = wandb.Settings(init_timeout=tracking.init_timeout, silent=not logs.verbose())
     try:
         run = wandb.init(**tracking.init, config=config, settings=settings)
     except wandb.Error as error:
@@ -316,7 +365,7 @@ def start(tracking: Tracking, config: dict[str, Any], output_dir: Path | None = 
         offline = {key: value for key, value in tracking.init.items() if key not in ("resume",)}
         offline["mode"] = "offline"
         tracking.offline_reason = f"server unreachable ({reason})"
-        run = wandb.init(**offline, config=config, settings=wandb.Settings(init_timeout=tracking.init_timeout))
+        run = wandb.init(**offline, config=config, settings=settings)
     if is_offline(run):
         sync_dir = Path(run.settings.sync_dir)
         logger.info("W&B run %s logs offline (%s); upload it later with: wandb sync %s",

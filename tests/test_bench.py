@@ -81,6 +81,16 @@ def test_bench_writes_its_keys_and_an_inference_run(trained_runs, tmp_path):
     assert run.run.job_type == "inference" and run.run.display_name == "trained-inference"
     assert run.run.run_group == "trained"
     assert run.summary["inference/latency_ms_p50"] == numbers["inference/latency_ms_p50"]
+    # What the model said: prompt, reference and answer of each sample, in bench.json and as a W&B table.
+    shown = numbers["samples"]
+    assert len(shown) == 4 and all(row["reference"] for row in shown)
+    assert sum(row["answer"] == row["reference"] for row in shown) / 4 == numbers["inference/exact_match"]
+    (logged,) = [row["inference/answers/path"] for row in run.history if "inference/answers/path" in row]
+    table = json.loads((offline / "files" / logged).read_text())
+    assert table["columns"] == ["prompt", "reference", "answer"]
+    assert table["data"] == [[row["prompt"], row["reference"], row["answer"]] for row in shown]
+    assert json.loads(result.stdout) == {key: value for key, value in numbers.items() if key != "samples"}
+    assert f"  {shown[0]['reference']!r} -> {shown[0]['answer']!r}" in result.stderr
 
 
 def test_compare_writes_table_csv_and_a_png(trained_runs, tmp_path):

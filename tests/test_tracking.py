@@ -89,6 +89,21 @@ def test_generated_name_and_explicit_names(qlora_recipe, llama_dir):
         "exact name"
 
 
+def test_run_names_tell_local_models_apart(tmp_path):
+    def model_dir(*parts: str, recorded: str | None = None) -> str:
+        path = tmp_path.joinpath(*parts)
+        path.mkdir(parents=True)
+        (path / "config.json").write_text(json.dumps({"_name_or_path": recorded} if recorded else {}))
+        return str(path)
+
+    assert tracking.model_label("Qwen/Qwen2.5-0.5B-Instruct") == "qwen2.5-0.5b-instruct"
+    assert tracking.model_label(model_dir("Llama-3.2-1B")) == "llama-3.2-1b"
+    assert tracking.model_label(model_dir("tiny", "model")) == "tiny-model"
+    assert tracking.model_label(model_dir("run7", "checkpoint-400")) == "run7-checkpoint-400"
+    assert tracking.model_label(model_dir("snapshots", "a" * 40, recorded="Qwen/Qwen2.5-0.5B")) == "qwen2.5-0.5b"
+    assert tracking.model_label(model_dir("y", "model", recorded="/old/machine/path")) == "y-model"
+
+
 def test_pass_through_variables(qlora_recipe):
     plan = tracking.resolve(qlora_recipe(), env(WANDB_PROJECT="p", WANDB_ENTITY="team", WANDB_RUN_GROUP="g",
                                                 WANDB_NOTES="n", WANDB_JOB_TYPE="sweep", WANDB_DIR="/tmp/x",

@@ -141,7 +141,7 @@ def test_accelerate_launch_command_line(variant, architecture, fmt, script, requ
                             timeout=600, env=subprocess_env(WANDB_DISABLED="true"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "adapter_model.safetensors").is_file()
-    assert f"adapter: {out / 'adapter_model.safetensors'}" in result.stderr
+    assert f"wrote {out}: adapter_model.safetensors, recipe.yaml, summary.json" in result.stderr
 
 
 def test_embedded_default_learns(tmp_path):
