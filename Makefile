@@ -68,9 +68,12 @@ matrix: install
 	done; \
 	$(PYTHON) -m finetune.compare $(addprefix $(MATRIX_DIR)/,$(MATRIX_NAMES)) --out $(MATRIX_DIR)/comparison
 
-# Training speed against the hand-written Trainer + PEFT baseline (SIZE=cpu|gpu).
+# Training speed and memory against the peers, side by side (SIZE=cpu|vocab|gpu, VARIANT=lora|qlora, REPEATS=n).
+# TRL is the benchmark's own dependency (benchmarks/requirements.txt), installed beside the runtime pins.
 bench-train: install
-	$(PYTHON) benchmarks/train_speed.py --size $(or $(SIZE),cpu) --variant $(or $(VARIANT),lora) $(ARGS)
+	$(PYTHON) -m pip install -q --no-deps -r benchmarks/requirements.txt
+	$(PYTHON) benchmarks/train_speed.py --size $(or $(SIZE),cpu) --variant $(or $(VARIANT),lora) \
+	  --repeats $(or $(REPEATS),2) $(ARGS)
 
 # How long a bad recipe takes to be told (make bench-errors ARGS="--before ../old-checkout").
 bench-errors: install

@@ -50,6 +50,9 @@ class ModelArguments:
     attn_implementation: str | None = field(
         default=None, metadata={"help": "eager | sdpa | flash_attention_2; None lets transformers choose."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run modelling code shipped with the model."})
+    chunked_loss: bool = field(
+        default=True, metadata={"help": "Training loss computed a chunk of tokens at a time, never the full-vocabulary "
+                                        "logits; where the model allows it (finetune.chunked_loss), else full logits."})
 
     # Quantization (bitsandbytes)
     quantization: Literal["none", "int8", "int4"] = field(

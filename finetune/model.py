@@ -157,6 +157,10 @@ def load_model(model_args: ModelArguments, for_training: bool = True, attention:
             model = get_peft_model(model, config)
         except ValueError as exc:
             raise UsageError([f"lora_target_modules: {str(exc).splitlines()[0]}"]) from None
+    if model_args.chunked_loss:
+        from finetune import chunked_loss
+
+        chunked_loss.install(model)  # after peft, which may have put an adapter on the head
     return model
 
 
