@@ -155,7 +155,8 @@ def run_arm(arm: str, size: str, variant: str, steps: int, workdir: Path) -> dic
         recipe = load_recipe(hardware=hardware_defaults, argv=[str(recipe_path)] +
                              [item for key, value in keys.items() for item in (f"--{key}", str(value))])
         trainer = train(recipe)
-        tokens = json.loads((workdir / "toolkit-out" / "summary.json").read_text())["train/input_tokens"]
+        summary = json.loads((workdir / "toolkit-out" / "summary.json").read_text())
+        tokens = summary["train/input_tokens"]
     else:
         from datasets import load_dataset
         from peft import LoraConfig
@@ -204,6 +205,11 @@ def run_arm(arm: str, size: str, variant: str, steps: int, workdir: Path) -> dic
     if torch.cuda.is_available():
         result["peak_vram_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
         result["peak_vram_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
+        if arm == "toolkit":  # its metrics callback resets torch's peak counter at each log step: take its maximum
+            result["peak_vram_allocated_gb"] = max(result["peak_vram_allocated_gb"],
+                                                   summary["train/peak_vram_gb"] * 1e9 / 2**30)
+            result["peak_vram_reserved_gb"] = max(result["peak_vram_reserved_gb"],
+                                                  summary["train/peak_vram_reserved_gb"] * 1e9 / 2**30)
         utilisation = model_flops_utilisation(trainer.model, tokens, steps * shape["batch"], seconds,
                                               torch.cuda.get_device_name())
         if utilisation is not None:
