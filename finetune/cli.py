@@ -3,6 +3,7 @@
     finetune train recipes/tiny.yaml --max_steps 100        # the same as finetune/run.py (single process)
     finetune launch recipes/tiny.yaml                       # through accelerate, as launch/train.sh does
     finetune bench outputs/tiny
+    finetune eval outputs/tiny --tasks tiny_tasks
     finetune compare outputs/matrix/* --out outputs/comparison
     finetune merge outputs/tiny
 
@@ -19,6 +20,7 @@ COMMANDS = {  # command: (module with main(argv), one line)
     "train": ("finetune.run", "train from a YAML recipe, in this process"),
     "launch": ("finetune.launch", "train through accelerate (ACCELERATE_CONFIG): exact exit codes, signals passed on"),
     "bench": ("finetune.bench", "inference benchmark of a finished run"),
+    "eval": ("finetune.evaluate", "lm-evaluation-harness tasks on a finished run (eval.json, W&B)"),
     "compare": ("finetune.compare", "comparison table and Pareto plot of several runs"),
     "merge": ("finetune.merge", "merge an adapter into a standalone model"),
 }
