@@ -3,6 +3,7 @@
 #   make train                                   # the embedded tiny recipe, offline, on CPU, ~2 minutes
 #   make train RECIPE=recipes/qlora_int4.yaml ARGS="--max_steps 100"
 #   WANDB_PROJECT=x WANDB_TAGS=a,b make train    # WANDB_* variables pass through to the run
+#   make eval RUN=outputs/tiny                     # lm-evaluation-harness; TASKS=arc_easy,... for other runs
 #   make test
 #   make sync                                    # upload offline W&B runs
 
@@ -18,12 +19,14 @@ RUNS ?= $(wildcard $(WANDB_DIR)/wandb/offline-run-*)
 # make matrix: every variant of $(RECIPE) on the same data, benchmarked and compared.
 MATRIX_DIR   ?= outputs/matrix
 MATRIX_STEPS ?= 300
+MATRIX_TASKS ?= tiny_tasks
+MATRIX_QUALITY ?= lm_eval/tiny_tasks/exact_match
 BENCH_ARGS   ?=
 MATRIX_VARIANTS = "lora_fp32" "lora_bf16 --dtype bfloat16" "qlora_int4 --quantization int4" \
                   "lora_int8 --quantization int8"
 MATRIX_NAMES    = lora_fp32 lora_bf16 qlora_int4 lora_int8
 
-.PHONY: install train test test-fast download sync bench compare matrix bench-callback bench-train bench-errors lint clean
+.PHONY: install train test test-fast download sync bench eval compare matrix bench-callback bench-train bench-errors lint clean
 
 install: $(VENV)/.installed
 
@@ -53,11 +56,22 @@ sync: install  # checks the W&B login and the network first: one line and exit 2
 bench: install
 	$(PYTHON) -m finetune.bench $(RUN) $(BENCH_ARGS)
 
-# Comparison table and Pareto plot: make compare RUNS="outputs/a outputs/b" [OUT=dir]
-compare: install
-	$(PYTHON) -m finetune.compare $(RUNS) --out $(or $(OUT),outputs/comparison)
+# lm-evaluation-harness on one trained run: make eval RUN=outputs/tiny [TASKS=a,b] [EVAL_ARGS="--limit 100"]
+# (no TASKS: the embedded recipe's own task; INCLUDE=dir adds your YAML tasks)
+TASKS       ?=
+INCLUDE     ?=
+EVAL_ARGS   ?=
+eval: install
+	$(PYTHON) -m finetune.evaluate $(RUN) $(if $(TASKS),--tasks $(TASKS)) $(if $(INCLUDE),--include_path $(INCLUDE)) \
+	  $(EVAL_ARGS)
 
-# Train, benchmark and compare every variant; on the embedded default, on a CPU, in minutes.
+# Comparison table and Pareto plot: make compare RUNS="outputs/a outputs/b" [OUT=dir] [QUALITY=lm_eval/task/metric]
+QUALITY ?=
+compare: install
+	$(PYTHON) -m finetune.compare $(RUNS) --out $(or $(OUT),outputs/comparison) $(if $(QUALITY),--quality $(QUALITY))
+
+# Train, benchmark, evaluate (the harness on MATRIX_TASKS) and compare every variant; on the embedded default, on a
+# CPU, in minutes. The quality axis of the plot is MATRIX_QUALITY.
 matrix: install
 	@set -e; for variant in $(MATRIX_VARIANTS); do \
 	  set -- $$variant; name=$$1; shift; \
@@ -65,8 +79,10 @@ matrix: install
 	  launch/train.sh $(RECIPE) --output_dir $(MATRIX_DIR)/$$name --max_steps $(MATRIX_STEPS) \
 	    --overwrite_output_dir true --disable_tqdm true "$$@" $(ARGS); \
 	  $(PYTHON) -m finetune.bench $(MATRIX_DIR)/$$name $(BENCH_ARGS); \
+	  $(PYTHON) -m finetune.evaluate $(MATRIX_DIR)/$$name --tasks $(MATRIX_TASKS) $(EVAL_ARGS); \
 	done; \
-	$(PYTHON) -m finetune.compare $(addprefix $(MATRIX_DIR)/,$(MATRIX_NAMES)) --out $(MATRIX_DIR)/comparison
+	$(PYTHON) -m finetune.compare $(addprefix $(MATRIX_DIR)/,$(MATRIX_NAMES)) --out $(MATRIX_DIR)/comparison \
+	  --quality $(MATRIX_QUALITY)
 
 # Training speed and memory against the peers, side by side (SIZE=cpu|vocab|gpu, VARIANT=lora|qlora, REPEATS=n).
 # TRL is the benchmark's own dependency (benchmarks/requirements.txt), installed beside the runtime pins.

@@ -26,6 +26,8 @@ from finetune.data import IGNORE_INDEX
 from finetune.errors import UsageError
 from finetune.metrics import GB, host_peak_rss_gb
 
+MAX_NEW_TOKENS = 32  # generated tokens per prompt, at most (finetune.evaluate's tasks use the same)
+
 
 def prompts_and_references(dataset, tokenizer, count: int) -> list[tuple[list[int], str | None]]:
     """(prompt ids, reference answer or None) for up to `count` tokenized examples.
@@ -74,6 +76,29 @@ def base_weight_files(name_or_path: str) -> list[Path]:
         return []
 
 
+def generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
+    """Greedy generation after one prompt (batch 1): (new token ids, seconds)."""
+    import torch
+
+    device = next(model.parameters()).device
+    inputs = torch.tensor([prompt_ids], device=device)
+    started = time.perf_counter()
+    with torch.no_grad():
+        output = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
+                                max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # the time must include the GPU work: a sync per sample, by design
+    return output[0, len(prompt_ids):].tolist(), time.perf_counter() - started
+
+
+def answer(new_ids: list[int], tokenizer) -> tuple[list[int], str]:
+    """A generation's tokens up to and including EOS, and its text as scored: special tokens dropped, stripped.
+    (finetune.evaluate.write_task scores the harness's generations the same way.)"""
+    if tokenizer.eos_token_id in new_ids:
+        new_ids = new_ids[: new_ids.index(tokenizer.eos_token_id) + 1]
+    return new_ids, tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+
+
 SAMPLES = "samples"  # bench.json's list of {prompt, reference, answer}: what the model said, not only how fast
 
 
@@ -93,38 +118,25 @@ def run_benchmark(output_dir: Path, samples: int, max_new_tokens: int, warmup: i
     if evaluation is None:
         raise UsageError(f"{output_dir}: the run has no eval split to take prompts from")
     pairs = prompts_and_references(evaluation, tokenizer, samples)
-    device = next(model.parameters()).device
-    cuda = device.type == "cuda"
-    generate = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
-
-    def one(prompt_ids: list[int]) -> tuple[list[int], float]:
-        inputs = torch.tensor([prompt_ids], device=device)
-        started = time.perf_counter()
-        with torch.no_grad():
-            output = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), **generate)
-        if cuda:
-            torch.cuda.synchronize()  # the time must include the GPU work: a sync per sample, by design
-        return output[0, len(prompt_ids):].tolist(), time.perf_counter() - started
+    cuda = next(model.parameters()).device.type == "cuda"
 
     for prompt_ids, _ in pairs[:warmup]:
-        one(prompt_ids)
+        generate(model, tokenizer, prompt_ids, max_new_tokens)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     latencies, generated_tokens, matches, judged, shown = [], 0, 0, 0, []
     from tqdm.auto import tqdm
 
     for prompt_ids, reference in tqdm(pairs, desc="generating", unit="sample", leave=False):
-        new_ids, seconds = one(prompt_ids)
+        new_ids, seconds = generate(model, tokenizer, prompt_ids, max_new_tokens)
         latencies.append(seconds)
-        if tokenizer.eos_token_id in new_ids:
-            new_ids = new_ids[: new_ids.index(tokenizer.eos_token_id) + 1]
+        new_ids, text = answer(new_ids, tokenizer)
         generated_tokens += len(new_ids)
-        reply = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
         if reference is not None:
             judged += 1
-            matches += reply == reference
+            matches += text == reference
         shown.append({"prompt": tokenizer.decode(prompt_ids, skip_special_tokens=False), "reference": reference,
-                      "answer": reply})
+                      "answer": text})
 
     files = rundir.weight_files(output_dir) + (base_weight_files(recipe.model.model_name_or_path)
                                         if recipe.model.use_lora else [])
@@ -189,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", type=Path, help="a finished training run's output_dir")
     parser.add_argument("--samples", type=int, default=32, help="eval examples to generate on")
-    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS)
     parser.add_argument("--warmup", type=int, default=2, help="untimed generations first")
     parser.add_argument("--show", type=int, default=16, help="generated answers kept in bench.json and W&B")
     args = parser.parse_args(argv)

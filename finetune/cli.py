@@ -4,6 +4,7 @@
     finetune launch recipes/tiny.yaml                       # through accelerate, as launch/train.sh does
     finetune chat outputs/tiny                              # talk to it; --prompt "..." for one answer
     finetune bench outputs/tiny
+    finetune eval outputs/tiny --tasks tiny_tasks
     finetune compare outputs/matrix/* --out outputs/comparison
     finetune merge outputs/tiny
 
@@ -21,6 +22,7 @@ COMMANDS = {  # command: (module with main(argv), one line)
     "launch": ("finetune.launch", "train through accelerate (ACCELERATE_CONFIG): exact exit codes, signals passed on"),
     "chat": ("finetune.generate", "talk to a trained model (interactive, or --prompt for one answer)"),
     "bench": ("finetune.bench", "inference benchmark of a finished run"),
+    "eval": ("finetune.evaluate", "lm-evaluation-harness tasks on a finished run (eval.json, W&B)"),
     "compare": ("finetune.compare", "comparison table and Pareto plot of several runs"),
     "download": ("finetune.hub", "fetch a recipe's hub model and dataset into the HF cache, for offline training"),
     "sync": ("finetune.sync", "upload offline W&B runs (checks the login and the network first)"),

@@ -1,11 +1,14 @@
 """Compare trained variants: quality against memory and against latency, with the Pareto frontier marked.
 
     python -m finetune.compare outputs/matrix/* --out outputs/comparison
+    python -m finetune.compare outputs/matrix/* --quality lm_eval/tiny_tasks/exact_match   # a harness metric
     python -m finetune.compare --wandb_project my-team/qlora-sweep --out outputs/comparison   # online runs
     make compare RUNS="outputs/lora_bf16 outputs/qlora_int4"
 
-Each run directory contributes its recipe.yaml, summary.json (training) and bench.json (inference, from
-`python -m finetune.bench`). Writes comparison.md, comparison.csv and pareto.png to --out; with tracking on, also
+Each run directory contributes its recipe.yaml, summary.json (training), bench.json (inference, from
+`python -m finetune.bench`) and eval.json (lm-evaluation-harness, from `finetune eval`: every
+`lm_eval/<task>/<metric>` becomes a column and can be the quality axis).
+Writes comparison.md, comparison.csv and pareto.png to --out; with tracking on, also
 a W&B run (job_type `comparison`) holding the table as a wandb.Table and the plot.
 """
 
@@ -53,13 +56,30 @@ def read_run(directory: Path) -> dict[str, Any]:
     """One table row from a run directory's recipe, training summary and inference benchmark."""
     from finetune.tracking import variant_name
 
-    recipe, summary, bench = rundir.results(directory)
-    if not summary and not bench:
-        raise UsageError(f"{directory}: no {rundir.SUMMARY} or {rundir.BENCH}; train (and bench) it first")
+    recipe, summary, bench, evaluation = rundir.results(directory)
+    if not summary and not bench and not evaluation:
+        raise UsageError(f"{directory}: no {rundir.SUMMARY}, {rundir.BENCH} or {rundir.EVAL}; train (and bench, "
+                         "evaluate) it first")
 
     variant = variant_name(recipe.get("quantization", "none"), recipe.get("dtype", "auto"),
                            recipe.get("use_lora", True)) if recipe else ""
-    return {"run": directory.name, "variant": variant, **row_values(summary, bench)}
+    harness = {key: value for key, value in evaluation.items() if key.startswith(HARNESS_PREFIX)}
+    # Which way is better, per harness metric, as the task declares it (eval.json's `higher_is_better`).
+    directions = {f"{HARNESS_PREFIX}{task}/{metric}": higher
+                  for task, metrics in evaluation.get("higher_is_better", {}).items()
+                  for metric, higher in metrics.items()}
+    return {"run": directory.name, "variant": variant, **row_values(summary, bench), **harness,
+            "higher_is_better": directions}
+
+
+HARNESS_PREFIX = "lm_eval/"
+
+
+def harness_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """A column per harness score any run has (its stderr and counts stay in eval.json)."""
+    keys = sorted({key for row in rows for key in row if key.startswith(HARNESS_PREFIX)
+                   and not key.endswith(("_stderr", "/samples", "/seconds"))})
+    return [(key, key, "{:.3f}") for key in keys]
 
 
 def row_values(summary: dict[str, Any], bench: dict[str, Any]) -> dict[str, Any]:
@@ -101,19 +121,34 @@ def cell(row: dict[str, Any], key: str, fmt: str) -> str:
 
 
 def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
-    header = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    lines = [header, rule] + ["| " + " | ".join(cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in rows]
+    columns = COLUMNS + harness_columns(rows)
+    header = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    lines = [header, rule] + ["| " + " | ".join(cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     with (out / "comparison.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[k for k, _, _ in COLUMNS])
+        writer = csv.DictWriter(handle, fieldnames=[k for k, _, _ in columns])
         writer.writeheader()
-        writer.writerows({k: r.get(k) for k, _, _ in COLUMNS} for r in rows)
+        writer.writerows({k: r.get(k) for k, _, _ in columns} for r in rows)
 
 
-def quality_axis(rows: list[dict[str, Any]]) -> tuple[str, str, bool]:
-    """(row key, label, higher is better): exact match when every run has it and it tells them apart,
-    else eval perplexity."""
+def quality_axis(rows: list[dict[str, Any]], requested: str | None = None) -> tuple[str, str, bool]:
+    """(row key, label, higher is better): `requested` (a harness metric, `lm_eval/<task>/<metric>`, which every
+    run must have); else exact match when every run has it and it tells them apart, else eval perplexity.
+    Raises UsageError naming the runs without the requested metric, and the metrics they have."""
+    if requested is not None:
+        missing = [r["run"] for r in rows if r.get(requested) is None]
+        if missing:
+            from finetune.recipe import did_you_mean
+
+            known = sorted({k for r in rows for k in r if k.startswith(HARNESS_PREFIX)})
+            hint = did_you_mean(requested, known) if known else \
+                "; evaluate the runs first (finetune eval RUN --tasks ...)"
+            raise UsageError(f"--quality: {', '.join(missing)} have no `{requested}` in {rundir.EVAL}{hint}")
+        higher = all(r.get("higher_is_better", {}).get(requested, True) for r in rows)
+        samples = sorted({r.get(requested.rsplit("/", 1)[0] + "/samples") for r in rows} - {None})
+        of = f" on {'/'.join(str(c) for c in samples)} samples" if samples else ""
+        return requested, f"{requested}{of} ({'higher' if higher else 'lower'} is better)", higher
     matches = [r.get("exact_match") for r in rows]
     if None not in matches and len(set(matches)) > 1:
         counts = sorted({r.get("exact_match_samples") for r in rows} - {None})
@@ -122,14 +157,15 @@ def quality_axis(rows: list[dict[str, Any]]) -> tuple[str, str, bool]:
     return "eval_perplexity", "eval perplexity (lower is better)", False
 
 
-def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Two panels, quality against peak memory and against latency; frontier points joined and labelled."""
+def plot_pareto(rows: list[dict[str, Any]], path: Path, quality: str | None = None) -> Path:
+    """Two panels, quality (see quality_axis) against peak memory and against latency; frontier points joined
+    and labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    quality, quality_label, higher = quality_axis(rows)
+    quality, quality_label, higher = quality_axis(rows, quality)
     on_gpu = all(r.get("peak_vram_gb") is not None for r in rows)
     memory = ("peak_vram_gb", "peak training GPU memory (GB)") if on_gpu else \
         ("peak_ram_gb", "peak training host memory (GB)")
@@ -171,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="*", type=Path, help="run output directories")
     parser.add_argument("--wandb_project", help="entity/project: also take the training runs logged there")
     parser.add_argument("--out", type=Path, default=Path("outputs/comparison"))
+    parser.add_argument("--quality", help="the quality axis: a harness metric of eval.json, "
+                                          "lm_eval/<task>/<metric> (default: exact match, else eval perplexity)")
     args = parser.parse_args(argv)
     try:
         rows = [read_run(directory) for directory in args.runs]
@@ -178,11 +216,12 @@ def main(argv: list[str] | None = None) -> int:
             rows += read_wandb_project(args.wandb_project)
         if not rows:
             raise UsageError("no runs to compare; pass run directories or --wandb_project")
+        quality_axis(rows, args.quality)  # refused before anything is written
     except UsageError as error:
         return errors.report(error)
     args.out.mkdir(parents=True, exist_ok=True)
     write_tables(rows, args.out)
-    plot = plot_pareto(rows, args.out / "pareto.png")
+    plot = plot_pareto(rows, args.out / "pareto.png", args.quality)
     log_to_wandb(rows, plot)
     print((args.out / "comparison.md").read_text())
     print(f"table: {args.out / 'comparison.md'}, {args.out / 'comparison.csv'}\nplot: {plot}", file=sys.stderr)
@@ -199,7 +238,7 @@ def log_to_wandb(rows: list[dict[str, Any]], plot: Path) -> None:
         return
     import wandb
 
-    keys = [k for k, _, _ in COLUMNS]
+    keys = [k for k, _, _ in COLUMNS + harness_columns(rows)]
     run.log({"comparison": wandb.Table(columns=keys, data=[[r.get(k) for k in keys] for r in rows]),
              "pareto": wandb.Image(str(plot))})
     run.finish()

@@ -327,6 +327,39 @@ class Splits(NamedTuple):
 
 def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_first: Callable) -> Splits:
     """Load, format-check, shuffle, split and tokenize: the train split, the eval split (or None) and the format."""
+    train, evaluation, fmt = raw_splits(data_args, tokenizer, seed, main_process_first)
+
+    def tokenize(split):
+        with main_process_first(desc="tokenizing"):
+            tokenized = split.map(
+                _tokenize_row,
+                fn_kwargs={"fmt": fmt, "tokenizer": tokenizer, "max_length": data_args.max_length,
+                           "train_on_prompt": data_args.train_on_prompt, "dataset": data_args.dataset,
+                           "roles": template_roles(tokenizer)},
+                remove_columns=split.column_names,
+                desc="tokenizing",
+            )
+        notes = collections.Counter(note for note in tokenized["note"] if note)
+        for note, count in notes.items():
+            logger.warning("%d of %d examples: %s", count, len(tokenized), note)
+        tokenized = tokenized.remove_columns("note")
+        before = len(tokenized)
+        # An example whose prompt fills max_length has nothing left to learn from.
+        tokenized = tokenized.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"][1:]))
+        if len(tokenized) < before:
+            logger.warning("dropped %d of %d examples with no answer tokens left after truncation to "
+                           "max_length=%d", before - len(tokenized), before, data_args.max_length)
+        if len(tokenized) == 0:
+            raise UsageError(f"dataset: no example has answer tokens within max_length={data_args.max_length}; "
+                               "raise max_length")
+        return tokenized
+
+    return Splits(tokenize(train), tokenize(evaluation) if evaluation is not None else None, fmt)
+
+
+def raw_splits(data_args: DataArguments, tokenizer, seed: int, main_process_first: Callable):
+    """Load, format-check, shuffle and split, untokenized: (train, eval or None, format). The examples a run
+    held out, as rows of the dataset (for benchmarks built on them, finetune.evaluate)."""
     with main_process_first(desc="loading the dataset"):
         raw = _load_raw(data_args)
     if data_args.dataset_split not in raw:
@@ -366,33 +399,7 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
             train = train.select(range(held_out, len(train)))
     if data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
-
-    def tokenize(split):
-        with main_process_first(desc="tokenizing"):
-            tokenized = split.map(
-                _tokenize_row,
-                fn_kwargs={"fmt": fmt, "tokenizer": tokenizer, "max_length": data_args.max_length,
-                           "train_on_prompt": data_args.train_on_prompt, "dataset": data_args.dataset,
-                           "roles": template_roles(tokenizer)},
-                remove_columns=split.column_names,
-                desc="tokenizing",
-            )
-        notes = collections.Counter(note for note in tokenized["note"] if note)
-        for note, count in notes.items():
-            logger.warning("%d of %d examples: %s", count, len(tokenized), note)
-        tokenized = tokenized.remove_columns("note")
-        before = len(tokenized)
-        # An example whose prompt fills max_length has nothing left to learn from.
-        tokenized = tokenized.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"][1:]))
-        if len(tokenized) < before:
-            logger.warning("dropped %d of %d examples with no answer tokens left after truncation to "
-                           "max_length=%d", before - len(tokenized), before, data_args.max_length)
-        if len(tokenized) == 0:
-            raise UsageError(f"dataset: no example has answer tokens within max_length={data_args.max_length}; "
-                               "raise max_length")
-        return tokenized
-
-    return Splits(tokenize(train), tokenize(evaluation) if evaluation is not None else None, fmt)
+    return train, evaluation, fmt
 
 
 def preview(splits: Splits, tokenizer, examples: int = 2) -> str:

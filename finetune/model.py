@@ -239,14 +239,17 @@ def describe(model) -> str:
     return f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
 
 
-def load_for_inference(output_dir):
+def load_for_inference(output_dir, dtype: str | None = None):
     """(recipe, tokenizer, model) of a finished run, for inference: the base loaded as trained (same quantization)
-    plus the adapter, or the full model. Raises UsageError when `output_dir` is not a finished run."""
+    plus the adapter, or the full model; `dtype` (a recipe dtype name) replaces the run's for the weights that
+    aren't quantized and the compute. Raises UsageError when `output_dir` is not a finished run."""
     import dataclasses
 
     from peft import PeftModel
 
     recipe = rundir.trained_recipe(output_dir)
+    if dtype is not None:
+        recipe.model = dataclasses.replace(recipe.model, dtype=dtype)
     tokenizer = load_tokenizer(recipe.model)
     if not recipe.model.use_lora:
         full = dataclasses.replace(recipe.model, model_name_or_path=str(output_dir))

@@ -7,6 +7,7 @@
       summary.json     the run summary, written last: its presence means the run finished
       wandb_run.json   the W&B run id, so that a resumed run continues it
       bench.json       the inference benchmark (finetune.bench)
+      eval.json        lm-evaluation-harness results (finetune.evaluate)
       checkpoint-N/    Trainer checkpoints
 
 Everything else asks this module for those names. A write goes to a temporary file in the same directory and is
@@ -28,6 +29,7 @@ RECIPE = "recipe.yaml"
 SUMMARY = "summary.json"
 WANDB_RUN = "wandb_run.json"
 BENCH = "bench.json"
+EVAL = "eval.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # A checkpoint's model weights (adapter, full model, or a sharded full model) and its optimizer state.
@@ -134,10 +136,11 @@ def _safetensors_problem(path: Path) -> str | None:
 
 
 def clear_previous_run(output_dir: Path) -> None:
-    """For overwrite_output_dir: remove what a previous run left (checkpoints, summary, run id, benchmark)."""
+    """For overwrite_output_dir: remove what a previous run left (checkpoints, summary, run id, benchmark,
+    evaluation)."""
     for _, path in checkpoints(output_dir):
         shutil.rmtree(path)
-    for name in (SUMMARY, WANDB_RUN, BENCH):
+    for name in (SUMMARY, WANDB_RUN, BENCH, EVAL):
         (output_dir / name).unlink(missing_ok=True)
 
 
@@ -155,13 +158,14 @@ def trained_recipe(output_dir: Path):
     return recipe
 
 
-def results(output_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(recipe keys, summary, benchmark) of a run directory, each {} when missing. For comparisons."""
+def results(output_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(recipe keys, summary, benchmark, evaluation) of a run directory, each {} when missing. For comparisons."""
     import yaml
 
     recipe_file = output_dir / RECIPE
     recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else {}
-    return recipe or {}, read_json(output_dir / SUMMARY) or {}, read_json(output_dir / BENCH) or {}
+    return (recipe or {}, read_json(output_dir / SUMMARY) or {}, read_json(output_dir / BENCH) or {},
+            read_json(output_dir / EVAL) or {})
 
 
 def prepare(output_dir: Path, recipe_text: str, fresh: bool, segment: dict[str, Any]) -> None:

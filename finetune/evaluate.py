@@ -1,0 +1,316 @@
+"""Benchmarks on a trained run: EleutherAI's lm-evaluation-harness, on the model as it was trained.
+
+    finetune eval outputs/tiny                                   # the embedded recipe: its own task, tiny_tasks
+    finetune eval outputs/qlora_int4 --tasks arc_easy,hellaswag --limit 200
+    finetune eval outputs/my_run --tasks my_task --include_path my_tasks/ --log_samples
+    make eval RUN=outputs/tiny TASKS=tiny_tasks
+
+The model is loaded as `finetune bench` loads it (`finetune.model.load_for_inference`: the base with the
+quantization it was trained with plus the adapter, or the full model) and handed to the harness's `hf` model, so
+a 4-bit run is scored in 4 bits. The harness's results go to `eval.json` in the run directory, with one flat key
+per number (`lm_eval/<task>/<metric>`, what `finetune compare --quality` takes), and, with tracking on, to a W&B
+run with job_type `evaluation` in the training run's group: the harness's own results table, and with
+`--log_samples` every sample's prompt, response and score as a table.
+
+Your own data, offline: a harness YAML task whose dataset is a local JSONL (`write_task` writes one from
+single-turn rows), found through `--include_path DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune import errors, rundir
+from finetune.errors import UsageError
+
+TINY_TASK = "tiny_tasks"
+TINY_TASK_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny" / "lm_eval"
+INSTALL = "pip install lm-eval==0.4.13 (it is in requirements.txt: make install)"
+
+
+def write_task(directory: Path, name: str, rows: list[dict[str, str]]) -> Path:
+    """Write a harness task `name` to `directory`: NAME.jsonl (`prompt`, `answer` per row) and NAME.yaml, a
+    generate-until task scored by exact match. Returns the directory, for --include_path.
+
+    The scoring is finetune.bench's: greedy, up to MAX_NEW_TOKENS, cut at EOS, special tokens dropped, and the
+    answer compared with surrounding whitespace ignored (bench strips both sides).
+    """
+    import yaml
+
+    from finetune.bench import MAX_NEW_TOKENS
+    from finetune.tiny import write_jsonl
+
+    data = write_jsonl(rows, directory / f"{name}.jsonl").resolve()
+    task = {
+        "task": name,
+        "dataset_path": "json",  # datasets' JSON builder: the file is read locally, no hub
+        "dataset_kwargs": {"data_files": {"test": str(data)}},  # absolute: datasets resolves paths from the cwd
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": "{{prompt}}",
+        "doc_to_target": "{{answer}}",
+        # The harness adds the tokenizer's EOS to `until` itself; no other stop string, as in bench.
+        "generation_kwargs": {"until": [], "max_gen_toks": MAX_NEW_TOKENS, "do_sample": False},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+                         "regexes_to_ignore": [r"^\s+", r"\s+$"]}],
+        "metadata": {"version": 1.0},
+    }
+    header = (f"# A generate-until task on a local JSONL (finetune.evaluate.write_task); offline with:\n"
+              f"#   finetune eval RUN --tasks {name} --include_path {directory.resolve()}\n")
+    rundir.write_text(directory / f"{name}.yaml", header + yaml.safe_dump(task, sort_keys=False))
+    return directory
+
+
+def chat_rows(dataset) -> list[dict[str, str]]:
+    """(prompt, answer) rows from single-turn chat examples: the user's message and the assistant's reply."""
+    rows = []
+    for example in dataset:
+        turns = {message["role"]: message["content"] for message in example["messages"]}
+        rows.append({"prompt": turns["user"], "answer": turns["assistant"]})
+    return rows
+
+
+def tiny_task(directory: Path = TINY_TASK_DIR) -> Path:
+    """The embedded recipe's task, built once: the examples recipes/tiny.yaml holds out (the prompts
+    finetune.bench scores on a run of it), as a generate-until task. Returns its directory."""
+    if (directory / f"{TINY_TASK}.yaml").is_file():
+        return directory
+    from contextlib import nullcontext
+
+    from finetune.data import raw_splits
+    from finetune.model import load_tokenizer
+    from finetune.recipe import load_recipe
+
+    recipe = load_recipe([str(Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml")])
+    _, held_out, _ = raw_splits(recipe.data, load_tokenizer(recipe.model), recipe.training.seed,
+                                lambda **_: nullcontext())
+    return write_task(directory, TINY_TASK, chat_rows(held_out))
+
+
+# Checking the request before the model loads ---------------------------------------------------------------------
+
+def task_manager(include_path: list[Path]):
+    """The harness's task registry: its own tasks plus every task under `include_path`."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UsageError(f"finetune eval needs lm-eval: {INSTALL}") from None
+    return TaskManager(include_path=[str(p) for p in include_path] or None)
+
+
+def hub_datasets(manager, name: str, seen: set[str] | None = None) -> list[str]:
+    """The hub datasets a task (or every task of a group or tag) downloads: `dataset_path`s that are neither a
+    datasets builder for local files nor a local directory."""
+    seen = set() if seen is None else seen
+    if name in seen or name not in manager.task_index:
+        return []
+    seen.add(name)
+    entry = manager.task_index[name]
+    config = entry.cfg or {}
+    children = config.get("task") if isinstance(config.get("task"), list) else []
+    children = [c if isinstance(c, str) else c.get("task") for c in children]
+    members = [t for t, e in manager.task_index.items() if name in (e.tags or ())]
+    found = []
+    for child in [c for c in children + members if isinstance(c, str)]:
+        found += hub_datasets(manager, child, seen)
+    path = config.get("dataset_path")
+    local_builders = {"json", "csv", "parquet", "text", "arrow"}
+    if path and path not in local_builders and not Path(path).expanduser().exists():
+        found.append(path)
+    return sorted(set(found))
+
+
+def is_cached(dataset: str) -> bool:
+    """Whether a hub dataset can load offline: a snapshot in the hub cache, or datasets' own processed copy."""
+    from datasets import config as datasets_config
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(dataset, repo_type="dataset", local_files_only=True)
+        return True
+    except Exception:  # huggingface_hub's LocalEntryNotFoundError and kin: not cached
+        pass
+    return any(Path(datasets_config.HF_DATASETS_CACHE).glob(dataset.replace("/", "___") + "*"))
+
+
+def check_tasks(manager, tasks: list[str], env=os.environ) -> None:
+    """Every task is known to the harness, and can load its data here. Raises UsageError naming each unknown task
+    (with the closest names the registry holds) and each hub dataset that can't be reached offline."""
+    from finetune.recipe import did_you_mean
+    from finetune.tracking import is_truthy
+
+    problems = []
+    for task in tasks:
+        if task not in manager.task_index:
+            problems.append(f"--tasks: the harness has no task `{task}`{did_you_mean(task, manager.all_tasks)}; "
+                            "list them with `lm-eval ls tasks`, or add your own with --include_path DIR")
+    offline = [name for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if is_truthy(env.get(name))]
+    if offline and not problems:
+        for task in tasks:
+            for dataset in hub_datasets(manager, task):
+                if not is_cached(dataset):
+                    problems.append(f"--tasks: `{task}` needs the dataset `{dataset}` from the Hugging Face Hub, "
+                                    f"and {offline[0]}=1 with no cached copy; download it where there is a network "
+                                    f"(python -c \"import datasets; datasets.load_dataset('{dataset}')\") and "
+                                    f"copy ~/.cache/huggingface over, unset {offline[0]}, or use a local task "
+                                    "(--include_path)")
+    if problems:
+        raise UsageError(problems)
+
+
+# Running the harness ---------------------------------------------------------------------------------------------
+
+def inference_dtype(requested: str, recipe_dtype: str) -> str:
+    """The dtype to evaluate in: the one asked for; `auto` keeps the run's on a GPU and takes float32 on a CPU,
+    where bf16/fp16 matmuls are emulated (slower, and fp16 lacks kernels)."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return recipe_dtype if torch.cuda.is_available() else "float32"
+
+
+def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
+    """`lm_eval/<task>/<metric>` for every number of the harness's results (`/<filter>` added for filters other
+    than `none`), and `lm_eval/<task>/samples`: the keys eval.json, W&B and `finetune compare` share."""
+    flat = {}
+    for task, metrics in results.get("results", {}).items():
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue  # alias and "N/A" stderr
+            metric, _, filter_name = key.partition(",")
+            flat[f"lm_eval/{task}/{metric}" + ("" if filter_name in ("", "none") else f"/{filter_name}")] = value
+        samples = results.get("n-samples", {}).get(task, {}).get("effective")
+        if samples is not None:
+            flat[f"lm_eval/{task}/samples"] = samples
+    return flat
+
+
+def run_harness(output_dir: Path, tasks: list[str], manager, batch_size: str, dtype: str, limit: float | None,
+                chat_template: str, log_samples: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load the run as trained, evaluate `tasks`. Returns (eval.json's content, the harness's full results)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.utils import handle_non_serializable
+
+    from finetune.model import load_for_inference
+
+    recipe = rundir.trained_recipe(output_dir)
+    chosen_dtype = inference_dtype(dtype, recipe.model.dtype)
+    recipe, tokenizer, model = load_for_inference(output_dir, dtype=chosen_dtype)
+    apply_chat_template = bool(getattr(tokenizer, "chat_template", None)) if chat_template == "auto" else \
+        chat_template == "true"
+    import torch
+
+    # "auto" probes the largest batch that fits the GPU; a CPU has no such limit to find, and a batch of 8 keeps
+    # the left padding small for short prompts.
+    chosen_batch = batch_size if batch_size != "auto" or torch.cuda.is_available() else "8"
+    harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=chosen_batch)
+    started = time.perf_counter()
+    try:
+        results = lm_eval.simple_evaluate(model=harness_model, tasks=tasks, task_manager=manager, limit=limit,
+                                          log_samples=log_samples, apply_chat_template=apply_chat_template)
+    except ConnectionError as error:  # requests' and huggingface_hub's connection errors derive from it
+        raise UsageError(f"--tasks: the harness could not reach the Hugging Face Hub ({str(error)[:120]}); "
+                         "download the task's dataset first, or set HF_HUB_OFFLINE=1 to use the cache") from None
+    seconds = time.perf_counter() - started
+    results = json.loads(json.dumps(results, default=handle_non_serializable))
+    summary = {
+        **flat_metrics(results),
+        "lm_eval/seconds": seconds,
+        "settings": {"tasks": tasks, "dtype": chosen_dtype, "quantization": recipe.model.quantization,
+                     "batch_size": chosen_batch, "apply_chat_template": apply_chat_template, "limit": limit,
+                     "lm_eval_version": lm_eval.__version__},
+        "results": results.get("results", {}),
+        "groups": results.get("groups", {}),
+        "n-samples": results.get("n-samples", {}),
+        "versions": results.get("versions", {}),
+        "higher_is_better": results.get("higher_is_better", {}),
+    }
+    return summary, results
+
+
+def log_to_wandb(output_dir: Path, summary: dict[str, Any], results: dict[str, Any], log_samples: bool) -> None:
+    """An `evaluation` run in the training run's group, named after it (when tracking is on): the flat metrics in
+    its summary, the harness's results table (lm_eval's WandbLogger), and with `log_samples` a table per task."""
+    from finetune import tracking
+
+    recipe = rundir.trained_recipe(output_dir)
+    # Tracking follows this environment, not the report_to the training ran with.
+    plan = tracking.resolve(recipe, job_type="evaluation", report_to=["wandb"])
+    if not plan.uses_wandb:
+        return
+    trained = tracking.read_saved_run(output_dir) or {}
+    name = trained.get("name") or plan.init["name"]
+    plan.init.update({"name": f"{name}-evaluation", "group": plan.init.get("group") or name})
+    tracking.prepare(plan)
+    run = tracking.start(plan, {**tracking.run_config(recipe), "lm_eval": summary["settings"]})
+    if run is None:
+        return
+    from lm_eval.loggers import WandbLogger
+
+    logger = WandbLogger()  # finds the run just started
+    logger.post_init(results)
+    logger.log_eval_result()
+    if log_samples:
+        logger.log_eval_samples(results["samples"])
+    run.summary.update({k: v for k, v in summary.items() if k.startswith("lm_eval/")})
+    run.finish()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from finetune import logs, tiny
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir", type=Path, help="a finished training run's output_dir")
+    parser.add_argument("--tasks", help="comma-separated harness tasks or groups (default for a run of the "
+                                        f"embedded recipe: {TINY_TASK})")
+    parser.add_argument("--include_path", type=Path, action="append", default=[],
+                        help="a directory of your own harness YAML tasks (repeatable)")
+    parser.add_argument("--batch_size", default="auto", help="an integer, or auto: the largest that fits a GPU, "
+                                                             "8 on a CPU")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: the run's dtype on a GPU, float32 on a CPU")
+    parser.add_argument("--limit", type=float, help="at most this many examples per task (a fraction if < 1)")
+    parser.add_argument("--apply_chat_template", default="auto", choices=["auto", "true", "false"],
+                        help="auto: when the tokenizer has a chat template (a chat-trained model needs it)")
+    parser.add_argument("--log_samples", action="store_true", help="every sample's output to W&B, as a table")
+    args = parser.parse_args(argv)
+    logs.setup()
+    try:
+        recipe = rundir.trained_recipe(args.output_dir)
+        if not rundir.is_finished(args.output_dir):
+            raise UsageError(f"{args.output_dir}: no {rundir.SUMMARY}; the training has not finished")
+        include_path = list(args.include_path)
+        if args.tasks:
+            tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        elif tiny.used_by(recipe):
+            tasks = [TINY_TASK]
+        else:
+            raise UsageError("--tasks: give the tasks to run (e.g. --tasks arc_easy,hellaswag); only runs of the "
+                             f"embedded recipe have a default ({TINY_TASK})")
+        if TINY_TASK in tasks:
+            include_path.append(tiny_task())
+        manager = task_manager(include_path)
+        check_tasks(manager, tasks)
+        summary, results = run_harness(args.output_dir, tasks, manager, args.batch_size, args.dtype, args.limit,
+                                       args.apply_chat_template, args.log_samples)
+        rundir.write_json(args.output_dir / rundir.EVAL, summary)
+        log_to_wandb(args.output_dir, summary, results, args.log_samples)
+    except UsageError as error:
+        return errors.report(error)
+    from lm_eval.utils import make_table
+
+    print(make_table(results))  # the harness's own table
+    print(f"eval: {args.output_dir / rundir.EVAL} ({summary['lm_eval/seconds']:.1f} s)", file=sys.stderr)
+    return errors.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
