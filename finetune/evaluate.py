@@ -264,6 +264,21 @@ def log_to_wandb(output_dir: Path, summary: dict[str, Any], results: dict[str, A
     run.finish()
 
 
+def format_results(results: dict) -> str:
+    """task, metric, value (± stderr) per line: the harness's numbers (its own table needs a pytablewriter whose
+    empty-header handling differs between versions)."""
+    lines = []
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            metric, _, filtering = key.partition(",")
+            if metric == "alias" or metric.endswith("_stderr") or not isinstance(value, int | float):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{filtering}")
+            error = f" ± {stderr:.4f}" if isinstance(stderr, int | float) else ""
+            lines.append(f"{task:<24} {metric:<20} {value:.4f}{error}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from finetune import logs, tiny
 
@@ -283,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log_samples", action="store_true", help="every sample's output to W&B, as a table")
     args = parser.parse_args(argv)
     logs.setup()
+    if not logs.verbose():  # the harness narrates each step at INFO (seeds, contexts); its results are printed below
+        import logging
+
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
     try:
         recipe = rundir.trained_recipe(args.output_dir)
         if not rundir.is_finished(args.output_dir):
@@ -305,9 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         log_to_wandb(args.output_dir, summary, results, args.log_samples)
     except UsageError as error:
         return errors.report(error)
-    from lm_eval.utils import make_table
-
-    print(make_table(results))  # the harness's own table
+    print(format_results(results))
     print(f"eval: {args.output_dir / rundir.EVAL} ({summary['lm_eval/seconds']:.1f} s)", file=sys.stderr)
     return errors.OK
 

@@ -19,6 +19,13 @@ EXPECTED_NOISE = [
 ]
 
 
+EXPECTED_NOISE += [
+    ("lm_eval.models.huggingface", message,
+     "finetune eval hands the harness the model it loaded as trained (quantized base plus adapter), in one process, "
+     "on purpose; the harness warns whenever `pretrained` is not a name")
+    for message in ("`pretrained` model kwarg is not of type `str`",
+                    "Passed an already-initialized model through `pretrained`")]
+
 # (warning category, start of the message, why ignoring it is safe)
 EXPECTED_WARNINGS = [
     (FutureWarning, "`is_gradient_checkpointing` is deprecated",

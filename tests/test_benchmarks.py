@@ -31,8 +31,10 @@ def test_train_speed_runs_every_arm_and_reports_side_by_side(tmp_path):
     assert ("skipping the TRL arms: trl is not installed" in result.stdout) == (len(arms) < len(train_speed.ARMS))
     assert len(re.findall(r"^repeat [12]/2: ", result.stdout, re.M)) == 2 * len(arms)
     assert re.findall(r"^repeat \d/2: (\S+)", result.stdout, re.M) == arms * 2  # interleaved: A B C A B C
-    rows = {line[:22].strip(): line[22:].split() for line in result.stdout.splitlines() if line[:22].strip()}
-    assert rows[""] == [*arms, "toolkit/best", "peer", "toolkit/baseline"]
+    lines = result.stdout.splitlines()
+    (header,) = [line for line in lines if line.split()[:1] == ["baseline"]]  # the arm names, right-aligned
+    assert header.split() == [*arms, "toolkit/best", "peer", "toolkit/baseline"]
+    rows = {match[1]: match[2].split() for line in lines if (match := re.match(r"^(\S.*?)\s{2,}(\S.*)$", line))}
     for label in ("seconds/step, min", "seconds/step, median", "tokens/s, median", "peak RSS (GB)"):
         assert len(rows[label]) == len(arms) + 2, rows  # every arm, then the two ratios
         assert all(float(value) > 0 for value in rows[label])
