@@ -93,7 +93,8 @@ SlurmdLogFile={self.directory}/log/slurmd-%n.log
         key.chmod(0o400)
         for directory in ("/run/munge", "/var/log/munge", "/var/lib/munge"):
             Path(directory).mkdir(parents=True, exist_ok=True)
-        subprocess.run([_binary("munged"), "--force"], check=False, capture_output=True)
+        if subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:  # one munged for every cluster
+            subprocess.run([_binary("munged"), "--force"], check=False, capture_output=True)
         env = {**os.environ, **self.env}
         subprocess.run([_binary("slurmctld"), "-f", str(self.conf)], check=True, env=env)
         for node in NODES:  # Debian's Slurm runs several slurmd on one machine, one per emulated node
