@@ -174,16 +174,7 @@ def log_to_wandb(output_dir: Path, result: dict[str, Any]) -> None:
     """An `inference` run in the training run's group, named after it (when tracking is on)."""
     from finetune import tracking
 
-    recipe = rundir.trained_recipe(output_dir)
-    # Tracking follows this environment, not the report_to the training ran with.
-    plan = tracking.resolve(recipe, job_type="inference", report_to=["wandb"])
-    if not plan.uses_wandb:
-        return
-    trained = tracking.read_saved_run(output_dir) or {}
-    name = trained.get("name") or plan.init["name"]
-    plan.init.update({"name": f"{name}-inference", "group": plan.init.get("group") or name})
-    tracking.prepare(plan)
-    run = tracking.start(plan, tracking.run_config(recipe))
+    run = tracking.start_follow_up(output_dir, "inference")
     if run is not None:
         import wandb
 

@@ -241,16 +241,7 @@ def log_to_wandb(output_dir: Path, summary: dict[str, Any], results: dict[str, A
     its summary, the harness's results table (lm_eval's WandbLogger), and with `log_samples` a table per task."""
     from finetune import tracking
 
-    recipe = rundir.trained_recipe(output_dir)
-    # Tracking follows this environment, not the report_to the training ran with.
-    plan = tracking.resolve(recipe, job_type="evaluation", report_to=["wandb"])
-    if not plan.uses_wandb:
-        return
-    trained = tracking.read_saved_run(output_dir) or {}
-    name = trained.get("name") or plan.init["name"]
-    plan.init.update({"name": f"{name}-evaluation", "group": plan.init.get("group") or name})
-    tracking.prepare(plan)
-    run = tracking.start(plan, {**tracking.run_config(recipe), "lm_eval": summary["settings"]})
+    run = tracking.start_follow_up(output_dir, "evaluation", {"lm_eval": summary["settings"]})
     if run is None:
         return
     from lm_eval.loggers import WandbLogger

@@ -304,6 +304,21 @@ def resolve_job(job_type: str, name: str, env: Mapping[str, str] = os.environ) -
                     init_timeout=settings["init_timeout"], offline_reason=settings["offline_reason"])
 
 
+def start_follow_up(output_dir: Path, job_type: str, extra_config: dict[str, Any] | None = None):
+    """A W&B run about a finished training run (its benchmark, its evaluation): job type `job_type`, in the
+    training run's group, named `<training run>-<job_type>`. Tracking follows this environment, not the report_to
+    the training ran with. Returns the run, or None when tracking is off."""
+    recipe = rundir.trained_recipe(output_dir)
+    plan = resolve(recipe, job_type=job_type, report_to=["wandb"])
+    if not plan.uses_wandb:
+        return None
+    trained = read_saved_run(output_dir) or {}
+    name = trained.get("name") or plan.init["name"]
+    plan.init.update({"name": f"{name}-{job_type}", "group": plan.init.get("group") or name})
+    prepare(plan)
+    return start(plan, {**run_config(recipe), **(extra_config or {})})
+
+
 def read_saved_run(output_dir: Path) -> dict | None:
     """The W&B run a training in `output_dir` logged to (id, name, project, mode), or None."""
     return rundir.read_json(output_dir / rundir.WANDB_RUN)

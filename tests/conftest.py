@@ -162,3 +162,22 @@ def run_to_end(command: list[str], timeout: float, **kwargs) -> subprocess.Compl
         pytest.fail(f"{' '.join(command[:3])} ... still running after {timeout:.0f} s; its stacks and output:\n"
                     f"{stderr[-12000:]}\n--- stdout ---\n{stdout[-2000:]}", pytrace=False)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def lora_model(recipe, padding_free: bool):
+    """The recipe's LoRA model in train mode, seeded, with B initialised non-zero (peft starts B at zero, which
+    would leave A's gradient zero and untested), for gradient comparisons; its attention as padding-free
+    training picks it when `padding_free`."""
+    import torch
+
+    from finetune import padding_free as packing
+    from finetune.model import load_model
+
+    torch.manual_seed(0)
+    attention = packing.plan(recipe.model, recipe.data).attention if padding_free else None
+    model = load_model(recipe.model, attention=attention)
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    return model.train()

@@ -9,10 +9,10 @@ from transformers import DataCollatorForSeq2Seq
 from finetune import chunked_loss
 from finetune import padding_free as packing
 from finetune.data import IGNORE_INDEX, load_splits
-from finetune.model import load_model, load_tokenizer
+from finetune.model import load_tokenizer
 from finetune.run import train
 from finetune.tiny import build_model_config, build_tokenizer
-from tests.conftest import load, recipe_argv
+from tests.conftest import load, lora_model, recipe_argv
 
 TOLERANCE = 1e-5  # fp32, relative: the same sums, chunked
 
@@ -42,17 +42,6 @@ def recipe_args(model_dir, dataset, output_dir, **overrides) -> list[str]:
                                        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
                                        "learning_rate": 1e-2, "report_to": "none", "disable_tqdm": "true",
                                        **overrides})
-
-
-def _model(recipe, padding_free: bool):
-    torch.manual_seed(0)
-    attention = packing.plan(recipe.model, recipe.data).attention if padding_free else None
-    model = load_model(recipe.model, attention=attention)
-    torch.manual_seed(1)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # peft starts B at zero, which would leave A's gradient zero and untested
-            torch.nn.init.normal_(param, std=0.1)
-    return model.train()
 
 
 def _causal(model):
@@ -85,7 +74,7 @@ def test_chunked_loss_and_gradients_equal_transformers(architecture, use_lora, p
                                                        data_files, tmp_path):
     recipe = load(recipe_args(request.getfixturevalue(f"{architecture}_dir"), data_files["alpaca"], tmp_path,
                               use_lora=str(use_lora).lower()))
-    model = _model(recipe, padding_free)
+    model = lora_model(recipe, padding_free)
     causal = _causal(model)
     assert "forward" in vars(causal), "the chunked loss should be on by default for this model"
     batch = _batch(recipe, padding_free)
@@ -109,7 +98,7 @@ def test_chunked_loss_and_gradients_equal_transformers(architecture, use_lora, p
 
 def test_no_full_vocabulary_logits_are_kept_for_backward(llama_dir, data_files, tmp_path):
     recipe = load(recipe_args(llama_dir, data_files["alpaca"], tmp_path))
-    model = _model(recipe, padding_free=True)
+    model = lora_model(recipe, padding_free=True)
     batch = _batch(recipe, padding_free=True)
     vocab = _causal(model).config.vocab_size
     head_storage = _causal(model).lm_head.weight.untyped_storage().data_ptr()
@@ -139,7 +128,7 @@ def test_a_lora_head_falls_back_to_full_logits_and_says_why(llama_dir, data_file
     recipe = load(recipe_args(llama_dir, data_files["alpaca"], tmp_path)
                   + ["--lora_target_modules", "q_proj", "v_proj", "lm_head"])
     with caplog.at_level("INFO", logger="finetune.chunked_loss"):
-        model = _model(recipe, padding_free=True)
+        model = lora_model(recipe, padding_free=True)
     assert "forward" not in vars(_causal(model))
     assert "chunked loss off: its output head (lm_head) is a Linear" in caplog.text
     assert "LoRA adapter" in caplog.text
@@ -160,7 +149,7 @@ def test_an_unlisted_architecture_falls_back_with_its_reason():
 def test_turned_off_by_the_recipe(llama_dir, data_files, tmp_path):
     recipe = load(recipe_args(llama_dir, data_files["alpaca"], tmp_path, chunked_loss="false"))
     assert recipe.model.chunked_loss is False
-    assert "forward" not in vars(_causal(_model(recipe, padding_free=True)))
+    assert "forward" not in vars(_causal(lora_model(recipe, padding_free=True)))
 
 
 @pytest.mark.parametrize("padding_free", [True, False], ids=["flattened", "padded"])

@@ -8,9 +8,9 @@ from transformers import DataCollatorForSeq2Seq, LlamaConfig, MistralConfig, Qwe
 
 from finetune import padding_free as packing
 from finetune.data import IGNORE_INDEX, load_splits
-from finetune.model import load_model, load_tokenizer
+from finetune.model import load_tokenizer
 from finetune.run import train
-from tests.conftest import load, recipe_argv
+from tests.conftest import load, lora_model, recipe_argv
 
 TOLERANCE = 1e-5  # fp32: the same sums in another order
 
@@ -42,17 +42,6 @@ def _loss_and_grads(model, batch, scale=1.0):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _model(recipe, padding_free):
-    torch.manual_seed(0)
-    attention = packing.plan(recipe.model, recipe.data).attention if padding_free else None
-    model = load_model(recipe.model, attention=attention)
-    torch.manual_seed(1)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # peft starts B at zero, which would leave A's gradient zero and untested
-            torch.nn.init.normal_(param, std=0.1)
-    return model.train()
-
-
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 @pytest.mark.parametrize("attention", [None, "sdpa", "eager"])
 def test_flattened_batch_equals_padded_batch_and_per_example_truth(attention, architecture, request, data_files,
@@ -64,7 +53,7 @@ def test_flattened_batch_equals_padded_batch_and_per_example_truth(attention, ar
     recipe = load(recipe_args("lora_bf16", model_dir, data_files["alpaca"], tmp_path, **overrides))
     tokenizer, features = _examples(recipe)
 
-    model = _model(recipe, padding_free=True)
+    model = lora_model(recipe, padding_free=True)
     expected = packing.VARLEN_ATTENTION if attention in (None, "sdpa") else attention
     assert model.config._attn_implementation == expected
     flat = packing.FlatteningCollator()(features)
@@ -98,7 +87,7 @@ def test_cache_left_on_lets_flattened_examples_attend_to_each_other(llama_dir, d
                                      attn_implementation="eager"))
     _, features = _examples(recipe)
     flat = packing.FlatteningCollator()(features)
-    model = _model(recipe, padding_free=True).eval()
+    model = lora_model(recipe, padding_free=True).eval()
     with torch.no_grad():
         kept_apart = model(**flat).loss.item()
         model.config.use_cache = True
