@@ -127,8 +127,8 @@ def peer_model(model_dir: Path, variant: str, dtype: str):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
 
 
-def run_arm(arm: str, size: str, variant: str, steps: int, workdir: Path) -> dict:
-    """Train one arm in this process and return its measurements."""
+def run_arm(arm: str, size: str, variant: str, steps: int, workdir: Path, toolkit_set: dict | None = None) -> dict:
+    """Train one arm in this process and return its measurements (`toolkit_set`: recipe keys for the toolkit arm)."""
     import resource
 
     import torch
@@ -150,7 +150,7 @@ def run_arm(arm: str, size: str, variant: str, steps: int, workdir: Path) -> dic
         keys = {"model_name_or_path": model_dir, "dataset": data, "dtype": dtype, "lora_r": 16,
                 "lora_alpha": 32, "lora_dropout": 0.0, "max_length": shape["lengths"][1], "eval_size": 0,
                 "eval_strategy": "no", "output_dir": workdir / "toolkit-out", "overwrite_output_dir": True,
-                "train_on_prompt": True, **common}
+                "train_on_prompt": True, **common, **(toolkit_set or {})}
         recipe_path = ROOT / "recipes" / ("qlora_int4.yaml" if variant == "qlora" else "lora_bf16.yaml")
         recipe = load_recipe(hardware=hardware_defaults, argv=[str(recipe_path)] +
                              [item for key, value in keys.items() for item in (f"--{key}", str(value))])
@@ -293,14 +293,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds of every arm, interleaved")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "bench-train")
+    parser.add_argument("--toolkit_set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="recipe keys for the toolkit arm, e.g. padding_free=false chunked_loss=false: what a "
+                             "default buys")
     parser.add_argument("--arm", choices=ARMS, help="run one arm here (used internally)")
     args = parser.parse_args()
     steps = args.steps or SIZES[args.size]["steps"]
     if steps < 1 or args.repeats < 1:
         parser.error(f"--steps and --repeats must be at least 1, got {steps} and {args.repeats}")
+    toolkit_set = dict(item.split("=", 1) for item in args.toolkit_set if "=" in item)
+    if len(toolkit_set) < len(args.toolkit_set):
+        parser.error(f"--toolkit_set takes KEY=VALUE items, got {' '.join(args.toolkit_set)}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.arm:
-        print("RESULT " + json.dumps(run_arm(args.arm, args.size, args.variant, steps, args.workdir)))
+        print("RESULT " + json.dumps(run_arm(args.arm, args.size, args.variant, steps, args.workdir, toolkit_set)))
         return
     arms = [arm for arm in args.arms if not (arm.startswith("trl-") and trl_missing())]
     if len(arms) < len(args.arms):
@@ -312,7 +318,8 @@ def main() -> None:
             print(f"repeat {repeat}/{args.repeats}: {arm} ({args.variant}, {args.size} size, {steps} steps)...",
                   flush=True)
             output = subprocess.run([sys.executable, __file__, "--arm", arm, "--size", args.size, "--variant",
-                                     args.variant, "--steps", str(steps), "--workdir", str(args.workdir)],
+                                     args.variant, "--steps", str(steps), "--workdir", str(args.workdir),
+                                     *(["--toolkit_set", *args.toolkit_set] if args.toolkit_set else [])],
                                     capture_output=True, text=True)
             line = next((x for x in output.stdout.splitlines() if x.startswith("RESULT ")), None)
             if output.returncode != 0 or line is None:

@@ -157,11 +157,38 @@ def load_model(model_args: ModelArguments, for_training: bool = True, attention:
             model = get_peft_model(model, config)
         except ValueError as exc:
             raise UsageError([f"lora_target_modules: {str(exc).splitlines()[0]}"]) from None
+        skip_casts_under_autocast(model)
     if model_args.chunked_loss:
         from finetune import chunked_loss
 
         chunked_loss.install(model)  # after peft, which may have put an adapter on the head
     return model
+
+
+def _cast_input_dtype_unless_autocast(layer, x, dtype):
+    """peft's input cast of a LoRA layer, skipped where autocast would cast the result back to `x`'s dtype."""
+    import torch
+
+    if x is not None and x.dtype != dtype and torch.is_autocast_enabled(x.device.type) \
+            and torch.get_autocast_dtype(x.device.type) == x.dtype:
+        return x
+    return type(layer)._cast_input_dtype(layer, x, dtype)
+
+
+def skip_casts_under_autocast(model) -> int:
+    """Drop a copy that changes no value from every LoRA layer's forward under autocast (mixed-precision training
+    on a GPU). peft casts a 16-bit input to the adapters' fp32 before `lora_A`, and autocast casts it straight back
+    to 16 bits for the matmul: a full copy of each adapted layer's input, and of its gradient, for identical
+    numbers (a 16-bit value is exact in fp32). Without autocast (CPU training, fp32 models) peft's cast stays.
+    peft's 4-bit layers already skip it under autocast. Returns the number of layers changed."""
+    import types
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    for layer in layers:
+        layer._cast_input_dtype = types.MethodType(_cast_input_dtype_unless_autocast, layer)
+    return len(layers)
 
 
 # bitsandbytes 0.50's switch, per Linear4bit, for its packed CPU path (set from has_avx512bf16() at init).

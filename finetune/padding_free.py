@@ -9,13 +9,17 @@ The flattened row must not let one example attend to another. How that is kept e
 - flash_attention_2/3 use the sequence boundaries (`cu_seq_lens_*`) that the collator passes;
 - eager, sdpa and flex_attention get a block-diagonal mask that transformers builds from the position ids
   (the model's `use_cache` must be off, or it skips that step: `load_model` turns it off for training);
-- `sdpa_varlen`, the toolkit's default for the plain-causal architectures in `VARLEN_MODEL_TYPES`, runs causal
-  SDPA on each example's slice, so that attention costs sum(L_i^2) instead of (sum L_i)^2 and no mask is built.
+- `sdpa_varlen`, the toolkit's default for the plain-causal architectures in `VARLEN_MODEL_TYPES`, attends within
+  each example only, so that attention costs sum(L_i^2) instead of (sum L_i)^2 and no mask is built: on a CUDA GPU
+  in 16-bit by torch's flash varlen kernel (one call per layer, the boundaries read on the device), elsewhere by
+  causal SDPA on each example's slice.
 Eval batches stay padded (the Trainer weighs eval losses by rows, and one flattened row would hide that).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -47,8 +51,38 @@ def sequence_bounds(cu_seq_lens) -> list[int]:
     return _bounds_cache[1]
 
 
+@functools.cache
+def _varlen_attn():
+    """torch's variable-length flash attention with the keyword arguments that ask this torch version for causal
+    (and grouped-query) attention; None for a torch without it (before 2.10)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    parameters = inspect.signature(varlen_attn).parameters
+    # torch 2.10 takes is_causal; later versions a window, (-1, 0) being causal, and enable_gqa for fewer key heads.
+    options = {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
+    if "enable_gqa" in parameters:
+        options["enable_gqa"] = True
+    return functools.partial(varlen_attn, **options)
+
+
+def flash_varlen_function(query, dropout: float):
+    """`torch.nn.attention.varlen.varlen_attn`, causal, where it can run `query`, else None: it needs a CUDA GPU of
+    compute capability 8.0 or later, 16-bit inputs, a head size flash takes, no attention dropout (it has none) and
+    a torch that has it (2.10 or later)."""
+    import torch
+
+    if not (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and not dropout
+            and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256
+            and torch.cuda.get_device_capability(query.device) >= (8, 0)):
+        return None
+    return _varlen_attn()
+
+
 def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Causal SDPA run separately on each example of a flattened row (bounds from `cu_seq_lens_q`).
+    """Causal attention within each example of a flattened row (bounds from `cu_seq_lens_q`): on a CUDA GPU in
+    16-bit, torch's flash varlen kernel over the whole row in one call; elsewhere, SDPA on each example's slice.
 
     query/key/value are (1, heads, tokens, head_dim), as transformers passes them; the output is
     (1, tokens, heads, head_dim). Without `cu_seq_lens_q` (padded eval batches) this is transformers' SDPA.
@@ -60,6 +94,15 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0
     if cu_seq_lens is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    flash = flash_varlen_function(query, dropout)
+    if flash is not None:
+        longest = kwargs.get("max_length_q")  # a host int from the collator: no device sync
+        if longest is None:
+            bounds = sequence_bounds(cu_seq_lens)
+            longest = max(end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True))
+        cu_seq_lens = cu_seq_lens.to(torch.int32)
+        q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))  # (tokens, heads, head_dim)
+        return flash(q, k, v, cu_seq_lens, cu_seq_lens, longest, longest, scale=scaling).unsqueeze(0), None
     bounds = sequence_bounds(cu_seq_lens)
     lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
     # split, not indexing: the backward of a split is one concatenation, that of each slice a full-size zero tensor.

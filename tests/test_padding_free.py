@@ -81,6 +81,35 @@ def test_flattened_batch_equals_padded_batch_and_per_example_truth(attention, ar
         torch.testing.assert_close(padded_grads[name], truth, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch's flash varlen kernel)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_varlen_kernel_equals_attention_per_example(dtype):
+    """On a GPU the flattened row goes through torch's flash varlen kernel in one call; its output and gradients
+    equal per-example causal attention computed in fp32 (to 16-bit rounding), grouped-query heads included."""
+    import types
+
+    torch.manual_seed(0)
+    lengths, heads, kv_heads, head_dim = [5, 130, 1, 64, 300, 17], 8, 2, 64
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    tensors = [torch.randn(1, count, sum(lengths), head_dim, device="cuda", dtype=dtype, requires_grad=True)
+               for count in (heads, kv_heads, kv_heads)]
+    module = types.SimpleNamespace(is_causal=True, num_key_value_groups=heads // kv_heads, training=True)
+    assert packing.flash_varlen_function(tensors[0], 0.0) is not None, "this GPU should take the flash path"
+    out, _ = packing.sdpa_varlen_attention(module, *tensors, None, scaling=head_dim ** -0.5, cu_seq_lens_q=cu,
+                                           max_length_q=max(lengths))
+    reference = [t.detach().float().requires_grad_() for t in tensors]
+    assert packing.flash_varlen_function(reference[0], 0.0) is None  # fp32: the per-example loop
+    expected, _ = packing.sdpa_varlen_attention(module, *reference, None, scaling=head_dim ** -0.5,
+                                                cu_seq_lens_q=cu, max_length_q=max(lengths))
+    assert out.shape == expected.shape == (1, sum(lengths), heads, head_dim)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    upstream = torch.randn_like(expected)
+    out.backward(upstream.to(dtype))
+    expected.backward(upstream)
+    for got, want in zip(tensors, reference, strict=True):
+        torch.testing.assert_close(got.grad.float(), want.grad, atol=5e-2, rtol=5e-2)
+
+
 def test_cache_left_on_lets_flattened_examples_attend_to_each_other(llama_dir, data_files, tmp_path):
     """The trap `load_model` avoids: with use_cache on, transformers builds no per-example mask (eager, sdpa)."""
     recipe = load(recipe_args("lora_bf16", llama_dir, data_files["alpaca"], tmp_path, dtype="float32",

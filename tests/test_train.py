@@ -151,3 +151,41 @@ def test_embedded_default_learns(tmp_path):
     eval_losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
     assert eval_losses[0] > 5.0
     assert eval_losses[-1] < eval_losses[0] - 1.5, eval_losses
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_lora_input_cast_is_skipped_under_autocast_with_equal_results(device, llama_dir, data_files, tmp_path):
+    """Under autocast (mixed-precision training) a LoRA layer takes its 16-bit input as it is, instead of peft's
+    fp32 copy that autocast casts straight back: the loss and every gradient equal peft's own path bit for bit.
+    Without autocast (16-bit weights trained on a CPU) peft's cast stays, or the fp32 adapters could not run."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tests.conftest import lora_model
+
+    recipe = load(recipe_args("lora_bf16", llama_dir, data_files["alpaca"], tmp_path, lora_dropout=0.0))
+    model = lora_model(recipe, padding_free=False).to(device)
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    assert layers and all("_cast_input_dtype" in vars(layer) for layer in layers)
+    batch = {"input_ids": torch.randint(0, model.config.vocab_size, (2, 24), device=device)}
+    batch["labels"] = batch["input_ids"].clone()
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    x = torch.ones(3, 4, dtype=torch.bfloat16, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        assert layers[0]._cast_input_dtype(x, torch.float32) is x  # no copy
+    assert layers[0]._cast_input_dtype(x, torch.float32).dtype == torch.float32  # no autocast: peft's cast
+    fast_loss, fast_grads = loss_and_grads()
+    for layer in layers:
+        del layer._cast_input_dtype  # peft's own method again
+    peft_loss, peft_grads = loss_and_grads()
+    assert torch.equal(fast_loss, peft_loss)
+    assert any(g.abs().sum() > 0 for g in peft_grads.values())
+    for name, grad in peft_grads.items():
+        assert torch.equal(fast_grads[name], grad), name
