@@ -49,6 +49,25 @@ def test_train_speed_runs_every_arm_and_reports_side_by_side(tmp_path):
     assert re.search(r"peak memory: [\d.]+x the baseline", result.stdout)
 
 
+def test_step_profile_times_every_step_and_passes_toolkit_keys(tmp_path):
+    import json
+
+    import yaml
+
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/step_profile.py"), "toolkit", "--size", "smoke",
+                             "--steps", "10", "--toolkit_set", "padding_free=false", "--workdir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, env=subprocess_env(WANDB_DISABLED="true"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (times,) = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("STEP_TIMES ")]
+    assert len(times) == 10 and all(float(t) > 0 for t in times)
+    (summary,) = [json.loads(line[len("SUMMARY "):]) for line in result.stdout.splitlines()
+                  if line.startswith("SUMMARY ")]
+    assert summary["set"] == {"padding_free": "false"} and summary["steps"] == 10
+    assert summary["steady_min_s"] <= summary["steady_median_s"]
+    assert yaml.safe_load((tmp_path / "toolkit-out" / "recipe.yaml").read_text())["padding_free"] is False
+    assert re.search(r"^\s+Name\s+Self CPU %", result.stdout, re.M)  # the profiler's table
+
+
 def test_train_speed_verdicts_follow_the_targets():
     train_speed = load_script("train_speed")
     table = {"tokens/s, median": {"baseline": 100.0, "trl-padded": 150.0, "toolkit": 240.0},
