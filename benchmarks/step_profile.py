@@ -7,7 +7,10 @@
 The arm is one of `train_speed.py`'s (same model, data, order and settings), run in this process. Each step is timed
 between device syncs at its start and end; steps 6 to 8 run under torch's profiler, whose tables (by GPU time where
 there is a GPU, by CPU time) are printed after a SUMMARY line. The steady-state figures leave out the first three
-steps (warm-up) and the profiled ones. `train_speed.py` says how fast each arm is; this says where the time goes.
+steps (warm-up) and the profiled ones. A step's time here is the optimizer step with its micro-batches' forward and
+backward; the data loading before it and logging after it are outside, so these figures run a little ahead of
+`train_speed.py`'s (the Trainer's whole train time over the steps). `train_speed.py` says how fast each arm is;
+this says where the time goes.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < PROFILED[1] + 2:
         parser.error(f"--steps must be at least {PROFILED[1] + 2}: steady steps follow the profiled ones")
+    toolkit_set = train_speed.recipe_settings(parser, args.toolkit_set)
     import torch
     import transformers
 
@@ -68,7 +72,6 @@ def main() -> None:
 
     transformers.Trainer.__init__ = init_with_timer
     args.workdir.mkdir(parents=True, exist_ok=True)
-    toolkit_set = dict(item.split("=", 1) for item in args.toolkit_set)
     result = train_speed.run_arm(args.arm, args.size, args.variant, args.steps, args.workdir, toolkit_set)
     steady = times[3:PROFILED[0] - 1] + times[PROFILED[1]:]
     tokens_per_step = result["tokens_per_second"] * result["seconds_per_step"]

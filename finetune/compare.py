@@ -101,6 +101,7 @@ def row_values(summary: dict[str, Any], bench: dict[str, Any]) -> dict[str, Any]
 def read_wandb_project(path: str) -> list[dict[str, Any]]:
     """Rows from the training runs of an online W&B project (`entity/project`), through wandb.Api."""
     import wandb
+
     from finetune.tracking import online_problem
 
     problem = online_problem()

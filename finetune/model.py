@@ -165,30 +165,35 @@ def load_model(model_args: ModelArguments, for_training: bool = True, attention:
     return model
 
 
-def _cast_input_dtype_unless_autocast(layer, x, dtype):
-    """peft's input cast of a LoRA layer, skipped where autocast would cast the result back to `x`'s dtype."""
+def _input_as_is_under_autocast(x, dtype):
+    """A LoRA layer's input cast (peft's `_cast_input_dtype`), left out where autocast casts `x` straight back."""
     import torch
 
-    if x is not None and x.dtype != dtype and torch.is_autocast_enabled(x.device.type) \
-            and torch.get_autocast_dtype(x.device.type) == x.dtype:
+    if x is None or x.dtype == dtype:
         return x
-    return type(layer)._cast_input_dtype(layer, x, dtype)
+    if dtype == torch.float32 and torch.is_autocast_enabled(x.device.type) and (
+            torch.get_autocast_dtype(x.device.type) == x.dtype):
+        return x
+    return x.to(dtype)
 
 
-def skip_casts_under_autocast(model) -> int:
-    """Drop a copy that changes no value from every LoRA layer's forward under autocast (mixed-precision training
-    on a GPU). peft casts a 16-bit input to the adapters' fp32 before `lora_A`, and autocast casts it straight back
-    to 16 bits for the matmul: a full copy of each adapted layer's input, and of its gradient, for identical
-    numbers (a 16-bit value is exact in fp32). Without autocast (CPU training, fp32 models) peft's cast stays.
-    peft's 4-bit layers already skip it under autocast. Returns the number of layers changed."""
-    import types
+def skip_casts_under_autocast(model) -> None:
+    """Drop a copy that changes no value from each plain LoRA linear layer's forward under autocast.
 
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    Under autocast (mixed-precision training on a GPU) peft casts the 16-bit input to the adapters' fp32 before
+    `lora_A`, and autocast casts it straight back to the same 16 bits for the matmul: a full copy of the layer's
+    input, and of its gradient, for identical numbers (a 16-bit value is exact in fp32). Kept as peft does it:
+    without autocast, for layers with LoRA dropout (dropout on a 16-bit tensor scales by 1/(1-p) rounded to 16 bits
+    on a CPU), and for DoRA and the other variants (they use the input outside the matmul). peft's quantized layers
+    skip the cast under autocast themselves.
+    """
+    import torch
+    from peft.tuners.lora.layer import Linear
 
-    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
-    for layer in layers:
-        layer._cast_input_dtype = types.MethodType(_cast_input_dtype_unless_autocast, layer)
-    return len(layers)
+    for layer in model.modules():
+        if type(layer) is Linear and not layer.lora_variant and all(
+                isinstance(dropout, torch.nn.Identity) for dropout in layer.lora_dropout.values()):
+            layer._cast_input_dtype = _input_as_is_under_autocast  # a plain function: no cycle, picklable
 
 
 # bitsandbytes 0.50's switch, per Linear4bit, for its packed CPU path (set from has_avx512bf16() at init).

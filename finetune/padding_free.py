@@ -10,9 +10,9 @@ The flattened row must not let one example attend to another. How that is kept e
 - eager, sdpa and flex_attention get a block-diagonal mask that transformers builds from the position ids
   (the model's `use_cache` must be off, or it skips that step: `load_model` turns it off for training);
 - `sdpa_varlen`, the toolkit's default for the plain-causal architectures in `VARLEN_MODEL_TYPES`, attends within
-  each example only, so that attention costs sum(L_i^2) instead of (sum L_i)^2 and no mask is built: on a CUDA GPU
-  in 16-bit by torch's flash varlen kernel (one call per layer, the boundaries read on the device), elsewhere by
-  causal SDPA on each example's slice.
+  each example only, so that attention costs sum(L_i^2) instead of (sum L_i)^2 and no mask is built: on an NVIDIA
+  GPU in 16-bit by torch's flash varlen kernel (one call per layer, the boundaries read on the device; see
+  `flash_varlen_function` for what it needs), elsewhere by causal SDPA on each example's slice.
 Eval batches stay padded (the Trainer weighs eval losses by rows, and one flattened row would hide that).
 """
 
@@ -53,36 +53,42 @@ def sequence_bounds(cu_seq_lens) -> list[int]:
 
 @functools.cache
 def _varlen_attn():
-    """torch's variable-length flash attention with the keyword arguments that ask this torch version for causal
-    (and grouped-query) attention; None for a torch without it (before 2.10)."""
+    """torch's variable-length flash attention, causal, with grouped-query heads where this torch asks for them to be
+    declared; None for a torch without it, or whose version of it takes no scale (2.10's: models such as Granite
+    scale attention their own way)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     parameters = inspect.signature(varlen_attn).parameters
-    # torch 2.10 takes is_causal; later versions a window, (-1, 0) being causal, and enable_gqa for fewer key heads.
-    options = {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
-    if "enable_gqa" in parameters:
+    if not {"scale", "window_size"} <= parameters.keys():
+        return None
+    options = {"window_size": (-1, 0)}  # (-1, 0): every earlier token, none later
+    if "enable_gqa" in parameters:  # newer versions refuse fewer key heads unless told; 2.11 takes them as they are
         options["enable_gqa"] = True
     return functools.partial(varlen_attn, **options)
 
 
 def flash_varlen_function(query, dropout: float):
-    """`torch.nn.attention.varlen.varlen_attn`, causal, where it can run `query`, else None: it needs a CUDA GPU of
-    compute capability 8.0 or later, 16-bit inputs, a head size flash takes, no attention dropout (it has none) and
-    a torch that has it (2.10 or later)."""
+    """torch's flash varlen attention (causal) where it can run `query`, else None. It needs an NVIDIA GPU (not ROCm)
+    of compute capability 8.0 or later, 16-bit inputs, a head size flash takes (a multiple of 8, at most 256; at
+    most 192 on GPUs other than sm80/sm90, whose backward is the only one above that), no attention dropout (it has
+    none) and torch 2.11 or later."""
     import torch
 
-    if not (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and not dropout
-            and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256
-            and torch.cuda.get_device_capability(query.device) >= (8, 0)):
+    if not (query.is_cuda and torch.version.hip is None and query.dtype in (torch.bfloat16, torch.float16)
+            and not dropout and query.shape[-1] % 8 == 0):
+        return None
+    capability = torch.cuda.get_device_capability(query.device)
+    if capability < (8, 0) or query.shape[-1] > (256 if capability in ((8, 0), (9, 0)) else 192):
         return None
     return _varlen_attn()
 
 
 def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Causal attention within each example of a flattened row (bounds from `cu_seq_lens_q`): on a CUDA GPU in
-    16-bit, torch's flash varlen kernel over the whole row in one call; elsewhere, SDPA on each example's slice.
+    """Causal attention within each example of a flattened row (bounds from `cu_seq_lens_q`): torch's flash varlen
+    kernel over the whole row in one call where `flash_varlen_function` allows it (an NVIDIA GPU, 16-bit), else
+    SDPA on each example's slice.
 
     query/key/value are (1, heads, tokens, head_dim), as transformers passes them; the output is
     (1, tokens, heads, head_dim). Without `cu_seq_lens_q` (padded eval batches) this is transformers' SDPA.
@@ -100,7 +106,7 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0
         if longest is None:
             bounds = sequence_bounds(cu_seq_lens)
             longest = max(end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True))
-        cu_seq_lens = cu_seq_lens.to(torch.int32)
+        cu_seq_lens = cu_seq_lens.to(query.device, torch.int32)
         q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))  # (tokens, heads, head_dim)
         return flash(q, k, v, cu_seq_lens, cu_seq_lens, longest, longest, scale=scaling).unsqueeze(0), None
     bounds = sequence_bounds(cu_seq_lens)

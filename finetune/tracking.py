@@ -364,6 +364,7 @@ def start(tracking: Tracking, config: dict[str, Any], output_dir: Path | None = 
         logger.info("tracking is off (%s)", tracking.offline_reason or "report_to has no wandb")
         return None
     import wandb
+
     from finetune import logs
 
     # silent: W&B's banner, its offline notes and its end-of-run history/summary; the toolkit prints its summary

@@ -81,26 +81,31 @@ def test_flattened_batch_equals_padded_batch_and_per_example_truth(attention, ar
         torch.testing.assert_close(padded_grads[name], truth, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch's flash varlen kernel)")
+def _flash_capable() -> bool:
+    return torch.cuda.is_available() and torch.version.hip is None and torch.cuda.get_device_capability() >= (8, 0)
+
+
+@pytest.mark.skipif(not _flash_capable(), reason="needs an NVIDIA GPU of compute capability 8.0 or later")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_varlen_kernel_equals_attention_per_example(dtype):
     """On a GPU the flattened row goes through torch's flash varlen kernel in one call; its output and gradients
-    equal per-example causal attention computed in fp32 (to 16-bit rounding), grouped-query heads included."""
+    equal per-example causal attention computed in fp32 (to 16-bit rounding), grouped-query heads and a scale other
+    than the default included."""
     import types
 
     torch.manual_seed(0)
-    lengths, heads, kv_heads, head_dim = [5, 130, 1, 64, 300, 17], 8, 2, 64
+    lengths, heads, kv_heads, head_dim, scale = [5, 130, 1, 64, 300, 17], 8, 2, 64, 0.3
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     tensors = [torch.randn(1, count, sum(lengths), head_dim, device="cuda", dtype=dtype, requires_grad=True)
                for count in (heads, kv_heads, kv_heads)]
     module = types.SimpleNamespace(is_causal=True, num_key_value_groups=heads // kv_heads, training=True)
     assert packing.flash_varlen_function(tensors[0], 0.0) is not None, "this GPU should take the flash path"
-    out, _ = packing.sdpa_varlen_attention(module, *tensors, None, scaling=head_dim ** -0.5, cu_seq_lens_q=cu,
+    out, _ = packing.sdpa_varlen_attention(module, *tensors, None, scaling=scale, cu_seq_lens_q=cu,
                                            max_length_q=max(lengths))
     reference = [t.detach().float().requires_grad_() for t in tensors]
     assert packing.flash_varlen_function(reference[0], 0.0) is None  # fp32: the per-example loop
-    expected, _ = packing.sdpa_varlen_attention(module, *reference, None, scaling=head_dim ** -0.5,
-                                                cu_seq_lens_q=cu, max_length_q=max(lengths))
+    expected, _ = packing.sdpa_varlen_attention(module, *reference, None, scaling=scale, cu_seq_lens_q=cu,
+                                                max_length_q=max(lengths))
     assert out.shape == expected.shape == (1, sum(lengths), heads, head_dim)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
     upstream = torch.randn_like(expected)
@@ -108,6 +113,43 @@ def test_cuda_varlen_kernel_equals_attention_per_example(dtype):
     expected.backward(upstream)
     for got, want in zip(tensors, reference, strict=True):
         torch.testing.assert_close(got.grad.float(), want.grad, atol=5e-2, rtol=5e-2)
+
+
+def _torch_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None): ...
+
+
+def _torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1)): ...
+
+
+def _torch_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None): ...
+
+
+@pytest.mark.parametrize("signature, expected", [
+    (_torch_2_10, None),  # no scale: the per-example loop
+    (_torch_2_11, {"window_size": (-1, 0)}),
+    (_torch_2_13, {"window_size": (-1, 0), "enable_gqa": True}),
+], ids=["torch-2.10", "torch-2.11", "torch-2.13"])
+def test_varlen_kernel_is_asked_for_causal_attention_in_each_torch_version(signature, expected, monkeypatch):
+    """torch's varlen function changed its keywords between releases: causal attention (and grouped-query heads)
+    are asked for as the installed version takes them, and a version without a scale is not used."""
+    import torch.nn.attention.varlen as varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", signature)
+    packing._varlen_attn.cache_clear()
+    try:
+        found = packing._varlen_attn()
+    finally:
+        packing._varlen_attn.cache_clear()
+    assert (found if found is None else found.keywords) == expected
+    if expected is not None:
+        assert found.func is signature
+
+
+def test_varlen_kernel_is_not_used_on_a_cpu():
+    for dtype in (torch.float32, torch.bfloat16):
+        assert packing.flash_varlen_function(torch.zeros(1, 2, 3, 8, dtype=dtype), 0.0) is None
 
 
 def test_cache_left_on_lets_flattened_examples_attend_to_each_other(llama_dir, data_files, tmp_path):

@@ -156,16 +156,18 @@ def test_embedded_default_learns(tmp_path):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_lora_input_cast_is_skipped_under_autocast_with_equal_results(device, llama_dir, data_files, tmp_path):
-    """Under autocast (mixed-precision training) a LoRA layer takes its 16-bit input as it is, instead of peft's
-    fp32 copy that autocast casts straight back: the loss and every gradient equal peft's own path bit for bit.
-    Without autocast (16-bit weights trained on a CPU) peft's cast stays, or the fp32 adapters could not run."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    """Under autocast (mixed-precision training) a plain LoRA layer without dropout takes its 16-bit input as it is,
+    instead of peft's fp32 copy that autocast casts straight back: the loss and every gradient equal peft's own path
+    bit for bit. Without autocast, or under autocast to another dtype, peft's cast stays."""
+    import pickle
+
+    from peft.tuners.lora.layer import Linear
 
     from tests.conftest import lora_model
 
     recipe = load(recipe_args("lora_bf16", llama_dir, data_files["alpaca"], tmp_path, lora_dropout=0.0))
     model = lora_model(recipe, padding_free=False).to(device)
-    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    layers = [module for module in model.modules() if isinstance(module, Linear)]
     assert layers and all("_cast_input_dtype" in vars(layer) for layer in layers)
     batch = {"input_ids": torch.randint(0, model.config.vocab_size, (2, 24), device=device)}
     batch["labels"] = batch["input_ids"].clone()
@@ -180,7 +182,10 @@ def test_lora_input_cast_is_skipped_under_autocast_with_equal_results(device, ll
     x = torch.ones(3, 4, dtype=torch.bfloat16, device=device)
     with torch.autocast(device, dtype=torch.bfloat16):
         assert layers[0]._cast_input_dtype(x, torch.float32) is x  # no copy
+    with torch.autocast(device, dtype=torch.float16):
+        assert layers[0]._cast_input_dtype(x, torch.float32).dtype == torch.float32  # autocast to another dtype
     assert layers[0]._cast_input_dtype(x, torch.float32).dtype == torch.float32  # no autocast: peft's cast
+    assert "_cast_input_dtype" in vars(pickle.loads(pickle.dumps(layers[0])))  # torch.save(model) still works
     fast_loss, fast_grads = loss_and_grads()
     for layer in layers:
         del layer._cast_input_dtype  # peft's own method again
@@ -189,3 +194,21 @@ def test_lora_input_cast_is_skipped_under_autocast_with_equal_results(device, ll
     assert any(g.abs().sum() > 0 for g in peft_grads.values())
     for name, grad in peft_grads.items():
         assert torch.equal(fast_grads[name], grad), name
+
+
+@pytest.mark.parametrize("keys", [{"lora_dropout": 0.05}, {"lora_dropout": 0.0, "use_dora": True}],
+                         ids=["dropout", "dora"])
+def test_lora_input_cast_stays_where_skipping_it_would_change_numbers(keys, llama_dir, data_files, tmp_path):
+    """LoRA dropout on a 16-bit input would scale by 1/(1-p) rounded to 16 bits, and DoRA uses the input outside
+    the matmul: those layers keep peft's cast."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import Linear
+    from transformers import AutoModelForCausalLM
+
+    from finetune.model import skip_casts_under_autocast
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16),
+                           LoraConfig(r=4, target_modules="all-linear", **keys))
+    skip_casts_under_autocast(model)
+    layers = [module for module in model.modules() if isinstance(module, Linear)]
+    assert layers and not any("_cast_input_dtype" in vars(layer) for layer in layers)
