@@ -1,6 +1,7 @@
 """Where one arm's training step spends its time: per-step times after warm-up, and a torch profile of three steps.
 
-    python benchmarks/step_profile.py toolkit --size gpu --variant lora --steps 14
+    python benchmarks/step_profile.py toolkit --steps 14                   # the CPU size, as make bench-train
+    python benchmarks/step_profile.py toolkit --size gpu --variant qlora --steps 14
     python benchmarks/step_profile.py toolkit --size gpu --steps 14 --toolkit_set chunked_loss=false
     python benchmarks/step_profile.py trl-padding-free --size gpu --steps 14
 
@@ -32,7 +33,7 @@ PROFILED = (6, 8)  # first and last profiled step (1-based)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("arm", choices=train_speed.ARMS)
-    parser.add_argument("--size", choices=list(train_speed.SIZES), default="gpu")
+    parser.add_argument("--size", choices=list(train_speed.SIZES), default="cpu")
     parser.add_argument("--variant", choices=train_speed.VARIANTS, default="lora")
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--toolkit_set", nargs="+", default=[], metavar="KEY=VALUE")
