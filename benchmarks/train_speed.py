@@ -86,7 +86,6 @@ def build_inputs(size: str, workdir: Path) -> tuple[Path, Path]:
 
 
 ARMS = ("baseline", "trl-padded", "trl-padding-free", "trl-packing", "toolkit")
-PEERS = ARMS[:-1]
 # TRL refuses padding_free without packing under a max_length (it would not truncate): the texts already fit it.
 TRL_ARMS = {"trl-padded": {}, "trl-padding-free": {"padding_free": True, "max_length": None},
             "trl-packing": {"packing": True}}
@@ -155,8 +154,9 @@ def run_arm(arm: str, size: str, variant: str, steps: int, workdir: Path, toolki
         from finetune.recipe import load_recipe
         from finetune.run import train
 
-        keys = {"model_name_or_path": model_dir, "dataset": data, "dtype": dtype, "lora_r": 16,
-                "lora_alpha": 32, "lora_dropout": 0.0, "max_length": shape["lengths"][1], "eval_size": 0,
+        keys = {"model_name_or_path": model_dir, "dataset": data, "dtype": dtype, "lora_r": lora["r"],
+                "lora_alpha": lora["lora_alpha"], "lora_dropout": lora["lora_dropout"],
+                "max_length": shape["lengths"][1], "eval_size": 0,
                 "eval_strategy": "no", "output_dir": workdir / "toolkit-out", "overwrite_output_dir": True,
                 "train_on_prompt": True, **common, **(toolkit_set or {})}
         recipe_path = ROOT / "recipes" / ("qlora_int4.yaml" if variant == "qlora" else "lora_bf16.yaml")

@@ -37,18 +37,20 @@ VARLEN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "g
 FLATTENING_MODEL_TYPES = VARLEN_MODEL_TYPES | {"gemma2", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe", "phi",
                                                "stablelm"}
 
-_bounds_cache: tuple[object, list[int]] | None = None  # (cu_seq_lens tensor, its values), reused by every layer
+_lengths_cache: tuple[object, list[int]] | None = None  # (cu_seq_lens tensor, its lengths), reused by every layer
 
 
-def sequence_bounds(cu_seq_lens) -> list[int]:
-    """Host copy of the cumulative sequence lengths; computed once per forward pass, not once per layer.
+def sequence_lengths(cu_seq_lens) -> list[int]:
+    """The examples' lengths from the cumulative sequence lengths, on the host; computed once per forward pass, not
+    once per layer.
 
     On a GPU, reading the tensor is a device sync: this keeps it to one per forward (zero on CPU).
     """
-    global _bounds_cache
-    if _bounds_cache is None or _bounds_cache[0] is not cu_seq_lens:
-        _bounds_cache = (cu_seq_lens, cu_seq_lens.tolist())
-    return _bounds_cache[1]
+    global _lengths_cache
+    if _lengths_cache is None or _lengths_cache[0] is not cu_seq_lens:
+        bounds = cu_seq_lens.tolist()
+        _lengths_cache = (cu_seq_lens, [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)])
+    return _lengths_cache[1]
 
 
 @functools.cache
@@ -102,15 +104,11 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0
                                       **kwargs)
     flash = flash_varlen_function(query, dropout)
     if flash is not None:
-        longest = kwargs.get("max_length_q")  # a host int from the collator: no device sync
-        if longest is None:
-            bounds = sequence_bounds(cu_seq_lens)
-            longest = max(end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True))
+        longest = kwargs.get("max_length_q") or max(sequence_lengths(cu_seq_lens))  # the collator's: no sync
         cu_seq_lens = cu_seq_lens.to(query.device, torch.int32)
         q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))  # (tokens, heads, head_dim)
         return flash(q, k, v, cu_seq_lens, cu_seq_lens, longest, longest, scale=scaling).unsqueeze(0), None
-    bounds = sequence_bounds(cu_seq_lens)
-    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+    lengths = sequence_lengths(cu_seq_lens)
     # split, not indexing: the backward of a split is one concatenation, that of each slice a full-size zero tensor.
     pieces = (tensor.split(lengths, dim=2) for tensor in (query, key, value))
     slices = [sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling)[0]
