@@ -26,7 +26,7 @@ MATRIX_VARIANTS = "lora_fp32" "lora_bf16 --dtype bfloat16" "qlora_int4 --quantiz
                   "lora_int8 --quantization int8"
 MATRIX_NAMES    = lora_fp32 lora_bf16 qlora_int4 lora_int8
 
-.PHONY: install train test test-fast download sync bench eval compare matrix bench-callback bench-train bench-errors lint clean
+.PHONY: install train test test-fast download sync bench eval compare matrix bench-callback bench-train bench-lora bench-errors lint clean
 
 install: $(VENV)/.installed
 
@@ -90,6 +90,10 @@ bench-train: install
 	$(PYTHON) -m pip install -q --no-deps -r benchmarks/requirements.txt
 	$(PYTHON) benchmarks/train_speed.py --size $(or $(SIZE),cpu) --variant $(or $(VARIANT),lora) \
 	  --repeats $(or $(REPEATS),2) $(ARGS)
+
+# The toolkit's LoRA layers against peft's, in one process (make bench-lora ARGS="--rounds 9").
+bench-lora: install
+	$(PYTHON) benchmarks/lora_layers.py $(ARGS)
 
 # How long a bad recipe takes to be told (make bench-errors ARGS="--before ../old-checkout").
 bench-errors: install

@@ -157,43 +157,14 @@ def load_model(model_args: ModelArguments, for_training: bool = True, attention:
             model = get_peft_model(model, config)
         except ValueError as exc:
             raise UsageError([f"lora_target_modules: {str(exc).splitlines()[0]}"]) from None
-        skip_casts_under_autocast(model)
+        from finetune import lora_layers
+
+        lora_layers.speed_up(model)
     if model_args.chunked_loss:
         from finetune import chunked_loss
 
         chunked_loss.install(model)  # after peft, which may have put an adapter on the head
     return model
-
-
-def _input_as_is_under_autocast(x, dtype):
-    """A LoRA layer's input cast (peft's `_cast_input_dtype`), left out where autocast casts `x` straight back."""
-    import torch
-
-    if x is None or x.dtype == dtype:
-        return x
-    if dtype == torch.float32 and torch.is_autocast_enabled(x.device.type) and (
-            torch.get_autocast_dtype(x.device.type) == x.dtype):
-        return x
-    return x.to(dtype)
-
-
-def skip_casts_under_autocast(model) -> None:
-    """Drop a copy that changes no value from each plain LoRA linear layer's forward under autocast.
-
-    Under autocast (mixed-precision training on a GPU) peft casts the 16-bit input to the adapters' fp32 before
-    `lora_A`, and autocast casts it straight back to the same 16 bits for the matmul: a full copy of the layer's
-    input, and of its gradient, for identical numbers (a 16-bit value is exact in fp32). Kept as peft does it:
-    without autocast, for layers with LoRA dropout (dropout on a 16-bit tensor scales by 1/(1-p) rounded to 16 bits
-    on a CPU), and for DoRA and the other variants (they use the input outside the matmul). peft's quantized layers
-    skip the cast under autocast themselves.
-    """
-    import torch
-    from peft.tuners.lora.layer import Linear
-
-    for layer in model.modules():
-        if type(layer) is Linear and not layer.lora_variant and all(
-                isinstance(dropout, torch.nn.Identity) for dropout in layer.lora_dropout.values()):
-            layer._cast_input_dtype = _input_as_is_under_autocast  # a plain function: no cycle, picklable
 
 
 # bitsandbytes 0.50's switch, per Linear4bit, for its packed CPU path (set from has_avx512bf16() at init).

@@ -117,3 +117,19 @@ def test_callback_overhead_times_the_toolkit_code_it_adds(tmp_path):
     attributed = re.search(r"callback overhead \(attributed\): ([\d.]+)% of training time", result.stdout)
     assert attributed and float(attributed.group(1)) > 0  # the added code ran, and was timed
     assert re.search(r"round 1: baseline [\d.]+ ms/step, with callback [\d.]+ ms/step", result.stdout)
+
+
+def test_lora_layers_bench_times_both_layers_and_says_which_one_the_toolkit_takes():
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/lora_layers.py"), "--rounds", "1", "--widths",
+                             "64", "--tokens", "16", "64"], capture_output=True, text=True, timeout=600,
+                            env=subprocess_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = re.findall(r"^\s+64\s+(\d+)\s+(\d+\.\d\d)\s+(merged|peft's)$", result.stdout, re.M)
+    assert [(tokens, takes) for tokens, _, takes in rows] == [("16", "peft's"), ("64", "merged")]
+    assert "28 of 28 LoRA layers take the toolkit's path" in result.stdout
+    assert re.search(r"toolkit / peft: min \d\.\d\d, median \d\.\d\d", result.stdout)
+    gap = float(re.search(r"largest gradient gap (\S+) of", result.stdout).group(1))
+    assert 0 <= gap < 1e-5
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks/lora_layers.py"), "--rounds", "0"],
+                         capture_output=True, text=True, timeout=60, env=subprocess_env())
+    assert bad.returncode == 2 and "--rounds must be at least 1" in bad.stderr

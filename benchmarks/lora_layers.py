@@ -1,0 +1,141 @@
+"""The toolkit's LoRA linear layers against peft's, forward and backward, in one process and interleaved.
+
+    make bench-lora                       # python benchmarks/lora_layers.py
+    python benchmarks/lora_layers.py --rounds 9 --widths 512 2048
+
+Two measurements, fp32 on this machine's device:
+- one layer (peft's `Linear` around an `nn.Linear`, rank 16) per width and number of tokens: the merged-weight
+  layer's time over peft's, each the fastest of the rounds, and which one the toolkit takes there (from as many
+  tokens as the layer is wide);
+- `make bench-train`'s CPU model (4 layers, 512 wide, LoRA r16 on every linear layer), 8 examples of 175 tokens:
+  forward and backward with the toolkit's layers and with peft's, the loss and the largest gradient gap.
+
+Both arms run in the same process on the same tensors, round by round, so a busy machine shows as spread between
+rounds (min and median are printed) rather than as a difference between arms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's toolkit
+
+
+def timed(arms: dict, rounds: int, calls: int) -> dict:
+    """Seconds per call of each arm: every round runs each arm `calls` times, arms interleaved."""
+    times = {name: [] for name in arms}
+    for _ in range(rounds):
+        for name, run in arms.items():
+            run()  # warm-up: allocator, thread pool
+            start = time.perf_counter()
+            for _ in range(calls):
+                run()
+            times[name].append((time.perf_counter() - start) / calls)
+    return times
+
+
+def layer_step(layer, kind, x, grad) -> None:
+    """Forward and backward of one LoRA layer, as peft's `Linear` or the merged-weight one (past the token rule)."""
+    from finetune import lora_layers
+
+    layer.__class__ = kind
+    if kind is lora_layers.MergedWeightLinear:
+        adapter = "default"
+        out = lora_layers.MergedWeightMatmul.apply(x, layer.base_layer.weight, layer.base_layer.bias,
+                                                   layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
+                                                   layer.scaling[adapter])
+    else:
+        out = layer(x)
+    out.backward(grad)
+
+
+def one_layer(widths: list[int], token_counts: list[int], rounds: int) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    from finetune import lora_layers
+
+    rank = 16
+    print(f"one layer, rank {rank}: merged-weight time / peft's (fastest of {rounds} rounds)")
+    print(f"{'width':>6} {'tokens':>7} {'ratio':>6}  toolkit takes")
+    for width in widths:
+        model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(width, width)),
+                               LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["0"]))
+        layer = model.base_model.model[0]
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
+        lora_layers.speed_up(model)
+        for tokens in token_counts:
+            x = torch.randn(tokens, width, requires_grad=True)
+            grad = torch.randn(tokens, width)
+
+            times = timed({"peft": partial(layer_step, layer, PeftLinear, x, grad),
+                           "merged": partial(layer_step, layer, lora_layers.MergedWeightLinear, x, grad)},
+                          rounds, calls=5)
+            layer.__class__ = lora_layers.MergedWeightLinear
+            takes = "merged" if layer._merged_weight_adapter(x) else "peft's"
+            print(f"{width:>6} {tokens:>7} {min(times['merged']) / min(times['peft']):>6.2f}  {takes}")
+
+
+def whole_model(rounds: int) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import Linear as PeftLinear
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune import lora_layers
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=8, vocab_size=128)
+    model = get_peft_model(LlamaForCausalLM(config),
+                           LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # trained adapters, not zeros, so the two paths' numbers can differ
+            torch.nn.init.normal_(parameter, std=0.02)
+    layers = [module for module in model.modules() if isinstance(module, PeftLinear)]
+    print(f"\n{lora_layers.speed_up(model)} of {len(layers)} LoRA layers take the toolkit's path")
+    ids = torch.randint(0, config.vocab_size, (8, 175))
+    results = {}
+
+    def step(kind):
+        for layer in layers:
+            layer.__class__ = kind
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results[kind] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    times = timed({"peft": lambda: step(PeftLinear), "toolkit": lambda: step(lora_layers.MergedWeightLinear)},
+                  rounds, calls=2)
+    (peft_loss, peft_grads), (loss, grads) = results[PeftLinear], results[lora_layers.MergedWeightLinear]
+    gap = max(((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in peft_grads.items())
+    print(f"make bench-train's CPU model, 8 x 175 tokens, forward + backward ({rounds} rounds):")
+    for name, values in times.items():
+        print(f"  {name:8} min {min(values):.3f} s   median {statistics.median(values):.3f} s")
+    print(f"  toolkit / peft: min {min(times['toolkit']) / min(times['peft']):.2f}, "
+          f"median {statistics.median(times['toolkit']) / statistics.median(times['peft']):.2f}")
+    print(f"  loss {loss:.7f} vs peft's {peft_loss:.7f}; largest gradient gap {gap:.1e} of the gradient's size")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--widths", type=int, nargs="+", default=[512, 896, 2048])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # peft on transformers 5: a deprecation, not ours
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    one_layer(args.widths, args.tokens, args.rounds)
+    whole_model(args.rounds)
+
+
+if __name__ == "__main__":
+    main()
