@@ -126,7 +126,7 @@ def test_lora_layers_bench_times_both_layers_and_says_which_one_the_toolkit_take
     assert result.returncode == 0, result.stderr[-3000:]
     rows = re.findall(r"^\s+64\s+(\d+)\s+(\d+\.\d\d)\s+(merged|peft's)$", result.stdout, re.M)
     assert [(tokens, takes) for tokens, _, takes in rows] == [("16", "peft's"), ("64", "merged")]
-    assert "28 of 28 LoRA layers take the toolkit's path" in result.stdout
+    assert "28 of 28 LoRA layers took the merged weight in a forward" in result.stdout
     assert re.search(r"toolkit / peft: min \d\.\d\d, median \d\.\d\d", result.stdout)
     gap = float(re.search(r"largest gradient gap (\S+) of", result.stdout).group(1))
     assert 0 <= gap < 1e-5
