@@ -101,7 +101,7 @@ class Linear(PeftLinear):
         if any(_hooked(module) for module in (base, lora_A, lora_B)) or any(
                 getattr(torch.nn.modules.module, hooks, None) for hooks in _GLOBAL_HOOKS):
             return None
-        if torch.autograd.forward_ad._current_level >= 0:  # forward-mode AD: the Function has no jvp
+        if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:  # forward-mode AD: no jvp here
             return None
         # Building the merged weight (forward, and again backward) reads and writes a weight-sized matrix whatever
         # the number of tokens; what it saves grows with them. Merged time over peft's on a 2-core CPU at rank 16
