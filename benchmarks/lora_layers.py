@@ -24,7 +24,9 @@ import warnings
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's toolkit
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train_speed  # noqa: E402  (its sys.path entry: this checkout's toolkit, not an installed one)
 
 
 def timed(arms: dict, rounds: int, calls: int) -> dict:
@@ -45,15 +47,7 @@ def layer_step(layer, merged: bool, x, grad) -> None:
     Both without `Module.__call__`, which neither arm needs here."""
     from peft.tuners.lora.layer import Linear as PeftLinear
 
-    from finetune.lora_layers import MergedWeightMatmul
-
-    if merged:
-        adapter = "default"
-        out = MergedWeightMatmul.apply(x, layer.base_layer.weight, layer.base_layer.bias,
-                                       layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
-                                       layer.scaling[adapter])
-    else:
-        out = PeftLinear.forward(layer, x)
+    out = layer.merged_weight_forward(x, "default") if merged else PeftLinear.forward(layer, x)
     out.backward(grad)
 
 
@@ -90,17 +84,18 @@ def whole_model(rounds: int) -> None:
 
     from finetune import lora_layers
 
+    shape = train_speed.SIZES["cpu"]
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=8, vocab_size=128)
-    model = get_peft_model(LlamaForCausalLM(config),
-                           LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    config = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                         num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                         num_key_value_heads=shape["kv_heads"], vocab_size=shape["vocab"])
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(**train_speed.LORA))
     for name, parameter in model.named_parameters():
         if "lora_B" in name:  # trained adapters, not zeros, so the two paths' numbers can differ
             torch.nn.init.normal_(parameter, std=0.02)
     layers = [module for module in model.modules() if isinstance(module, PeftLinear)]
     lora_layers.speed_up(model)
-    ids = torch.randint(0, config.vocab_size, (8, 175))
+    ids = torch.randint(0, config.vocab_size, (shape["batch"], 175))  # 175: the texts' mean length
     results, merged_calls, apply = {}, [], lora_layers.MergedWeightMatmul.apply
     lora_layers.MergedWeightMatmul.apply = lambda *args: merged_calls.append(1) or apply(*args)
 

@@ -86,6 +86,7 @@ def build_inputs(size: str, workdir: Path) -> tuple[Path, Path]:
 
 
 ARMS = ("baseline", "trl-padded", "trl-padding-free", "trl-packing", "toolkit")
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
 # TRL refuses padding_free without packing under a max_length (it would not truncate): the texts already fit it.
 TRL_ARMS = {"trl-padded": {}, "trl-padding-free": {"padding_free": True, "max_length": None},
             "trl-packing": {"packing": True}}
@@ -148,14 +149,13 @@ def run_arm(arm: str, size: str, variant: str, steps: int, workdir: Path, toolki
               "logging_steps": steps, "save_strategy": "no", "report_to": "none", "seed": 0,
               "disable_tqdm": True, "dataloader_pin_memory": torch.cuda.is_available(),
               "bf16": torch.cuda.is_available() and dtype == "bfloat16"}
-    lora = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
     if arm == "toolkit":
         from finetune.model import hardware_defaults
         from finetune.recipe import load_recipe
         from finetune.run import train
 
-        keys = {"model_name_or_path": model_dir, "dataset": data, "dtype": dtype, "lora_r": lora["r"],
-                "lora_alpha": lora["lora_alpha"], "lora_dropout": lora["lora_dropout"],
+        keys = {"model_name_or_path": model_dir, "dataset": data, "dtype": dtype, "lora_r": LORA["r"],
+                "lora_alpha": LORA["lora_alpha"], "lora_dropout": LORA["lora_dropout"],
                 "max_length": shape["lengths"][1], "eval_size": 0,
                 "eval_strategy": "no", "output_dir": workdir / "toolkit-out", "overwrite_output_dir": True,
                 "train_on_prompt": True, **common, **(toolkit_set or {})}
@@ -184,7 +184,7 @@ def run_arm(arm: str, size: str, variant: str, steps: int, workdir: Path, toolki
                                     max_length=shape["lengths"][1])
                 return {**encoded, "labels": list(encoded["input_ids"])}
 
-            model = get_peft_model(model, LoraConfig(**lora))
+            model = get_peft_model(model, LoraConfig(**LORA))
             trainer = counting(Trainer)(model=model, args=TrainingArguments(output_dir=str(workdir / "peer-out"),
                                                                             **common),
                                         train_dataset=dataset.map(tokenize, remove_columns=["text"]),
@@ -200,7 +200,7 @@ def run_arm(arm: str, size: str, variant: str, steps: int, workdir: Path, toolki
                              gradient_checkpointing=checkpointing,
                              **{"max_length": shape["lengths"][1], **TRL_ARMS[arm]}, **common)
             trainer = counting(SFTTrainer)(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                           peft_config=LoraConfig(**lora))
+                                           peft_config=LoraConfig(**LORA))
         trainer.train()
         tokens = int(trainer.tokens)  # the one read of the device-side count
     loss = [e["loss"] for e in trainer.state.log_history if "loss" in e][-1]

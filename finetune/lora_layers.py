@@ -78,6 +78,10 @@ class Linear(PeftLinear):
         adapter = None if args or kwargs else self._merged_weight_adapter(x)
         if adapter is None:
             return super().forward(x, *args, **kwargs)
+        return self.merged_weight_forward(x, adapter)
+
+    def merged_weight_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """The layer through the merged weight of `adapter`, whether or not this call would take it."""
         base = self.base_layer
         return MergedWeightMatmul.apply(x, base.weight, base.bias, self.lora_A[adapter].weight,
                                         self.lora_B[adapter].weight, self.scaling[adapter])
