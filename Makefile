@@ -91,7 +91,7 @@ bench-train: install
 	$(PYTHON) benchmarks/train_speed.py --size $(or $(SIZE),cpu) --variant $(or $(VARIANT),lora) \
 	  --repeats $(or $(REPEATS),2) $(ARGS)
 
-# The toolkit's LoRA layers against peft's, in one process (make bench-lora ARGS="--rounds 9").
+# The toolkit's LoRA layers and RMSNorm against peft's and transformers', in one process (make bench-lora ARGS="--rounds 9").
 bench-lora: install
 	$(PYTHON) benchmarks/lora_layers.py $(ARGS)
 

@@ -1,14 +1,16 @@
-"""The toolkit's LoRA linear layers against peft's, forward and backward, in one process and interleaved.
+"""The toolkit's LoRA linear layers and RMSNorm against peft's and transformers', forward and backward, in one
+process and interleaved.
 
     make bench-lora                       # python benchmarks/lora_layers.py
     python benchmarks/lora_layers.py --rounds 9 --widths 512 2048
 
-Two measurements, fp32 on this machine's device:
+Three measurements, fp32 on this machine's device:
 - one layer (peft's `Linear` around an `nn.Linear`, rank 16) per width and number of tokens: the merged-weight
   layer's time over peft's, each the fastest of the rounds, and which one the toolkit takes there (from as many
   tokens as the layer is wide);
 - `make bench-train`'s CPU model (4 layers, 512 wide, LoRA r16 on every linear layer), 8 examples of 175 tokens:
-  forward and backward with the toolkit's layers and with peft's, the loss and the largest gradient gap.
+  forward and backward with the toolkit's layers and with peft's, the loss and the largest gradient gap;
+- one RMSNorm at that model's width (finetune/norms.py against transformers'), per number of tokens.
 
 Both arms run in the same process on the same tensors, round by round, so a busy machine shows as spread between
 rounds (min and median are printed) rather than as a difference between arms.
@@ -120,6 +122,31 @@ def whole_model(rounds: int) -> None:
     print(f"  loss {loss:.7f} vs peft's {peft_loss:.7f}; largest gradient gap {gap:.1e} of the gradient's size")
 
 
+def norm_step(norm, x, grad) -> None:
+    norm(x).backward(grad)
+
+
+def one_norm(token_counts: list[int], rounds: int) -> None:
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from finetune import norms
+
+    width = train_speed.SIZES["cpu"]["hidden"]
+    reference, ours = LlamaRMSNorm(width), LlamaRMSNorm(width)
+    for norm in (reference, ours):
+        norm.weight.requires_grad_(False)  # frozen, as under LoRA
+    norms.speed_up(torch.nn.Sequential(ours))
+    print(f"\none RMSNorm, {width} wide, forward + backward: the toolkit's time / transformers' "
+          f"(fastest of {rounds} rounds)")
+    print(f"{'tokens':>7} {'ratio':>6}")
+    for tokens in token_counts:
+        x, grad = torch.randn(tokens, width, requires_grad=True), torch.randn(tokens, width)
+        times = timed({"transformers": partial(norm_step, reference, x, grad),
+                       "toolkit": partial(norm_step, ours, x, grad)}, rounds, calls=5)
+        print(f"{tokens:>7} {min(times['toolkit']) / min(times['transformers']):>6.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -131,6 +158,7 @@ def main() -> None:
         parser.error("--rounds must be at least 1")
     one_layer(args.widths, args.tokens, args.rounds)
     whole_model(args.rounds)
+    one_norm(args.tokens, args.rounds)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,9 @@ def load_model(model_args: ModelArguments, for_training: bool = True, attention:
         from finetune import lora_layers
 
         lora_layers.speed_up(model)
+    from finetune import norms
+
+    norms.speed_up(model)
     if model_args.chunked_loss:
         from finetune import chunked_loss
 

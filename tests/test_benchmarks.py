@@ -120,6 +120,7 @@ def test_callback_overhead_times_the_toolkit_code_it_adds(tmp_path):
 
 
 def test_lora_layers_bench_times_both_layers_and_says_which_one_the_toolkit_takes():
+    """Each LoRA layer row says which path the toolkit takes; the whole model and the RMSNorm rows are printed."""
     result = subprocess.run([sys.executable, str(REPO / "benchmarks/lora_layers.py"), "--rounds", "1", "--widths",
                              "64", "--tokens", "16", "64"], capture_output=True, text=True, timeout=600,
                             env=subprocess_env())
@@ -130,6 +131,8 @@ def test_lora_layers_bench_times_both_layers_and_says_which_one_the_toolkit_take
     assert re.search(r"toolkit / peft: min \d\.\d\d, median \d\.\d\d", result.stdout)
     gap = float(re.search(r"largest gradient gap (\S+) of", result.stdout).group(1))
     assert 0 <= gap < 1e-5
+    norm_rows = re.findall(r"^\s+(\d+)\s+(\d+\.\d\d)$", result.stdout.split("one RMSNorm, 512 wide")[1], re.M)
+    assert [tokens for tokens, _ in norm_rows] == ["16", "64"] and all(float(ratio) > 0 for _, ratio in norm_rows)
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks/lora_layers.py"), "--rounds", "0"],
                          capture_output=True, text=True, timeout=60, env=subprocess_env())
     assert bad.returncode == 2 and "--rounds must be at least 1" in bad.stderr
