@@ -8,8 +8,9 @@ multiplies twice, and the broadcast `x * rstd` is reduced back. Written out, the
 a forward and backward takes about 6-8% less time.
 
 It applies to fp32 inputs and weights (fp32 training; a 16-bit model's norm computes in fp32 and rounds before the
-weight, which this keeps to transformers' code), with autograd recording and no forward-mode AD; every other call
-runs transformers' forward.
+weight, which this keeps to transformers' code), with autograd recording, outside forward-mode AD and `torch.func`
+transforms; every other call runs transformers' forward. Its backward is not itself differentiable: a second
+derivative through the norm (`create_graph=True`) is refused with torch's error for that.
 """
 
 from __future__ import annotations
@@ -18,20 +19,25 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 _REFERENCE = LlamaRMSNorm.forward.__code__
+_OWN_ATTRIBUTES = {"__module__", "__qualname__", "__doc__", "__init__", "forward", "extra_repr", "__firstlineno__",
+                   "__static_attributes__", "kernel_layer_name"}  # what a copy of Llama's norm class defines
 
 
-def _same_code(forward) -> bool:
-    code = getattr(forward, "__code__", None)
-    return code is not None and (code.co_code, code.co_consts, code.co_names) == (
-        _REFERENCE.co_code, _REFERENCE.co_consts, _REFERENCE.co_names)
+def _llamas_norm(cls) -> bool:
+    """Whether `cls` is a copy of Llama's RMSNorm: an `nn.Module` defining nothing but Llama's forward (the same
+    bytecode), its constructor and repr; a class that overrides anything else is left alone."""
+    code = getattr(cls.forward, "__code__", None)
+    return (cls.__bases__ == (torch.nn.Module,) and not set(vars(cls)) - _OWN_ATTRIBUTES and code is not None
+            and (code.co_code, code.co_consts, code.co_names) == (
+                _REFERENCE.co_code, _REFERENCE.co_consts, _REFERENCE.co_names))
 
 
 def speed_up(model) -> int:
     """Make each RMSNorm of `model` whose forward is Llama's own code (any architecture's copy of it) this module's
     `RMSNorm`; returns how many. A norm with other code (Gemma's `1 + weight`, a hub kernel) is left as it is."""
     norms = [module for module in model.modules()
-             if type(module) is not RMSNorm and _same_code(type(module).forward)
-             and isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(module, "variance_epsilon")]
+             if _llamas_norm(type(module)) and isinstance(getattr(module, "weight", None), torch.Tensor)
+             and module.weight.dim() == 1 and hasattr(module, "variance_epsilon")]
     for norm in norms:
         norm.__class__ = RMSNorm
     return len(norms)
@@ -43,9 +49,16 @@ class RMSNorm(LlamaRMSNorm):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if (hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32 and torch.is_grad_enabled()
                 and (hidden_states.requires_grad or self.weight.requires_grad)
-                and getattr(torch.autograd.forward_ad, "_current_level", -1) < 0):  # forward-mode AD: no jvp here
+                and hidden_states.shape[-1:] == self.weight.shape and not _transformed(hidden_states)):
             return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
         return super().forward(hidden_states)
+
+
+def _transformed(tensor) -> bool:
+    """Under forward-mode AD or a `torch.func` transform (grad, vmap), which the Function does not implement. Both
+    read from torch's private state, defensively."""
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0 or bool(wrapped and wrapped(tensor))
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -58,6 +71,7 @@ class RMSNormFunction(torch.autograd.Function):
         return (x * rstd).mul_(weight)  # weight * (x * rstd), as transformers: the same products
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, rstd, weight = ctx.saved_tensors
         grad_x = grad_weight = None

@@ -3,6 +3,7 @@ transformers' own forward wherever the written-out backward does not apply."""
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 
 import pytest
@@ -46,11 +47,17 @@ def output_and_grads(norm, x, grad):
     return y.detach(), x.grad, norm.weight.grad
 
 
+SHAPES = {"2d": (5, 48), "3d": (3, 17, 48), "4d": (2, 9, 4, 48)}  # 4-D: Qwen3's per-head q/k norms
+
+
 @pytest.mark.parametrize("trained_weight", [False, True], ids=["frozen-weight", "trained-weight"])
-@pytest.mark.parametrize("shape", [(3, 17, 48), (5, 48)])
+@pytest.mark.parametrize("shape", ["2d", "3d", "4d", "transposed"])
 def test_equal_to_transformers(shape, trained_weight, function_calls):
     reference, ours = pair(trained_weight=trained_weight)
-    x, grad = torch.randn(shape) * 3, torch.randn(shape)
+    if shape == "transposed":  # a non-contiguous view, as a (batch, heads, tokens, head_dim) transpose gives
+        x, grad = (torch.randn(3, 11, 48).transpose(0, 1) * 3, torch.randn(11, 3, 48))
+    else:
+        x, grad = torch.randn(SHAPES[shape]) * 3, torch.randn(SHAPES[shape])
     y_ref, gx_ref, gw_ref = output_and_grads(reference, x, grad)
     y, gx, gw = output_and_grads(ours, x, grad)
     assert len(function_calls) == 1
@@ -62,10 +69,15 @@ def test_equal_to_transformers(shape, trained_weight, function_calls):
         assert gw is None and gw_ref is None
 
 
-@pytest.mark.parametrize("case", ["bf16", "no-grad", "forward-ad"])
+@pytest.mark.parametrize("case", ["bf16", "bf16-weight", "no-grad", "broadcast", "forward-ad", "torch-func"])
 def test_transformers_forward_where_it_does_not_apply(case, function_calls):
-    reference, ours = pair(dtype=torch.bfloat16 if case == "bf16" else torch.float32)
-    x = torch.randn(2, 7, 48, dtype=reference.weight.dtype, requires_grad=case != "no-grad")
+    """Each guard on its own: the other conditions hold (fp32, a trained weight, grad enabled), so taking the
+    Function here would be the guard's failure. Where it is taken, forward AD and torch.func raise (no jvp)."""
+    reference, ours = pair(dtype=torch.bfloat16 if case == "bf16" else torch.float32, trained_weight=True)
+    if case == "bf16-weight":
+        for norm in (reference, ours):
+            norm.weight.data = norm.weight.data.bfloat16()
+    x = torch.randn(2, 7, 1 if case == "broadcast" else 48, dtype=reference.weight.dtype, requires_grad=True)
     if case == "forward-ad":
         import torch.autograd.forward_ad as fwAD
 
@@ -74,20 +86,42 @@ def test_transformers_forward_where_it_does_not_apply(case, function_calls):
             out, tangent = fwAD.unpack_dual(ours(dual))
             ref, ref_tangent = fwAD.unpack_dual(reference(dual))
         assert torch.equal(tangent, ref_tangent)
+    elif case == "torch-func":
+        out = torch.func.grad(lambda t: ours(t).sum())(x.detach())
+        ref = torch.func.grad(lambda t: reference(t).sum())(x.detach())
     else:
-        out, ref = ours(x), reference(x)
+        with torch.no_grad() if case == "no-grad" else contextlib.nullcontext():
+            out, ref = ours(x), reference(x)
     assert not function_calls
     assert torch.equal(out, ref)
 
 
+def test_a_second_derivative_is_refused_with_torchs_error():
+    _, ours = pair()
+    x = torch.randn(4, 48, requires_grad=True)
+    (grad,) = torch.autograd.grad(ours(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
 def test_only_norms_with_llamas_code_are_swapped():
-    """Llama's and Qwen2's norms (the same code) are swapped, Gemma's (`1 + weight`) is not; the module still pickles
-    and prints its shape."""
-    modules = torch.nn.ModuleList([LlamaRMSNorm(8), Qwen2RMSNorm(8), GemmaRMSNorm(8)])
+    """Llama's and Qwen2's norms (the same code) are swapped; Gemma's (`1 + weight`) and a class that adds a method
+    of its own to Llama's forward are not; the module still pickles and prints its shape."""
+    class Overriding(torch.nn.Module):  # Llama's forward, and a method of its own
+        forward = LlamaRMSNorm.forward
+
+        def __init__(self, width):
+            super().__init__()
+            self.weight, self.variance_epsilon = torch.nn.Parameter(torch.ones(width)), 1e-6
+
+        def reset_parameters(self):
+            torch.nn.init.ones_(self.weight)
+
+    modules = torch.nn.ModuleList([LlamaRMSNorm(8), Qwen2RMSNorm(8), GemmaRMSNorm(8), Overriding(8)])
     assert norms.speed_up(modules) == 2
-    assert [type(module) for module in modules] == [RMSNorm, RMSNorm, GemmaRMSNorm]
+    assert [type(module) for module in modules] == [RMSNorm, RMSNorm, GemmaRMSNorm, Overriding]
     assert norms.speed_up(modules) == 0  # once
-    assert type(pickle.loads(pickle.dumps(modules))[0]) is RMSNorm
+    assert type(pickle.loads(pickle.dumps(modules[0]))) is RMSNorm
     assert repr(modules[0]) == "RMSNorm((8,), eps=1e-06)"
 
 
