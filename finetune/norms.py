@@ -4,8 +4,9 @@ transformers' RMSNorm (Llama's, copied as is into Qwen2, Qwen3, Mistral and othe
 and autograd's backward for them is about a dozen full-size passes: `pow`'s backward alone recomputes `x ** 1` and
 multiplies twice, and the broadcast `x * rstd` is reduced back. Written out, the backward is
 `rstd * (g * w - x * rstd**2 * mean(g * w * x))`: four passes. The forward is the same operations in the same order
-(bit-equal output); the gradient differs by fp32 rounding (about 1e-6 of its size). On `make bench-train`'s CPU model
-a forward and backward takes about 6-8% less time.
+(bit-equal output); the gradient differs by fp32 rounding (about 1e-6 of its size). One norm's forward and backward
+takes 0.53-0.73x transformers' time (`make bench-lora`); a forward and backward of `make bench-train`'s CPU model,
+about 2% less (benchmarks/RESULTS.md).
 
 It applies to fp32 inputs and weights (fp32 training; a 16-bit model's norm computes in fp32 and rounds before the
 weight, which this keeps to transformers' code), with autograd recording, outside forward-mode AD and `torch.func`
