@@ -50,14 +50,15 @@ class RMSNorm(LlamaRMSNorm):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if (hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32 and torch.is_grad_enabled()
                 and (hidden_states.requires_grad or self.weight.requires_grad)
-                and hidden_states.shape[-1:] == self.weight.shape and not _transformed(hidden_states)):
+                and hidden_states.shape[-1:] == self.weight.shape and not transformed(hidden_states)):
             return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
         return super().forward(hidden_states)
 
 
-def _transformed(tensor) -> bool:
-    """Under forward-mode AD or a `torch.func` transform (grad, vmap), which the Function does not implement. Both
-    read from torch's private state, defensively."""
+def transformed(tensor) -> bool:
+    """Whether `tensor` is under forward-mode AD or a `torch.func` transform (grad, vmap), which the toolkit's
+    autograd Functions (here and in `finetune.lora_layers`) do not implement. Both read torch's private state,
+    defensively."""
     wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
     return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0 or bool(wrapped and wrapped(tensor))
 

@@ -223,6 +223,21 @@ def test_peft_forward_where_the_merged_weight_does_not_fit(case, merged_calls):
     assert torch.equal(out, peft_out)
 
 
+def test_peft_forward_under_torch_func(merged_calls):
+    """torch.func transforms (grad, vmap) need rules the merged-weight Function lacks: peft's forward, the same
+    gradient."""
+    model, layer = one_layer()
+    lora_layers.speed_up(model)
+    x = torch.randn(2, WIDTH, WIDTH)  # enough tokens for the merged weight outside the transform
+
+    def input_grad():
+        return torch.func.grad(lambda t: model(t).square().sum())(x)
+
+    grad = input_grad()
+    assert merged_calls == []
+    assert torch.equal(grad, with_peft_forward(layer, input_grad))
+
+
 @pytest.mark.parametrize("lora", [{"lora_dropout": 0.5}, {"use_dora": True}, {"lora_bias": True}],
                          ids=["dropout", "dora", "lora_bias"])
 @pytest.mark.parametrize("added", [False, True], ids=["at-creation", "added-later"])
