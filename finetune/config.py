@@ -26,6 +26,7 @@ from typing import Any, Literal
 from finetune.errors import UsageError
 
 DATA_FILE_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+GGUF_SUFFIX = ".gguf"  # a local GGUF model file (finetune.gguf_import)
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 DEFAULT_EVAL_FRACTION = 0.05
 # TrainingArguments defaults the toolkit changes (a recipe that sets the key keeps its value):
@@ -43,7 +44,8 @@ class ModelArguments:
 
     # Model
     model_name_or_path: str = field(
-        default=None, metadata={"help": "Hub model id (e.g. Qwen/Qwen2.5-0.5B) or a local model directory."})
+        default=None, metadata={"help": "Hub model id (e.g. Qwen/Qwen2.5-0.5B), a local model directory, or a local .gguf file "
+                                "(converted once into a plain model in the cache; see finetune.gguf_import)."})
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
         default="auto", metadata={"help": "Weight dtype; auto = bfloat16 on GPUs that support it, float16 on older "
                                           "GPUs, float32 on CPU. Also the compute dtype of 4-bit layers."})
@@ -95,9 +97,11 @@ class ModelArguments:
             problems.append("lora_target_modules: empty; list module names or use all-linear")
         if self.model_name_or_path and is_local_path(self.model_name_or_path):
             path = Path(self.model_name_or_path).expanduser()
-            if not path.is_dir() and not is_embedded_asset(path):
-                problems.append(f"model_name_or_path: no such directory {self.model_name_or_path!r}; give a local "
-                                "model directory or a hub model id")
+            gguf = path.suffix.lower() == GGUF_SUFFIX
+            if not (path.is_file() if gguf else path.is_dir()) and not is_embedded_asset(path):
+                problems.append(f"model_name_or_path: no such {'file' if gguf else 'directory'} "
+                                f"{self.model_name_or_path!r}; give a local model directory, a .gguf file or a hub "
+                                "model id")
         _raise(problems)
 
 
@@ -301,18 +305,29 @@ def looks_secret(name: str) -> bool:
 def is_local_path(name: str) -> bool:
     """True when a model or dataset name can only mean a local path (not a hub id)."""
     path = Path(name).expanduser()
-    return (path.exists() or name.startswith((".", "/", "~")) or path.suffix.lower() in DATA_FILE_EXTENSIONS
-            or name.count("/") > 1)
+    return (path.exists() or name.startswith((".", "/", "~"))
+            or path.suffix.lower() in (*DATA_FILE_EXTENSIONS, GGUF_SUFFIX) or name.count("/") > 1)
+
+
+EMBEDDED_ASSETS = ("tiny", "smollm2")  # finetune.tiny and finetune.smollm2 write them on first use
+
+
+def embedded_asset(path: Path) -> str | None:
+    """Which of EMBEDDED_ASSETS a path points into (the embedded tiny model and data, or the shipped real model's
+    files), or None."""
+    assets = Path(__file__).resolve().parent.parent / "assets"
+    for name in EMBEDDED_ASSETS:
+        try:
+            path.expanduser().resolve().relative_to((assets / name).resolve())
+            return name
+        except ValueError:
+            pass
+    return None
 
 
 def is_embedded_asset(path: Path) -> bool:
-    """Whether a path points into the embedded tiny model and data (built on first use)."""
-    assets = Path(__file__).resolve().parent.parent / "assets" / "tiny"
-    try:
-        path.resolve().relative_to(assets.resolve())
-        return True
-    except ValueError:
-        return False
+    """Whether a path is one of the files written on first use (see embedded_asset)."""
+    return embedded_asset(path) is not None
 
 
 # The key table ------------------------------------------------------------------------------------------------

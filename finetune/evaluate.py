@@ -34,12 +34,13 @@ TINY_TASK_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny" / "lm
 INSTALL = "pip install lm-eval==0.4.13 (it is in requirements.txt: make install)"
 
 
-def write_task(directory: Path, name: str, rows: list[dict[str, str]]) -> Path:
+def write_task(directory: Path, name: str, rows: list[dict[str, str]], max_new_tokens: int | None = None) -> Path:
     """Write a harness task `name` to `directory`: NAME.jsonl (`prompt`, `answer` per row) and NAME.yaml, a
     generate-until task scored by exact match. Returns the directory, for --include_path.
 
     The scoring is finetune.bench's: greedy, up to MAX_NEW_TOKENS, cut at EOS, special tokens dropped, and the
-    answer compared with surrounding whitespace ignored (bench strips both sides).
+    answer compared with surrounding whitespace ignored (bench strips both sides). `max_new_tokens` raises the
+    generation limit for longer answers.
     """
     import yaml
 
@@ -56,7 +57,7 @@ def write_task(directory: Path, name: str, rows: list[dict[str, str]]) -> Path:
         "doc_to_text": "{{prompt}}",
         "doc_to_target": "{{answer}}",
         # The harness adds the tokenizer's EOS to `until` itself; no other stop string, as in bench.
-        "generation_kwargs": {"until": [], "max_gen_toks": MAX_NEW_TOKENS, "do_sample": False},
+        "generation_kwargs": {"until": [], "max_gen_toks": max_new_tokens or MAX_NEW_TOKENS, "do_sample": False},
         "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
                          "regexes_to_ignore": [r"^\s+", r"\s+$"]}],
         "metadata": {"version": 1.0},
@@ -192,18 +193,35 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def run_harness(output_dir: Path, tasks: list[str], manager, batch_size: str, dtype: str, limit: float | None,
+def load_target(target: Path, dtype: str):
+    """(settings, tokenizer, model) to evaluate: a finished run as it was trained (base with its quantization plus
+    the adapter, or the full model), or a bare model (a directory, a .gguf file or a hub id) with no adapter, the
+    zero line a run's gain is measured from."""
+    from finetune.model import load_for_inference
+
+    if is_run(target):
+        recipe = rundir.trained_recipe(target)
+        chosen_dtype = inference_dtype(dtype, recipe.model.dtype)
+        recipe, tokenizer, model = load_for_inference(target, dtype=chosen_dtype)
+        return {"dtype": chosen_dtype, "quantization": recipe.model.quantization}, tokenizer, model
+    from finetune.config import ModelArguments
+    from finetune.model import load_model, load_tokenizer
+
+    chosen_dtype = inference_dtype(dtype, "auto")
+    model_args = ModelArguments(model_name_or_path=str(target), dtype=chosen_dtype, use_lora=False)
+    return ({"dtype": chosen_dtype, "quantization": "none", "base_model": str(target)}, load_tokenizer(model_args),
+            load_model(model_args, for_training=False))
+
+
+def run_harness(target: Path, tasks: list[str], manager, batch_size: str, dtype: str, limit: float | None,
                 chat_template: str, log_samples: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load the run as trained, evaluate `tasks`. Returns (eval.json's content, the harness's full results)."""
+    """Load the run or model (load_target), evaluate `tasks`. Returns (eval.json's content, the harness's full
+    results)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import handle_non_serializable
 
-    from finetune.model import load_for_inference
-
-    recipe = rundir.trained_recipe(output_dir)
-    chosen_dtype = inference_dtype(dtype, recipe.model.dtype)
-    recipe, tokenizer, model = load_for_inference(output_dir, dtype=chosen_dtype)
+    settings, tokenizer, model = load_target(target, dtype)
     apply_chat_template = bool(getattr(tokenizer, "chat_template", None)) if chat_template == "auto" else \
         chat_template == "true"
     import torch
@@ -224,8 +242,8 @@ def run_harness(output_dir: Path, tasks: list[str], manager, batch_size: str, dt
     summary = {
         **flat_metrics(results),
         "lm_eval/seconds": seconds,
-        "settings": {"tasks": tasks, "dtype": chosen_dtype, "quantization": recipe.model.quantization,
-                     "batch_size": chosen_batch, "apply_chat_template": apply_chat_template, "limit": limit,
+        "settings": {"tasks": tasks, **settings, "batch_size": chosen_batch,
+                     "apply_chat_template": apply_chat_template, "limit": limit,
                      "lm_eval_version": lm_eval.__version__},
         "results": results.get("results", {}),
         "groups": results.get("groups", {}),
@@ -236,12 +254,44 @@ def run_harness(output_dir: Path, tasks: list[str], manager, batch_size: str, dt
     return summary, results
 
 
-def log_to_wandb(output_dir: Path, summary: dict[str, Any], results: dict[str, Any], log_samples: bool) -> None:
+def is_run(target: Path) -> bool:
+    """Whether `target` is a training run's directory (it holds the run's recipe), not a bare model."""
+    return (target / rundir.RECIPE).is_file()
+
+
+def default_tasks(model_name: str, dataset: str | None = None) -> list[str]:
+    """The embedded recipes' own tasks: tiny_tasks for the tiny model or data, smollm2_contacts for SmolLM2's."""
+    from finetune.config import embedded_asset
+    from finetune.smollm2 import TASK as SMOLLM2_TASK
+
+    owners = {embedded_asset(Path(name)) for name in (model_name, dataset) if name}
+    return [task for owner, task in (("tiny", TINY_TASK), ("smollm2", SMOLLM2_TASK)) if owner in owners][:1]
+
+
+def include_dirs(tasks: list[str]) -> list[Path]:
+    """The directories of the embedded tasks among `tasks`, written on first use."""
+    from finetune import smollm2
+
+    dirs = []
+    if TINY_TASK in tasks:
+        dirs.append(tiny_task())
+    if smollm2.TASK in tasks:
+        dirs.append(smollm2.ensure_assets() / "lm_eval")
+    return dirs
+
+
+def log_to_wandb(output_dir: Path, summary: dict[str, Any], results: dict[str, Any], log_samples: bool,
+                 base: str | None = None) -> None:
     """An `evaluation` run in the training run's group, named after it (when tracking is on): the flat metrics in
-    its summary, the harness's results table (lm_eval's WandbLogger), and with `log_samples` a table per task."""
+    its summary, the harness's results table (lm_eval's WandbLogger), and with `log_samples` a table per task. A
+    bare model (`base`) gets a run of its own, named after the output directory."""
     from finetune import tracking
 
-    run = tracking.start_follow_up(output_dir, "evaluation", {"lm_eval": summary["settings"]})
+    config = {"lm_eval": summary["settings"]}
+    if base is None:
+        run = tracking.start_follow_up(output_dir, "evaluation", config)
+    else:
+        run = tracking.start(tracking.resolve_job("evaluation", output_dir.name), config)
     if run is None:
         return
     from lm_eval.loggers import WandbLogger
@@ -271,14 +321,18 @@ def format_results(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from finetune import logs, tiny
+    from finetune import logs
+    from finetune.tracking import model_label
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("output_dir", type=Path, help="a finished training run's output_dir")
-    parser.add_argument("--tasks", help="comma-separated harness tasks or groups (default for a run of the "
-                                        f"embedded recipe: {TINY_TASK})")
+    parser.add_argument("target", type=Path, help="a finished training run's output_dir, or a bare model (a model "
+                                                 "directory, a .gguf file or a hub id) to score without an adapter")
+    parser.add_argument("--tasks", help="comma-separated harness tasks or groups (default for the embedded recipes: "
+                                        f"{TINY_TASK}, or smollm2_contacts for SmolLM2)")
     parser.add_argument("--include_path", type=Path, action="append", default=[],
                         help="a directory of your own harness YAML tasks (repeatable)")
+    parser.add_argument("--out", type=Path, help="for a bare model: the directory for eval.json (default "
+                                                "outputs/base-<model name>); a run's results go into the run")
     parser.add_argument("--batch_size", default="auto", help="an integer, or auto: the largest that fits a GPU, "
                                                              "8 on a CPU")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -294,30 +348,57 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
     try:
-        recipe = rundir.trained_recipe(args.output_dir)
-        if not rundir.is_finished(args.output_dir):
-            raise UsageError(f"{args.output_dir}: no {rundir.SUMMARY}; the training has not finished")
-        include_path = list(args.include_path)
+        if is_run(args.target):
+            recipe = rundir.trained_recipe(args.target)
+            if not rundir.is_finished(args.target):
+                raise UsageError(f"{args.target}: no {rundir.SUMMARY}; the training has not finished")
+            if args.out is not None:
+                raise UsageError(f"--out: {args.target} is a run; its results go to {args.target / rundir.EVAL}")
+            defaults, out, base = default_tasks(recipe.model.model_name_or_path, recipe.data.dataset), args.target, None
+        else:
+            base = str(args.target)
+            problem = base_model_problem(args.target)
+            if problem:
+                raise UsageError(problem)
+            defaults = default_tasks(base)
+            out = args.out or Path("outputs") / f"base-{model_label(base)}"
+            if out.exists() and is_run(out):
+                raise UsageError(f"--out: {out} is a training run; give another directory for the base model's "
+                                 "results")
         if args.tasks:
             tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        elif tiny.used_by(recipe):
-            tasks = [TINY_TASK]
+        elif defaults:
+            tasks = defaults
         else:
-            raise UsageError("--tasks: give the tasks to run (e.g. --tasks arc_easy,hellaswag); only runs of the "
-                             f"embedded recipe have a default ({TINY_TASK})")
-        if TINY_TASK in tasks:
-            include_path.append(tiny_task())
-        manager = task_manager(include_path)
+            raise UsageError("--tasks: give the tasks to run (e.g. --tasks arc_easy,hellaswag); only the embedded "
+                             f"recipes have a default ({TINY_TASK}, smollm2_contacts)")
+        manager = task_manager(list(args.include_path) + include_dirs(tasks))
         check_tasks(manager, tasks)
-        summary, results = run_harness(args.output_dir, tasks, manager, args.batch_size, args.dtype, args.limit,
+        summary, results = run_harness(args.target, tasks, manager, args.batch_size, args.dtype, args.limit,
                                        args.apply_chat_template, args.log_samples)
-        rundir.write_json(args.output_dir / rundir.EVAL, summary)
-        log_to_wandb(args.output_dir, summary, results, args.log_samples)
+        out.mkdir(parents=True, exist_ok=True)
+        rundir.write_json(out / rundir.EVAL, summary)
+        log_to_wandb(out, summary, results, args.log_samples, base)
     except UsageError as error:
         return errors.report(error)
     print(format_results(results))
-    print(f"eval: {args.output_dir / rundir.EVAL} ({summary['lm_eval/seconds']:.1f} s)", file=sys.stderr)
+    print(f"eval: {out / rundir.EVAL} ({summary['lm_eval/seconds']:.1f} s)", file=sys.stderr)
     return errors.OK
+
+
+def base_model_problem(target: Path) -> str | None:
+    """Why `target` (not a run) can't be evaluated as a bare model, or None."""
+    from finetune.config import is_local_path
+
+    name = str(target)
+    if not is_local_path(name):
+        return None  # a hub id: the loader says whether it is cached
+    if target.is_dir() and not (target / "config.json").is_file():
+        return (f"{target}: neither a training run (no {rundir.RECIPE}) nor a model directory (no config.json); "
+                "give a finished run's output_dir, a model directory or a .gguf file")
+    if not target.exists():
+        return f"{target}: no such run, model directory or .gguf file"
+    return None
 
 
 if __name__ == "__main__":

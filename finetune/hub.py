@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from finetune import errors
 from finetune.errors import UsageError
@@ -70,10 +71,15 @@ def offline_problems(model, data, recipe_path: str) -> list[str]:
 
 
 def check(recipe_path, groups: dict) -> None:
-    """Raise UsageError with offline_problems, for read_checked's result."""
-    from finetune import config
+    """Raise UsageError with offline_problems, and with what is wrong with a GGUF base (finetune.gguf_import: an
+    architecture or tensor type transformers can't read), for read_checked's result. Runs before any process
+    starts, so a launcher reports it once, with nothing written."""
+    from finetune import config, gguf_import
 
-    problems = offline_problems(groups[config.ModelArguments], groups[config.DataArguments], str(recipe_path))
+    model, data = groups[config.ModelArguments], groups[config.DataArguments]
+    problems = offline_problems(model, data, str(recipe_path))
+    if gguf_import.is_gguf(model.model_name_or_path) and not config.is_embedded_asset(Path(model.model_name_or_path)):
+        problems += [p for p in [gguf_import.problem(Path(model.model_name_or_path).expanduser())] if p]
     if problems:
         raise UsageError(problems)
 

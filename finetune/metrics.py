@@ -290,6 +290,9 @@ class MetricsCallback(TrainerCallback, ExportableState):
         """The run summary: one flat dict, units in the names. CUDA keys only on CUDA, MFU only on known GPUs."""
         import torch
 
+        from finetune import gguf_import
+        from finetune.model import dtype_choice
+
         model, state, args = trainer.model, trainer.state, trainer.args
         trainable, total = count_parameters(model)
         total_flops = training_flops(model, total, self.totals.input_tokens, self.totals.samples, model_args.use_lora)
@@ -322,6 +325,8 @@ class MetricsCallback(TrainerCallback, ExportableState):
             "model/weight_bits": weight_bits(model_args.quantization, base_dtype),
             "model/base_weights_gb": base_weight_bytes(model) / GB,
             "model/memory_footprint_gb": model.get_memory_footprint() / GB,
+            "model/compute_dtype": dtype_choice(model_args.dtype)[0],
+            **{f"model/{key}": value for key, value in gguf_import.info(model_args.model_name_or_path).items()},
         })
         if saved_weights:
             out["model/saved_weights_mb"] = sum(p.stat().st_size for p in saved_weights) / MB
@@ -354,6 +359,8 @@ REPORT_ROWS = [
     ("model/trainable_params", "trainable params", "{:,}"),
     ("model/total_params", "total params", "{:,}"),
     ("model/weight_bits", "bits per base weight", "{}"),
+    ("model/compute_dtype", "compute dtype", "{}"),
+    ("model/gguf_quantization", "GGUF file's quantization", "{}"),
     ("model/base_weights_gb", "base weights in memory (GB)", "{:.4f}"),
     ("model/saved_weights_mb", "saved weights (MB)", "{:.2f}"),
     ("final/total_steps", "steps", "{}"),

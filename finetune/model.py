@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from pathlib import Path
 from typing import Any
 
 from finetune import rundir
@@ -12,15 +14,65 @@ from finetune.errors import UsageError
 logger = logging.getLogger(__name__)
 
 
-def resolve_dtype(name: str):
-    """Map a recipe dtype to torch: auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+# CPU features that compute bf16 natively (/proc/cpuinfo flags): x86's AVX512-BF16 and AMX, Arm's BF16 extension.
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags, from /proc/cpuinfo (x86 `flags`, Arm `Features`); empty where there is none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    lines = [line.split(":", 1)[1] for line in text.splitlines() if line.split(":", 1)[0].strip() in ("flags",
+                                                                                                       "Features")]
+    return frozenset(lines[0].split()) if lines else frozenset()
+
+
+def auto_dtype(cuda: bool, cuda_bf16: bool, flags: frozenset[str] | set[str]) -> tuple[str, str]:
+    """(dtype name, why) for `dtype: auto`: bf16 where the device computes it natively (a CUDA GPU with bf16; a CPU
+    with AVX512-BF16, AMX or Arm's BF16), fp16 on older GPUs, fp32 on every other CPU, where bf16 is emulated (a
+    matmul costs about an fp32 forward and backward, a 4-bit layer computing in bf16 ~10x its fp32 time)."""
+    if cuda:
+        return ("bfloat16", "the GPU computes bf16") if cuda_bf16 else ("float16", "the GPU has no bf16")
+    native = [flag for flag in NATIVE_BF16_CPU_FLAGS if flag in flags]
+    if native:
+        return "bfloat16", f"the CPU computes bf16 natively: {native[0]}"
+    return "float32", "the CPU has no native bf16 (no AVX512-BF16, AMX or Arm BF16): bf16 would be emulated"
+
+
+def dtype_choice(name: str) -> tuple[str, str]:
+    """(dtype name, why) on this machine: the recipe's own choice, or auto_dtype's."""
+    if name != "auto":
+        return name, "the recipe's choice"
     import torch
 
-    if name != "auto":
-        return getattr(torch, name)
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    cuda = torch.cuda.is_available()
+    return auto_dtype(cuda, cuda and torch.cuda.is_bf16_supported(), cpu_flags())
+
+
+def resolve_dtype(name: str):
+    """A recipe dtype as torch's; auto as dtype_choice decides it on this machine."""
+    import torch
+
+    return getattr(torch, dtype_choice(name)[0])
+
+
+def report_dtype(model_args: ModelArguments) -> str:
+    """Log the weights' and 4-bit layers' compute dtype and why (one line), warning when a 16-bit dtype the recipe
+    asks for is emulated on this CPU; returns the dtype's name."""
+    import torch
+
+    name, why = dtype_choice(model_args.dtype)
+    native_bf16 = auto_dtype(False, False, cpu_flags())[0] == "bfloat16"
+    if not torch.cuda.is_available() and (name == "float16" or (name == "bfloat16" and not native_bf16)):
+        logger.warning("dtype: %s is emulated on this CPU (no native %s): expect several times fp32's step time "
+                       "(~10x for 4-bit layers); dtype: auto (or float32) trains at full speed here", name,
+                       "fp16" if name == "float16" else "bf16")
+    else:
+        logger.info("dtype: %s (%s)", name, why if model_args.dtype == "auto" else "the recipe's choice")
+    return name
 
 
 def hardware_defaults(model_args: ModelArguments, training_values: dict[str, Any]) -> dict[str, Any]:
@@ -49,14 +101,34 @@ def hardware_defaults(model_args: ModelArguments, training_values: dict[str, Any
     return {}
 
 
+def source(model_args: ModelArguments) -> str:
+    """Where the base model loads from: model_name_or_path, or for a GGUF file its plain copy in the cache (made on
+    first use, see finetune.gguf_import). Raises UsageError for a GGUF file transformers can't read."""
+    from finetune import gguf_import
+
+    return gguf_import.plain_model(model_args.model_name_or_path)
+
+
+def prepare(recipe) -> None:
+    """Make the files a recipe reads that are made on first use: the embedded tiny model and data, the shipped SmolLM2
+    model and task (finetune.smollm2), a GGUF base's plain copy. Under a launcher the main process makes them while
+    the others wait."""
+    from finetune import smollm2, tiny
+
+    with recipe.training.main_process_first(desc="preparing the model and data"):
+        if tiny.used_by(recipe):
+            tiny.ensure_assets()
+        if smollm2.used_by(recipe):
+            smollm2.ensure_assets()
+        source(recipe.model)
+
+
 def load_tokenizer(model_args: ModelArguments):
     """The model's tokenizer, with padding set to EOS where it has no pad token."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source(model_args), trust_remote_code=model_args.trust_remote_code)
     except OSError as exc:
         raise UsageError(f"model_name_or_path: can't load a tokenizer from {model_args.model_name_or_path!r} "
                          f"({str(exc).splitlines()[0]})") from None
@@ -113,14 +185,16 @@ def load_model(model_args: ModelArguments, for_training: bool = True, attention:
     `attention` overrides the recipe's attn_implementation (the padding-free plan, `finetune.padding_free.plan`).
     Raises UsageError when the model can't be loaded from `model_name_or_path`.
     """
+    import torch
     from transformers import AutoModelForCausalLM
 
     if for_training and model_args.use_lora:
         check_target_modules(model_args)
+    dtype = report_dtype(model_args) if for_training else dtype_choice(model_args.dtype)[0]
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_args.model_name_or_path,
-            dtype=resolve_dtype(model_args.dtype),
+            source(model_args),
+            dtype=getattr(torch, dtype),
             quantization_config=quantization_config(model_args),
             device_map=device_map(model_args),
             attn_implementation=attention or model_args.attn_implementation,
@@ -131,7 +205,7 @@ def load_model(model_args: ModelArguments, for_training: bool = True, attention:
                          f"({str(exc).splitlines()[0]})") from None
     if model_args.quantization == "int4":
         # Inference in bf16 may take bitsandbytes' packed CPU kernel: its result is bf16, as the compute is.
-        bf16_inference = not for_training and str(resolve_dtype(model_args.dtype)) == "torch.bfloat16"
+        bf16_inference = not for_training and dtype == "bfloat16"
         keep_4bit_cpu_path_exact(model, allow_packed=bf16_inference)
     if not for_training:
         return model.eval()
@@ -209,8 +283,7 @@ def check_target_modules(model_args: ModelArguments) -> None:
     from finetune.recipe import did_you_mean
 
     try:
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path,
-                                            trust_remote_code=model_args.trust_remote_code)
+        config = AutoConfig.from_pretrained(source(model_args), trust_remote_code=model_args.trust_remote_code)
     except OSError:
         return  # load_model says what is wrong with the model
     with torch.device("meta"):
@@ -254,6 +327,7 @@ def load_for_inference(output_dir, dtype: str | None = None):
     from peft import PeftModel
 
     recipe = rundir.trained_recipe(output_dir)
+    prepare(recipe)
     if dtype is not None:
         recipe.model = dataclasses.replace(recipe.model, dtype=dtype)
     tokenizer = load_tokenizer(recipe.model)

@@ -176,7 +176,9 @@ def plan(model_args, data_args) -> Plan:
         return Plan(False, requested)
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    from finetune.model import source
+
+    config = AutoConfig.from_pretrained(source(model_args), trust_remote_code=model_args.trust_remote_code)
     if not flattens(config):
         logger.info("padding-free batches are not verified for model type %r: training on padded batches",
                     config.model_type)

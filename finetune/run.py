@@ -72,16 +72,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def inspect(recipe: Recipe, flags: list[str]) -> int:
     """--print_config: the resolved recipe; --dry_run: the data as training would see it. Nothing is written."""
-    from finetune import tiny
     from finetune.data import load_splits, preview
-    from finetune.model import load_tokenizer
+    from finetune.model import load_tokenizer, prepare
 
     logs.setup()
     if "--print_config" in flags:
         print(recipe_yaml(recipe), end="")
     if "--dry_run" in flags:
-        if tiny.used_by(recipe):
-            tiny.ensure_assets()
+        prepare(recipe)
         tokenizer = load_tokenizer(recipe.model)
         print(preview(load_splits(recipe.data, tokenizer, recipe.training.seed,
                                   recipe.training.main_process_first), tokenizer))
@@ -93,8 +91,8 @@ def train(recipe: Recipe):
     anything heavy loads), TrainingDiverged for a non-finite loss; a preempted run has `preemption.stopped_at`."""
     from transformers import set_seed
 
-    from finetune import data, metrics, padding_free, ranks, resilience, rundir, tiny, tracking
-    from finetune.model import load_model, load_tokenizer
+    from finetune import data, metrics, padding_free, ranks, resilience, rundir, tracking
+    from finetune.model import load_model, load_tokenizer, prepare
     from finetune.trainer import build_trainer
 
     args, output_dir = recipe.training, Path(recipe.training.output_dir)
@@ -107,10 +105,8 @@ def train(recipe: Recipe):
         plan = tracking.resolve(recipe, resuming=resume_from is not None)
         tracking.prepare(plan, args)
 
-        # 2. Data; the embedded default builds its tiny model and data on first use.
-        if tiny.used_by(recipe):
-            with args.main_process_first(desc="building the embedded tiny model and data"):
-                tiny.ensure_assets()
+        # 2. Data; the embedded models and data are written on first use, a GGUF base converted once.
+        prepare(recipe)
         tokenizer = load_tokenizer(recipe.model)
         train_set, eval_set, _ = data.load_splits(recipe.data, tokenizer, args.seed, args.main_process_first)
 

@@ -106,8 +106,11 @@ def split_tags(text: str | None) -> list[str]:
 
 
 def model_variant(recipe: Recipe) -> str:
-    """A short variant name: qlora-int4, lora-int8, lora-bf16, full-fp32, ..."""
-    return variant_name(recipe.model.quantization, recipe.model.dtype, recipe.model.use_lora)
+    """A short variant name: qlora-int4, lora-int8, lora-bf16, full-fp32, ... (`dtype: auto` as this machine
+    resolves it)."""
+    from finetune.model import dtype_choice
+
+    return variant_name(recipe.model.quantization, dtype_choice(recipe.model.dtype)[0], recipe.model.use_lora)
 
 
 def variant_name(quantization: str, dtype: str, use_lora: bool) -> str:
@@ -125,13 +128,18 @@ def variant_tags(recipe: Recipe) -> list[str]:
 
 
 def variant_fields(recipe: Recipe) -> dict[str, Any]:
-    """The fields runs are grouped and filtered by."""
+    """The fields runs are grouped and filtered by (with a GGUF base: its file, architecture and quantization)."""
+    from finetune import gguf_import
+    from finetune.model import dtype_choice
+
     model = recipe.model
     return {
         "model_variant": model_variant(recipe),
         "model_name_or_path": model.model_name_or_path,
+        **gguf_import.info(model.model_name_or_path),
         "quantization": model.quantization,
         "dtype": model.dtype,
+        "compute_dtype": dtype_choice(model.dtype)[0],
         "use_lora": model.use_lora,
         "lora_r": model.lora_r if model.use_lora else None,
         "lora_alpha": model.lora_alpha if model.use_lora else None,
@@ -152,7 +160,7 @@ def model_label(name_or_path: str) -> str:
 
     path = Path(name_or_path.rstrip("/")).expanduser()
     if not path.is_dir():
-        return path.name.lower()
+        return (path.stem if path.suffix.lower() == ".gguf" else path.name).lower()
     try:
         recorded = str(json.loads((path / "config.json").read_text()).get("_name_or_path") or "")
     except (OSError, ValueError, AttributeError):

@@ -14,16 +14,17 @@ from finetune.errors import UsageError
 from finetune.recipe import load_recipe, parse_cli_overrides, recipe_yaml
 from tests.conftest import REPO, write_recipe
 
-SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
+SHIPPED = sorted((REPO / "recipes").glob("**/*.yaml"))
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO / "recipes").with_suffix("")) for p in SHIPPED])
 def test_shipped_recipe_validates(path):
     recipe = load_recipe([str(path)])
     assert recipe.model.model_name_or_path and recipe.data.dataset
-    assert recipe.training.output_dir == f"outputs/{path.stem}"
+    name = path.relative_to(REPO / "recipes").with_suffix("")
+    assert recipe.training.output_dir == f"outputs/{str(name).replace('/', '-')}"
     first_lines = path.read_text().splitlines()[:8]
-    assert any(f"accelerate launch finetune/run.py recipes/{path.name}" in line for line in first_lines)
+    assert any(f"accelerate launch finetune/run.py recipes/{name}.yaml" in line for line in first_lines)
 
 
 def test_variants_extend_the_bf16_recipe():
@@ -33,7 +34,7 @@ def test_variants_extend_the_bf16_recipe():
     full = load_recipe([str(REPO / "recipes/full_bf16.yaml")])
     assert (qlora.model.quantization, qlora.model.bnb_4bit_quant_type, qlora.model.bnb_4bit_use_double_quant) == \
         ("int4", "nf4", True)
-    assert qlora.model.dtype == "bfloat16"
+    assert base.model.dtype == "bfloat16" and qlora.model.dtype == int8.model.dtype == "auto"
     assert int8.model.quantization == "int8"
     assert full.model.use_lora is False and full.model.quantization == "none"
     for variant in (qlora, int8, full):  # inherited untouched
