@@ -5,6 +5,7 @@
 #   WANDB_PROJECT=x WANDB_TAGS=a,b make train    # WANDB_* variables pass through to the run
 #   make eval RUN=outputs/tiny                     # lm-evaluation-harness; TASKS=arc_easy,... for other runs
 #   make test
+#   make smollm2                                 # the real model (SmolLM2-135M-Instruct), then recipes/smollm2/
 #   make sync                                    # upload offline W&B runs
 
 VENV     ?= .venv
@@ -38,7 +39,7 @@ MATRIX_VARIANTS = "lora_fp32 recipes/tiny.yaml" "lora_bf16 recipes/tiny.yaml --d
 endif
 MATRIX_QUALITY ?= lm_eval/$(MATRIX_TASKS)/exact_match
 
-.PHONY: install train test test-fast download sync bench eval compare matrix smollm2 bench-callback bench-train bench-lora bench-errors lint clean
+.PHONY: install train test test-fast download sync bench eval compare matrix smollm2 bench-callback bench-train bench-variants bench-lora bench-errors lint clean
 
 install: $(VENV)/.installed
 
@@ -52,7 +53,7 @@ $(VENV)/.installed: requirements.txt launch/install.sh pyproject.toml
 train: install
 	launch/train.sh $(RECIPE) $(ARGS)
 
-test: install
+test: install smollm2  # the real-model tests (tests/test_real_model.py) need it
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-fast: install  # the suite without the tests marked slow (Slurm, multi-node, multi-process runs)
@@ -106,10 +107,14 @@ smollm2: install
 
 # Training speed and memory against the peers, side by side (SIZE=cpu|vocab|gpu, VARIANT=lora|qlora, REPEATS=n).
 # TRL is the benchmark's own dependency (benchmarks/requirements.txt), installed beside the runtime pins.
-bench-train: install
+bench-train: install $(if $(filter smollm2,$(SIZE)),smollm2)
 	$(PYTHON) -m pip install -q --no-deps -r benchmarks/requirements.txt
 	$(PYTHON) benchmarks/train_speed.py --size $(or $(SIZE),cpu) --variant $(or $(VARIANT),lora) \
 	  --repeats $(or $(REPEATS),2) $(ARGS)
+
+# Step time of every variant on the real model and what the compute dtype costs (make bench-variants ARGS="--repeats 3").
+bench-variants: install smollm2
+	$(PYTHON) benchmarks/variant_steps.py $(ARGS)
 
 # The toolkit's LoRA layers and RMSNorm against peft's and transformers', in one process (make bench-lora ARGS="--rounds 9").
 bench-lora: install

@@ -3,6 +3,7 @@
     make bench-train                                   # CPU size, 16-bit LoRA (fp32 weights on the CPU), 2 repeats
     make bench-train SIZE=vocab                        # Llama 3's 128k vocabulary on a small body: peak memory
     make bench-train SIZE=gpu VARIANT=qlora            # Llama-3.2-1B shape, QLoRA
+    make bench-train SIZE=smollm2                      # the real model (make smollm2), its tokenizer and data
     python benchmarks/train_speed.py --size smoke --steps 2 --repeats 1   # seconds: checks that every arm runs
 
 Every arm trains the same randomly initialised Llama (built from a config), on the same variable-length data
@@ -47,6 +48,8 @@ SIZES = {  # hidden, layers, heads (query, key/value), intermediate, vocabulary,
     # Llama-3.2-1B's shape: 16 layers, 2048 wide, 32/8 heads, 8192 MLP, 128k vocabulary, tied embeddings.
     "gpu": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256, batch=16,
                 lengths=(64, 2048), steps=30),
+    # The real model (make smollm2): SmolLM2-135M-Instruct, its tokenizer, its task's conversations as text.
+    "smollm2": dict(batch=8, lengths=(60, 512), steps=20),
     # Seconds, not a measurement: the test suite checks with it that every arm runs and reports.
     "smoke": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=128, batch=4,
                   lengths=(8, 64), steps=2),
@@ -55,8 +58,12 @@ VARIANTS = ("lora", "qlora")  # 16-bit LoRA (fp32 on the CPU size), QLoRA nf4 wi
 
 
 def build_inputs(size: str, workdir: Path) -> tuple[Path, Path]:
-    """A random-weight Llama of the size's shape and a variable-length text dataset, deterministic."""
+    """A random-weight Llama of the size's shape and a variable-length text dataset, deterministic; for the
+    smollm2 size, the real model and its task."""
     from finetune.tiny import build_model_config, build_tokenizer, write_jsonl
+
+    if size == "smollm2":
+        return real_inputs(workdir)
 
     shape = {key: value for key, value in SIZES[size].items() if key != "steps"}
     tag = hashlib.sha1(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:8]  # a new shape, new files
@@ -82,6 +89,25 @@ def build_inputs(size: str, workdir: Path) -> tuple[Path, Path]:
         rows = [{"text": "".join(rng.choice(letters) for _ in range(int(low * (high / low) ** rng.random()) - 2))}
                 for _ in range(4000)]
         write_jsonl(rows, data)
+    return model_dir, data
+
+
+def real_inputs(workdir: Path) -> tuple[Path, Path]:
+    """SmolLM2-135M-Instruct (its GGUF's plain copy) and its training conversations written out with its chat
+    template (the default system prompt included) as plain text: every arm trains on every token of the same rows."""
+    from finetune import gguf_import, smollm2
+    from finetune.tiny import write_jsonl
+
+    assets = smollm2.ensure_assets()
+    model_dir = Path(gguf_import.plain_model(str(assets / smollm2.GGUF_NAME)))
+    data = workdir / "data-smollm2.jsonl"
+    if not data.is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        lines = (assets / "contacts.jsonl").read_text().splitlines()
+        write_jsonl([{"text": tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False).rstrip()}
+                     for line in lines], data)
     return model_dir, data
 
 

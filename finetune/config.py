@@ -44,11 +44,13 @@ class ModelArguments:
 
     # Model
     model_name_or_path: str = field(
-        default=None, metadata={"help": "Hub model id (e.g. Qwen/Qwen2.5-0.5B), a local model directory, or a local .gguf file "
-                                "(converted once into a plain model in the cache; see finetune.gguf_import)."})
+        default=None, metadata={"help": "Hub model id (e.g. Qwen/Qwen2.5-0.5B), a local model directory, or a local "
+                                        ".gguf file (converted once into a plain model in the cache; see "
+                                        "finetune.gguf_import)."})
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
-        default="auto", metadata={"help": "Weight dtype; auto = bfloat16 on GPUs that support it, float16 on older "
-                                          "GPUs, float32 on CPU. Also the compute dtype of 4-bit layers."})
+        default="auto", metadata={"help": "Weight dtype; auto = bfloat16 where the device computes it natively "
+                                          "(GPUs with bf16; CPUs with AVX512-BF16, AMX or Arm BF16), float16 on older "
+                                          "GPUs, float32 on other CPUs. Also the compute dtype of 4-bit layers."})
     attn_implementation: str | None = field(
         default=None, metadata={"help": "eager | sdpa | flash_attention_2; None lets transformers choose."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run modelling code shipped with the model."})

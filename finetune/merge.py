@@ -28,6 +28,12 @@ def merge(output_dir: Path, destination: Path) -> Path:
     if not recipe.model.use_lora:
         raise UsageError(f"{output_dir}: a full fine-tuning run has nothing to merge; its model.safetensors loads "
                          "as it is")
+    import dataclasses
+
+    import torch
+
+    if recipe.model.dtype == "auto" and not torch.cuda.is_available():  # merged exactly, as finetune eval scores it
+        recipe.model = dataclasses.replace(recipe.model, dtype="float32")
     base = load_model(recipe.model, for_training=False)
     if recipe.model.quantization != "none":
         base = base.dequantize()  # bitsandbytes layers -> plain Linear holding the dequantized weights

@@ -104,8 +104,11 @@ def hardware_defaults(model_args: ModelArguments, training_values: dict[str, Any
 def source(model_args: ModelArguments) -> str:
     """Where the base model loads from: model_name_or_path, or for a GGUF file its plain copy in the cache (made on
     first use, see finetune.gguf_import). Raises UsageError for a GGUF file transformers can't read."""
-    from finetune import gguf_import
+    from finetune import gguf_import, smollm2
+    from finetune.config import embedded_asset
 
+    if embedded_asset(Path(model_args.model_name_or_path)) == "smollm2":
+        smollm2.ensure_assets()
     return gguf_import.plain_model(model_args.model_name_or_path)
 
 

@@ -1,0 +1,118 @@
+"""The real model end to end: SmolLM2-135M-Instruct from its GGUF file (`make smollm2`, which `make test` runs first),
+converted once per machine, trained with every shipped variant of recipes/smollm2/, and scored against the untrained
+base on the held-out contacts task. What random-weight models can't show: a real tokenizer and chat template (its
+default system prompt included), real answers, and a quality gain."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune import gguf_import, smollm2
+from tests.conftest import REPO, subprocess_env, train_and_summarise
+
+pytestmark = pytest.mark.slow
+RECIPES = REPO / "recipes" / "smollm2"
+LIMIT = "30"  # held-out contacts scored per model: the base scores 0 of them, a tuned run most
+
+
+@pytest.fixture(scope="session")
+def model_file() -> Path:
+    """The shipped GGUF and its plain copy in the cache (converted here on a new machine, ~40 s)."""
+    from finetune.errors import UsageError
+
+    try:
+        directory = smollm2.ensure_assets()
+    except UsageError as error:
+        pytest.fail(f"{error} (make test installs it)", pytrace=False)
+    path = directory / smollm2.GGUF_NAME
+    gguf_import.plain_model(str(path))
+    return path
+
+
+def losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def train(tmp_path_factory, variant: str, steps: int, batch: int):
+    out = tmp_path_factory.mktemp(f"smollm2-{variant}") / "run"
+    return train_and_summarise(RECIPES / f"{variant}.yaml", output_dir=out, max_steps=steps, logging_steps=1,
+                               per_device_train_batch_size=batch, eval_strategy="no", save_strategy="no")
+
+
+@pytest.fixture(scope="session")
+def tuned(model_file, tmp_path_factory):
+    """recipes/smollm2/lora.yaml, shortened to 40 steps (the recipe trains 100)."""
+    return train(tmp_path_factory, "lora", steps=40, batch=8)
+
+
+def test_the_gguf_converts_to_the_model_and_template_it_holds(model_file):
+    from transformers import AutoTokenizer
+
+    plain = Path(gguf_import.plain_model(str(model_file)))
+    config = json.loads((plain / "config.json").read_text())
+    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == \
+        ("llama", 30, 576, 49152)
+    assert "quantization_config" not in config and config["tie_word_embeddings"] is True
+    tokenizer = AutoTokenizer.from_pretrained(plain)
+    assert "You are a helpful AI assistant named SmolLM" in tokenizer.chat_template
+    assert gguf_import.info(str(model_file)) == {"gguf_file": str(model_file.resolve()),
+                                                 "gguf_architecture": "llama", "gguf_quantization": "Q4_1"}
+
+
+def test_labels_on_the_real_template_are_the_answer_and_its_end_of_turn(model_file):
+    from finetune.config import ModelArguments
+    from finetune.data import marked_targets, tokenize_example
+    from finetune.model import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(model_file)))
+    row = json.loads((model_file.parent / "contacts.jsonl").read_text().splitlines()[0])
+    answer = row["messages"][1]["content"]
+    example = tokenize_example(row, "messages", tokenizer, max_length=512, train_on_prompt=False)
+    marked = marked_targets(example["input_ids"], example["labels"], tokenizer)
+    assert marked.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")  # not trained
+    assert marked.count("[[") == 1 and f"[[{answer}<|im_end|>]]" in marked
+    assert marked.endswith("]]\n")
+
+
+def test_the_tuned_model_beats_the_base_by_a_wide_margin(model_file, tuned, tmp_path):
+    trainer, summary = tuned
+    history = losses(trainer)
+    assert sum(history[-5:]) / 5 < history[0] / 4, history
+    assert summary["model/gguf_quantization"] == "Q4_1" and summary["model/compute_dtype"] in ("float32", "bfloat16")
+    run = Path(trainer.args.output_dir)
+    scores = {}
+    for name, target, extra in [("base", str(model_file), ["--out", str(tmp_path / "base")]),
+                                ("tuned", str(run), [])]:
+        result = subprocess.run([sys.executable, "-m", "finetune.evaluate", target, "--limit", LIMIT, *extra],
+                                cwd=REPO, capture_output=True, text=True, timeout=600,
+                                env=subprocess_env(WANDB_MODE="disabled"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        out = Path(extra[1]) if extra else run
+        scores[name] = json.loads((out / "eval.json").read_text())["lm_eval/smollm2_contacts/exact_match"]
+    assert scores["base"] <= 0.1 and scores["tuned"] >= scores["base"] + 0.5, scores
+
+
+def test_chat_answers_in_the_taught_shape(tuned):
+    trainer, _ = tuned
+    prompt = f"{smollm2.INSTRUCTION}\nWilma Stone is 33 and lives in Zagreb."
+    result = subprocess.run([sys.executable, "-m", "finetune.generate", trainer.args.output_dir, "--prompt", prompt],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=subprocess_env(WANDB_MODE="disabled"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip()) == {"name": "Wilma Stone", "age": 33, "city": "Zagreb"}
+
+
+@pytest.mark.parametrize("variant", ["qlora", "int8", "full"])
+def test_every_variant_trains_with_a_falling_loss(model_file, tmp_path_factory, variant):
+    trainer, summary = train(tmp_path_factory, variant, steps=8, batch=4)
+    history = losses(trainer)
+    assert len(history) == 8 and sum(history[-3:]) / 3 < history[0] / 2, history
+    if variant == "full":
+        assert summary["model/trainable_params"] == summary["model/total_params"]
+    else:
+        assert summary["model/weight_bits"] == {"qlora": 4, "int8": 8}[variant]
