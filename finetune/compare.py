@@ -70,7 +70,7 @@ def read_run(directory: Path) -> dict[str, Any]:
                   for task, metrics in evaluation.get("higher_is_better", {}).items()
                   for metric, higher in metrics.items()}
     return {"run": directory.name, "variant": variant, **row_values(summary, bench), **harness,
-            "higher_is_better": directions}
+            "higher_is_better": directions, "untrained": bool(evaluation.get("settings", {}).get("base_model"))}
 
 
 HARNESS_PREFIX = "lm_eval/"
@@ -161,8 +161,8 @@ def quality_axis(rows: list[dict[str, Any]], requested: str | None = None) -> tu
 
 def plot_pareto(rows: list[dict[str, Any]], path: Path, quality: str | None = None) -> Path:
     """Three panels, quality (see quality_axis) against peak training memory, training tokens/s and inference
-    latency; frontier points joined and labelled. Rows that were never trained (an untrained base scored by
-    `finetune eval MODEL`) are a dashed line: the zero line the variants' gains start from."""
+    latency; frontier points joined and labelled. An untrained base scored by `finetune eval MODEL` (eval.json's
+    settings name a base_model) is a dotted line: the zero line the variants' gains start from."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,8 +174,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, quality: str | None = No
         ("peak_ram_gb", "peak training host memory (GB)", False)
     panels = [memory, ("train_input_tokens_per_second", "training input tokens/s", True),
               ("latency_ms_p50", "inference latency p50 (ms)", False)]
-    bases = [r for r in rows if r.get(quality) is not None and not r.get("train_input_tokens_per_second")
-             and r.get("latency_ms_p50") is None]
+    bases = [r for r in rows if r.get("untrained") and r.get(quality) is not None]
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5))
     for axis, (cost, cost_label, more_is_better) in zip(axes, panels, strict=True):
         usable = [r for r in rows if r.get(cost) is not None and r.get(quality) is not None]

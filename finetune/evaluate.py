@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto: when the tokenizer has a chat template (a chat-trained model needs it)")
     parser.add_argument("--log_samples", action="store_true", help="every sample's output to W&B, as a table")
     args = parser.parse_args(argv)
+    args.target = args.target.expanduser()
     logs.setup()
     if not logs.verbose():  # the harness narrates each step at INFO (seeds, contexts); its results are printed below
         import logging
@@ -388,11 +389,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def base_model_problem(target: Path) -> str | None:
     """Why `target` (not a run) can't be evaluated as a bare model, or None."""
-    from finetune.config import is_local_path
+    from finetune.config import embedded_asset, is_local_path
 
     name = str(target)
-    if not is_local_path(name):
-        return None  # a hub id: the loader says whether it is cached
+    if not is_local_path(name) or embedded_asset(target):
+        return None  # a hub id (the loader says whether it is cached), or the shipped model (written on first use)
     if target.is_dir() and not (target / "config.json").is_file():
         return (f"{target}: neither a training run (no {rundir.RECIPE}) nor a model directory (no config.json); "
                 "give a finished run's output_dir, a model directory or a .gguf file")

@@ -8,7 +8,8 @@ every load (config, tokenizer and weights each parse the file again), and the ob
 `save_pretrained`. So the file is converted once into a plain model directory in the cache (fp32 safetensors: the
 dequantized values exactly, with the config's GGUF quantization entry removed, and the tokenizer), keyed by the
 file's path, size and modification time; every later load (training, resume, merge, chat, bench, eval) reads that
-directory in about a second, quantized by bitsandbytes or cast to the recipe's dtype like any other model.
+directory in about a second, quantized by bitsandbytes or cast to the recipe's dtype like any other model. The copy
+takes 4 bytes per parameter on disk (0.54 GB for 135M) and converting needs about twice that in memory.
 
 An architecture transformers can't read as a causal LM, or a tensor type the `gguf` package can't dequantize, is
 refused in one line before anything is loaded or written (`problem`).
@@ -29,7 +30,7 @@ from finetune.errors import UsageError
 logger = logging.getLogger(__name__)
 SUFFIX = ".gguf"
 INFO = "gguf.json"  # in the converted directory: where it came from (file, architecture, quantization type)
-INSTALL = "pip install gguf==0.19.0"
+INSTALL = "pip install -r requirements.txt (it pins gguf)"
 
 
 def is_gguf(name: str | None) -> bool:
@@ -45,6 +46,8 @@ class GGUFInfo:
     architecture: str
     quantization: str
     tensor_types: tuple[str, ...]
+    has_tokenizer: bool = True
+    split_count: int = 1
 
     def as_dict(self) -> dict:
         return {"gguf_file": self.file, "gguf_architecture": self.architecture,
@@ -66,6 +69,8 @@ def read_info(path: Path) -> GGUFInfo:
     except (ValueError, KeyError, OSError) as error:
         raise UsageError(f"model_name_or_path: {path} is not a readable GGUF file ({str(error)[:100]})") from None
     types = tuple(sorted({tensor.tensor_type.name for tensor in reader.tensors}))
+    split = reader.fields.get("split.count")
+    split_count = int(split.contents()) if split is not None else 1
     if file_type is not None:
         try:
             quantization = gguf.LlamaFileType(int(file_type.contents())).name.removeprefix("MOSTLY_")
@@ -73,7 +78,8 @@ def read_info(path: Path) -> GGUFInfo:
             quantization = f"file type {file_type.contents()}"
     else:
         quantization = "/".join(types)
-    return GGUFInfo(str(path), architecture, quantization, types)
+    return GGUFInfo(str(path), architecture, quantization, types, "tokenizer.ggml.tokens" in reader.fields,
+                    split_count)
 
 
 def problem(path: Path) -> str | None:
@@ -96,6 +102,11 @@ def problem(path: Path) -> str | None:
         readable = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) & set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
         return (f"model_name_or_path: {path.name} holds a `{info.architecture}` model, which transformers can't "
                 f"load from GGUF as a causal LM; it can: {', '.join(readable)}")
+    if info.split_count > 1:
+        return (f"model_name_or_path: {path.name} is one part of a model split in {info.split_count} files, which "
+                "transformers can't read; merge them first (llama.cpp's llama-gguf-split --merge)")
+    if not info.has_tokenizer:
+        return f"model_name_or_path: {path.name} holds no tokenizer (tokenizer.ggml.*), which training needs"
     unreadable = [name for name in info.tensor_types if not _dequantizes(name)]
     if unreadable:
         return (f"model_name_or_path: {path.name} stores tensors as {', '.join(unreadable)}, which the gguf "
@@ -127,19 +138,27 @@ def cache_root() -> Path:
 
 def converted_dir(path: Path) -> Path:
     """Where `path`'s plain model directory lives: named after the file, keyed by its absolute path, size and
-    modification time (a file replaced in place converts again)."""
+    modification time (a file replaced in place converts again) and the versions of the readers (a fixed reader
+    converts again)."""
+    import importlib.metadata
+
     path = path.expanduser().resolve()
     stat = path.stat()
-    key = hashlib.sha1(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    readers = "/".join(importlib.metadata.version(name) for name in ("transformers", "gguf"))
+    key = hashlib.sha1(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{readers}".encode()).hexdigest()[:12]
     return cache_root() / f"{path.stem}-{key}"
 
 
 def info(name: str) -> dict:
-    """The run's record of a GGUF base (gguf_file, gguf_architecture, gguf_quantization), {} for other models."""
+    """The run's record of a GGUF base (gguf_file, gguf_architecture, gguf_quantization), {} for other models;
+    only the file's name when it is gone."""
     if not is_gguf(name):
         return {}
-    recorded = Path(converted_dir(Path(name)) / INFO)
-    data = json.loads(recorded.read_text()) if recorded.is_file() else read_info(Path(name).expanduser()).as_dict()
+    path = Path(name).expanduser()
+    if not path.is_file():
+        return {"gguf_file": str(path)}
+    recorded = converted_dir(path) / INFO
+    data = json.loads(recorded.read_text()) if recorded.is_file() else read_info(path).as_dict()
     return {key: data[key] for key in ("gguf_file", "gguf_architecture", "gguf_quantization")}
 
 
@@ -156,17 +175,25 @@ def plain_model(name: str) -> str:
     target = converted_dir(path)
     if (target / INFO).is_file():
         return str(target)
-    logger.info("converting %s into a plain model directory (once): %s", path.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("converting %s into a plain model directory, once (~40 s for 135M parameters): %s", path.name, target)
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
         convert(path, staging)
         try:
             os.rename(staging, target)
         except OSError:  # another process converted it first
             if not (target / INFO).is_file():
                 raise
+    except OSError as error:
+        raise UsageError(f"model_name_or_path: can't write the plain copy of {path.name} to {target.parent} "
+                         f"({error.strerror or error}); set FINETUNE_CACHE to a writable directory with room for "
+                         "4 bytes per parameter") from None
+    except Exception as error:  # whatever transformers' GGUF reader raises on a file it can't map
+        first = (str(error).splitlines() or [""])[0][:160]
+        raise UsageError(f"model_name_or_path: transformers could not read {path.name} "
+                         f"({type(error).__name__}: {first})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(target)

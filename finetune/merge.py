@@ -30,10 +30,9 @@ def merge(output_dir: Path, destination: Path) -> Path:
                          "as it is")
     import dataclasses
 
-    import torch
+    from finetune.model import inference_dtype
 
-    if recipe.model.dtype == "auto" and not torch.cuda.is_available():  # merged exactly, as finetune eval scores it
-        recipe.model = dataclasses.replace(recipe.model, dtype="float32")
+    recipe.model = dataclasses.replace(recipe.model, dtype=inference_dtype(recipe.model.dtype))
     base = load_model(recipe.model, for_training=False)
     if recipe.model.quantization != "none":
         base = base.dequantize()  # bitsandbytes layers -> plain Linear holding the dequantized weights

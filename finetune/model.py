@@ -59,6 +59,14 @@ def resolve_dtype(name: str):
     return getattr(torch, dtype_choice(name)[0])
 
 
+def inference_dtype(recipe_dtype: str) -> str:
+    """The dtype a finished run is loaded in for chat, bench and merge: the recipe's own, but `auto` on a CPU is
+    fp32, so that what is scored and timed there is the same on every CPU kind (and merged weights are exact)."""
+    import torch
+
+    return "float32" if recipe_dtype == "auto" and not torch.cuda.is_available() else recipe_dtype
+
+
 def report_dtype(model_args: ModelArguments) -> str:
     """Log the weights' and 4-bit layers' compute dtype and why (one line), warning when a 16-bit dtype the recipe
     asks for is emulated on this CPU; returns the dtype's name."""
@@ -323,16 +331,14 @@ def describe(model) -> str:
 
 def load_for_inference(output_dir, dtype: str | None = None):
     """(recipe, tokenizer, model) of a finished run, for inference: the base loaded as trained (same quantization)
-    plus the adapter, or the full model; `dtype` (a recipe dtype name) replaces the run's for the weights that
-    aren't quantized and the compute. Raises UsageError when `output_dir` is not a finished run."""
+    plus the adapter, or the full model; `dtype` (a recipe dtype name; default inference_dtype's) for the weights
+    that aren't quantized and the compute. Raises UsageError when `output_dir` is not a finished run."""
     import dataclasses
 
     from peft import PeftModel
 
     recipe = rundir.trained_recipe(output_dir)
-    prepare(recipe)
-    if dtype is not None:
-        recipe.model = dataclasses.replace(recipe.model, dtype=dtype)
+    recipe.model = dataclasses.replace(recipe.model, dtype=dtype or inference_dtype(recipe.model.dtype))
     tokenizer = load_tokenizer(recipe.model)
     if not recipe.model.use_lora:
         full = dataclasses.replace(recipe.model, model_name_or_path=str(output_dir))

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def inspect(recipe: Recipe, flags: list[str]) -> int:
-    """--print_config: the resolved recipe; --dry_run: the data as training would see it. Nothing is written."""
+    """--print_config: the resolved recipe; --dry_run: the data as training would see it. Nothing is written to the
+    output directory (the embedded assets and a GGUF base's plain copy are made on first use)."""
     from finetune.data import load_splits, preview
     from finetune.model import load_tokenizer, prepare
 

@@ -35,15 +35,26 @@ ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "smollm2"
 TASK = "smollm2_contacts"
 TRAIN_EXAMPLES, HELD_OUT = 2000, 100
 
-FIRST = ["Maria", "Kenji", "Aisha", "Lars", "Priya", "Tomás", "Chloe", "Omar", "Ingrid", "Mateo", "Yuki", "Fatima",
-         "Noah", "Elena", "Kwame", "Sofia", "Ravi", "Hannah", "Diego", "Mei", "Jonas", "Amara", "Luca", "Zara",
-         "Felix", "Nadia", "Oscar", "Leila", "Hugo", "Sara", "Emeka", "Anya", "Pablo", "Ines", "Tariq", "Greta"]
-LAST = ["Lopez", "Ito", "Khan", "Berg", "Patel", "Silva", "Martin", "Haddad", "Olsen", "Rossi", "Tanaka", "Diallo",
-        "Smith", "Novak", "Mensah", "Costa", "Sharma", "Weber", "Fernandez", "Chen", "Keller", "Okafor", "Bianchi",
-        "Ahmed", "Brandt", "Petrova", "Lund", "Rahimi", "Dubois", "Moreau", "Eze", "Ivanova", "Ruiz", "Pereira"]
-CITIES = ["Porto", "Oslo", "Lagos", "Kyoto", "Lima", "Denver", "Cairo", "Munich", "Perth", "Quito", "Dublin", "Seoul",
-          "Nairobi", "Lyon", "Tampere", "Bergen", "Austin", "Malaga", "Krakow", "Osaka", "Accra", "Bogota", "Ghent",
-          "Tunis", "Hobart", "Leeds", "Graz", "Cusco", "Dakar", "Turin", "Aarhus", "Porto Alegre", "Halifax", "Izmir"]
+FIRST = """Maria Kenji Aisha Lars Priya Tomás Chloe Omar Ingrid Mateo Yuki Fatima Noah Elena Kwame Sofia Ravi Hannah
+Diego Mei Jonas Amara Luca Zara Felix Nadia Oscar Leila Hugo Sara Emeka Anya Pablo Ines Tariq Greta Wilma Arjun Beatriz
+Chidi Dmitri Esther Farid Gustav Hana Ibrahim Julia Karim Lena Marco Nia Olga Pedro Qing Rosa Samir Tanya Umar Vera
+Wei Ximena Yusuf Zofia Alma Bruno Carmen Dario Eva Femi Gabriel Helga Ivan Jana Kofi Lucia Milan Nora Oren Paula
+Rafael Selin Teodor Ulla Viktor Wanda Yara Zeno Abel Bianca Cyrus Dalia Emil Flora Goran Hiro Ada Ezra Ilse Jamal
+Keiko Luis Mira Nils""".split()
+LAST = """Lopez Ito Khan Berg Patel Silva Martin Haddad Olsen Rossi Tanaka Diallo Smith Novak Mensah Costa Sharma Weber
+Fernandez Chen Keller Okafor Bianchi Ahmed Brandt Petrova Lund Rahimi Dubois Moreau Eze Ivanova Ruiz Pereira Stone
+Nakamura Kowalski Hansen Mwangi Garcia Schmidt Yilmaz Kim Nguyen Johansson Murphy Santos Horvat Jensen Ali Sato
+Fischer Kaya Mendes Popescu Virtanen Lindqvist Oliveira Nowak Kuznetsov Tremblay Walsh Rocha Bauer Park Kariuki Dahl
+Marino Varga Kovac Suzuki Duarte Sorensen Adeyemi Castillo Hoffmann Zhou Rahman Ortega Vogel Reyes Sandoval Moretti
+Halvorsen Banda Aguilar Kamara Laine Salazar Wolff Brennan Farouk Nilsen Quispe Takahashi Obi Koch Lindgren""".split()
+CITIES = """Porto Oslo Lagos Kyoto Lima Denver Cairo Munich Perth Quito Dublin Seoul Nairobi Lyon Tampere Bergen Austin
+Malaga Krakow Osaka Accra Bogota Ghent Tunis Hobart Leeds Graz Cusco Dakar Turin Aarhus Halifax Izmir Zagreb Riga
+Tallinn Vilnius Porto_Alegre Recife Medellin Cordoba Valencia Seville Bilbao Bologna Naples Genoa Palermo Utrecht
+Leiden Antwerp Bruges Basel Geneva Lausanne Salzburg Linz Brno Ostrava Gdansk Poznan Wroclaw Debrecen Szeged Varna
+Plovdiv Cluj Iasi Thessaloniki Patras Antalya Bursa Haifa Amman Muscat Doha Kochi Pune Jaipur Mysore Colombo Kandy
+Hanoi Hue Cebu Davao Busan Daegu Sapporo Sendai Nagoya Fukuoka Darwin Cairns Adelaide Wellington Dunedin Calgary
+Regina Quebec Boise Tucson Omaha Tulsa Savannah Raleigh Portland Spokane""".split()
+CITIES = [city.replace("_", " ") for city in CITIES]
 JOBS = ["a nurse", "a carpenter", "an architect", "a teacher", "a baker", "a pilot", "a chemist", "a plumber",
         "a journalist", "a farmer", "a librarian", "an engineer", "a dentist", "a chef", "a translator"]
 PHRASINGS = [

@@ -16,12 +16,16 @@ from finetune.model import auto_dtype
 from tests.conftest import REPO, subprocess_env
 
 
-def write_gguf(path, architecture: str, tensor_type: str = "F32", name: str = "test model"):
-    """A GGUF file with the header fields transformers reads first and one 64x64 tensor of `tensor_type`."""
+def write_gguf(path, architecture: str, tensor_type: str = "F32", tokenizer: bool = True):
+    """A GGUF file with the header fields transformers reads first (a two-token tokenizer unless `tokenizer` is
+    False) and one 64x64 tensor of `tensor_type`."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_name(name)
+    writer.add_name("test model")
+    if tokenizer:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(["a", "b"])
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     qtype = gguf.GGMLQuantizationType[tensor_type]
     if qtype == gguf.GGMLQuantizationType.F32:
@@ -60,7 +64,6 @@ def test_unreadable_gguf_is_refused_in_one_line_before_anything_is_written(tmp_p
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
-    assert not list(gguf_import.cache_root().glob(f"{architecture}-*")) if gguf_import.cache_root().exists() else True
 
 
 @pytest.mark.parametrize("content", [None, b"not a gguf file at all"], ids=["missing", "not-gguf"])
@@ -114,6 +117,7 @@ def test_the_choice_is_logged_and_emulated_bf16_warned(monkeypatch, caplog):
     from finetune.config import ModelArguments
 
     args = ModelArguments(model_name_or_path="x/y", dtype="bfloat16")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     monkeypatch.setattr(model, "cpu_flags", lambda: frozenset({"avx2"}))
     with caplog.at_level("INFO", logger="finetune.model"):
         assert model.report_dtype(args) == "bfloat16"
@@ -126,3 +130,24 @@ def test_the_choice_is_logged_and_emulated_bf16_warned(monkeypatch, caplog):
         assert model.report_dtype(args) == "bfloat16"
         assert model.report_dtype(ModelArguments(model_name_or_path="x/y", dtype="auto")) == "bfloat16"
     assert [r.levelname for r in caplog.records] == ["INFO", "INFO"]
+
+
+def test_a_conversion_that_fails_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """What the header checks can't see (a tokenizer transformers can't build, an unwritable cache) ends as a
+    UsageError naming the file, and no half-written directory is left in the cache."""
+    from finetune.errors import UsageError
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    model = write_gguf(tmp_path / "m.gguf", "llama")
+    monkeypatch.setattr(gguf_import, "problem", lambda path: None)
+    with pytest.raises(UsageError, match="transformers could not read m.gguf"):
+        gguf_import.plain_model(str(model))
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []
+    (tmp_path / "file").write_text("")  # a cache under a file: can't be created, for root too
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "file" / "cache"))
+    with pytest.raises(UsageError, match="set FINETUNE_CACHE to a writable directory"):
+        gguf_import.plain_model(str(model))
+
+
+def test_a_gguf_without_a_tokenizer_is_refused(tmp_path):
+    assert "holds no tokenizer" in gguf_import.problem(write_gguf(tmp_path / "m.gguf", "llama", tokenizer=False))

@@ -79,7 +79,9 @@ def test_report_table_lists_present_keys_only():
 # Real runs, in process (no W&B).
 
 def run_recipe(name: str, model_dir: Path, dataset: Path, out: Path, *extra: str):
-    keys = dict(zip(extra[::2], extra[1::2], strict=True))
+    """A shipped recipe on a tiny model, in bf16 on every CPU unless `extra` sets --dtype (the k-bit recipes'
+    `dtype: auto` follows the CPU)."""
+    keys = {"--dtype": "bfloat16", **dict(zip(extra[::2], extra[1::2], strict=True))}
     return train_and_summarise(REPO / "recipes" / name, model_name_or_path=model_dir, dataset=dataset, output_dir=out,
                                **{key.removeprefix("--"): value for key, value in keys.items()})
 

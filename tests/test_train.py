@@ -20,8 +20,10 @@ VARIANTS = {
 
 
 def recipe_args(name: str, model_dir: Path, dataset: Path, output_dir: Path, **overrides) -> list[str]:
-    """A shipped recipe on a tiny model and data file: three quick steps."""
+    """A shipped recipe on a tiny model and data file: three quick steps, computing in bf16 on every CPU (the k-bit
+    recipes' `dtype: auto` would take fp32 on CPUs without native bf16; tests/test_gguf.py checks that choice)."""
     return recipe_argv(name, **{"model_name_or_path": model_dir, "dataset": dataset, "output_dir": output_dir,
+                                "dtype": "bfloat16",
                                 "max_steps": 3, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
                                 "learning_rate": 1e-2, "report_to": "none", "disable_tqdm": "true", **overrides})
 
