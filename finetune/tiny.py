@@ -113,7 +113,7 @@ def make_task_examples(count: int = 3000, seed: int = 0) -> list[dict]:
 
 def write_jsonl(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
     with tmp.open("w") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
