@@ -25,6 +25,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 from finetune.errors import UsageError
@@ -143,13 +144,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ASSETS_DIR)
     args = parser.parse_args()
+    from finetune import errors, gguf_import, logs
+
+    logs.setup()  # the conversion's progress line; third-party noise at import filtered
     try:
         directory = ensure_assets(args.out)
+        gguf_import.plain_model(str(directory / GGUF_NAME))  # converted once, here rather than in the first run
     except UsageError as error:
-        raise SystemExit(f"error: {error}") from None
-    from finetune import gguf_import
-
-    gguf_import.plain_model(str(directory / GGUF_NAME))  # converted once, here rather than in the first run
+        sys.exit(errors.report(error))
     print(f"model: {directory / GGUF_NAME}\ntraining examples: {directory / 'contacts.jsonl'}\n"
           f"held-out task: {TASK} in {directory / 'lm_eval'}")
 

@@ -119,3 +119,22 @@ def test_every_variant_trains_with_a_falling_loss(model_file, tmp_path_factory, 
         assert summary["model/trainable_params"] == summary["model/total_params"]
     else:
         assert summary["model/weight_bits"] == {"qlora": 4, "int8": 8}[variant]
+
+
+def test_merge_of_a_gguf_run_gives_a_plain_model_with_its_logits(tuned, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.merge import merge
+    from finetune.model import load_for_inference
+
+    trainer, _ = tuned
+    merged_dir = merge(Path(trainer.args.output_dir), tmp_path / "merged")
+    _, tokenizer, adapted = load_for_inference(Path(trainer.args.output_dir))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    assert AutoTokenizer.from_pretrained(merged_dir).chat_template == tokenizer.chat_template
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": f"{smollm2.INSTRUCTION}\nAda Kim is 41."}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        difference = (merged(**ids).logits - adapted(**ids).logits).abs().max().item()
+    assert difference < 1e-3, difference
