@@ -75,8 +75,7 @@ def test_labels_on_the_real_template_are_the_answer_and_its_end_of_turn(model_fi
     example = tokenize_example(row, "messages", tokenizer, max_length=512, train_on_prompt=False)
     marked = marked_targets(example["input_ids"], example["labels"], tokenizer)
     assert marked.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")  # not trained
-    assert marked.count("[[") == 1 and f"[[{answer}<|im_end|>]]" in marked
-    assert marked.endswith("]]\n")
+    assert marked.count("[[") == 1 and marked.endswith(f"<|im_start|>assistant\n[[{answer}<|im_end|>\n]]")
 
 
 def test_the_tuned_model_beats_the_base_by_a_wide_margin(model_file, tuned, tmp_path):
