@@ -56,7 +56,7 @@ train: install
 test: install smollm2  # the real-model tests (tests/test_real_model.py) need it
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
-test-fast: install  # the suite without the tests marked slow (Slurm, multi-node, multi-process runs)
+test-fast: install  # the suite without the tests marked slow (Slurm, multi-node, multi-process runs, the real model)
 	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 download: install  # a recipe's hub model, tokenizer and dataset into the HF cache (then HF_HUB_OFFLINE=1)
