@@ -327,6 +327,11 @@ def embedded_asset(path: Path) -> str | None:
     return None
 
 
+def embedded_assets(*names: str | None) -> set[str]:
+    """Which of EMBEDDED_ASSETS the given model and dataset names point into (None and empty names skipped)."""
+    return {asset for asset in (embedded_asset(Path(name)) for name in names if name) if asset}
+
+
 def is_embedded_asset(path: Path) -> bool:
     """Whether a path is one of the files written on first use (see embedded_asset)."""
     return embedded_asset(path) is not None

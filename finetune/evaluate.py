@@ -261,10 +261,10 @@ def is_run(target: Path) -> bool:
 
 def default_tasks(model_name: str, dataset: str | None = None) -> list[str]:
     """The embedded recipes' own tasks: tiny_tasks for the tiny model or data, smollm2_contacts for SmolLM2's."""
-    from finetune.config import embedded_asset
+    from finetune.config import embedded_assets
     from finetune.smollm2 import TASK as SMOLLM2_TASK
 
-    owners = {embedded_asset(Path(name)) for name in (model_name, dataset) if name}
+    owners = embedded_assets(model_name, dataset)
     return [task for owner, task in (("tiny", TINY_TASK), ("smollm2", SMOLLM2_TASK)) if owner in owners][:1]
 
 

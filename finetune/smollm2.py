@@ -135,9 +135,9 @@ def ensure_assets(directory: Path = ASSETS_DIR) -> Path:
 
 def used_by(recipe) -> bool:
     """Whether a recipe names the shipped model or data (prepared on first use)."""
-    from finetune.config import embedded_asset
+    from finetune.config import embedded_assets
 
-    return "smollm2" in {embedded_asset(Path(name)) for name in (recipe.model.model_name_or_path, recipe.data.dataset)}
+    return "smollm2" in embedded_assets(recipe.model.model_name_or_path, recipe.data.dataset)
 
 
 def main() -> None:

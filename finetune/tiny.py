@@ -152,6 +152,6 @@ if __name__ == "__main__":
 
 def used_by(recipe) -> bool:
     """Whether a recipe trains on the embedded model or data (which are built on first use)."""
-    from finetune.config import embedded_asset
+    from finetune.config import embedded_assets
 
-    return "tiny" in {embedded_asset(Path(name)) for name in (recipe.model.model_name_or_path, recipe.data.dataset)}
+    return "tiny" in embedded_assets(recipe.model.model_name_or_path, recipe.data.dataset)
