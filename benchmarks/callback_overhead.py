@@ -76,7 +76,7 @@ def instrument(trainer: FinetuneTrainer, stopwatch: Stopwatch) -> None:
 def seconds_per_step(metered: bool, steps: int, output_dir: str, stopwatch: Stopwatch | None = None) -> float:
     recipe = load_recipe([str(RECIPE), "--max_steps", str(steps), "--eval_strategy", "no", "--eval_on_start",
                           "false", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "10",
-                          "--output_dir", output_dir], hardware=hardware_defaults)
+                          "--save_strategy", "no", "--output_dir", output_dir], hardware=hardware_defaults)
     tokenizer = load_tokenizer(recipe.model)
     train_dataset, *_ = load_splits(recipe.data, tokenizer, recipe.training.seed, recipe.training.main_process_first)
     model = load_model(recipe.model)

@@ -47,6 +47,11 @@ def text_data(tmp_path_factory) -> Path:
                        tmp_path_factory.mktemp("data") / "text.jsonl")
 
 
+# Steps of the runs that are stopped and resumed: enough that a signal sent after the third step always lands
+# before the last one (a tiny step takes about 20 ms), and the same for the run never stopped.
+RESUMED_STEPS = 200
+
+
 def recipe(model_dir: Path, data: Path, out: Path, steps: int, **keys) -> list[str]:
     return recipe_argv("lora_bf16", **{
         "model_name_or_path": model_dir, "dataset": data, "output_dir": out, "max_steps": steps, "dtype": "float32",
@@ -87,7 +92,7 @@ def wait_for_training(job: str, steps: int = 3, timeout: float = 300) -> None:
     while time.monotonic() < deadline:
         if log_of(job).count("'loss'") >= steps:
             return
-        time.sleep(0.5)
+        time.sleep(0.1)
     pytest.fail(f"job {job} did not train {steps} steps in {timeout:.0f} s:\n{log_of(job)[-3000:]}")
 
 
@@ -107,7 +112,7 @@ def resumes_to_the_weights_of(cluster, job: str, out: Path, reference: dict) -> 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, llama_dir, text_data):
     out = tmp_path_factory.mktemp("straight") / "out"
-    assert main(recipe(llama_dir, text_data, out, 30) + ["--report_to", "none"]) == errors.OK
+    assert main(recipe(llama_dir, text_data, out, RESUMED_STEPS) + ["--report_to", "none"]) == errors.OK
     return load_file(str(out / "adapter_model.safetensors"))
 
 
@@ -157,7 +162,7 @@ def test_the_time_limit_warning_checkpoints_requeues_and_resumes(cluster, llama_
                                                                   tmp_path):
     """What --signal=B:USR1@300 does before the time limit, sent by hand."""
     out = tmp_path / "out"
-    job = submit(cluster, tmp_path, recipe(llama_dir, text_data, out, 30))
+    job = submit(cluster, tmp_path, recipe(llama_dir, text_data, out, RESUMED_STEPS))
     wait_for_training(job)
     cluster.run("scancel", "--batch", "--signal=USR1", job)
     log = resumes_to_the_weights_of(cluster, job, out, uninterrupted)
@@ -173,7 +178,7 @@ def test_the_time_limit_warning_checkpoints_requeues_and_resumes(cluster, llama_
 def test_a_preemption_requeue_checkpoints_and_resumes(cluster, llama_dir, text_data, uninterrupted, tmp_path):
     """`scontrol requeue` of a running job: Slurm sends TERM, the run checkpoints, Slurm requeues it."""
     out = tmp_path / "out"
-    job = submit(cluster, tmp_path, recipe(llama_dir, text_data, out, 30))
+    job = submit(cluster, tmp_path, recipe(llama_dir, text_data, out, RESUMED_STEPS))
     wait_for_training(job)
     cluster.run("scontrol", "requeue", job)
     log = resumes_to_the_weights_of(cluster, job, out, uninterrupted)
