@@ -13,6 +13,9 @@ PYTHON   := $(VENV)/bin/python
 RECIPE   ?= recipes/tiny.yaml
 ARGS     ?=
 PYTEST_ARGS ?=
+# The suite runs a pytest worker per core, a test file to a worker (tests/conftest.py: the slow files start first,
+# and each worker's torch takes one thread). PARALLEL= runs it in one process.
+PARALLEL ?= -n auto --dist loadfile --no-loadscope-reorder
 WANDB_DIR ?= .
 # Offline runs waiting for upload; `make sync RUNS=wandb/offline-run-...` picks some.
 RUNS ?= $(wildcard $(WANDB_DIR)/wandb/offline-run-*)
@@ -39,7 +42,7 @@ MATRIX_VARIANTS = "lora_fp32 $(RECIPE)" "lora_bf16 $(RECIPE) --dtype bfloat16" \
 endif
 MATRIX_QUALITY ?= lm_eval/$(MATRIX_TASKS)/exact_match
 
-.PHONY: install train test test-fast download sync bench eval compare matrix smollm2 bench-callback bench-train bench-variants bench-lora bench-errors lint clean
+.PHONY: install train test test-fast mutants download sync bench eval compare matrix smollm2 bench-callback bench-train bench-variants bench-lora bench-errors lint clean
 
 install: $(VENV)/.installed
 
@@ -54,10 +57,15 @@ train: install
 	launch/train.sh $(RECIPE) $(ARGS)
 
 test: install smollm2  # the real-model tests (tests/test_real_model.py) need it
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(PYTHON) -m pytest $(PARALLEL) $(PYTEST_ARGS)
 
 test-fast: install  # the suite without the tests marked slow (Slurm, multi-node, multi-process runs, the real model)
-	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -m "not slow" $(PARALLEL) $(PYTEST_ARGS)
+
+# The suite catches the regressions it was written against: each mutant in tests/mutants.py puts one back into a copy
+# of the repository and its tests must fail (make mutants ARGS="--only norm-no-correction", ARGS=--list).
+mutants: install
+	$(PYTHON) tests/mutants.py $(ARGS)
 
 download: install  # a recipe's hub model, tokenizer and dataset into the HF cache (then HF_HUB_OFFLINE=1)
 	$(PYTHON) -m finetune.hub $(RECIPE) $(ARGS)

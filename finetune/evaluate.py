@@ -343,11 +343,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log_samples", action="store_true", help="every sample's output to W&B, as a table")
     args = parser.parse_args(argv)
     args.target = args.target.expanduser()
-    logs.setup()
-    if not logs.verbose():  # the harness narrates each step at INFO (seeds, contexts); its results are printed below
-        import logging
-
-        logging.getLogger("lm_eval").setLevel(logging.WARNING)
     try:
         if is_run(args.target):
             recipe = rundir.trained_recipe(args.target)
@@ -373,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise UsageError("--tasks: give the tasks to run (e.g. --tasks arc_easy,hellaswag); only the embedded "
                              f"recipes have a default ({TINY_TASK}, smollm2_contacts)")
+        logs.setup()  # after the checks above, which need no library: a mistyped path is reported at once
+        if not logs.verbose():  # the harness narrates each step at INFO (seeds, contexts); its results follow
+            import logging
+
+            logging.getLogger("lm_eval").setLevel(logging.WARNING)
         manager = task_manager(list(args.include_path) + include_dirs(tasks))
         check_tasks(manager, tasks)
         summary, results = run_harness(args.target, tasks, manager, args.batch_size, args.dtype, args.limit,

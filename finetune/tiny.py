@@ -125,14 +125,20 @@ def ensure_assets(directory: Path = ASSETS_DIR) -> Path:
     """Build the embedded model and data once; later calls find them and return at once."""
     model_dir, data_file = directory / "model", directory / "tasks.jsonl"
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
-        # Built in a side directory and renamed, so an interrupted build never looks finished.
-        staging = directory / "model.partial"
-        save_tiny_model(staging)
-        if model_dir.exists():
-            import shutil
+        # Built in a side directory of this process's own and renamed, so an interrupted build never looks
+        # finished and two processes building at once (parallel tests, two runs) each rename a whole model.
+        import shutil
 
-            shutil.rmtree(model_dir)
-        os.replace(staging, model_dir)
+        staging = directory / f"model.partial-{os.getpid()}"
+        save_tiny_model(staging)
+        try:
+            os.replace(staging, model_dir)  # refused where model_dir exists and is not empty
+        except OSError:
+            if (model_dir / "model.safetensors").is_file():  # another process finished first: the same model
+                shutil.rmtree(staging)
+            else:  # a damaged copy
+                shutil.rmtree(model_dir)
+                os.replace(staging, model_dir)
     if not data_file.is_file():
         write_jsonl(make_task_examples(), data_file)
     return directory

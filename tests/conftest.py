@@ -12,9 +12,26 @@ from pathlib import Path
 
 import pytest
 
-from finetune.tiny import build_tokenizer, make_task_examples, save_tiny_model, write_jsonl
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs a worker per core (pytest-xdist). A worker's torch, and every process a test starts, then
+    # takes one thread: two-thread pools on a shared core wait on each other and run many times slower.
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+from finetune.tiny import build_tokenizer, make_task_examples, save_tiny_model, write_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+# The files that take longest (pytest --durations), longest first.
+LONGEST_FILES = ("test_real_model.py", "test_slurm.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest files first, then the rest as collected (each file's tests together, in order): with a worker
+    per core (`make test`: `--dist loadfile`) they start at once on workers of their own, and the short files fill
+    in around them."""
+    items.sort(key=lambda item: LONGEST_FILES.index(item.path.name) if item.path.name in LONGEST_FILES
+               else len(LONGEST_FILES))
 
 
 def pytest_report_header(config):

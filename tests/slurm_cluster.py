@@ -39,6 +39,14 @@ def _binary(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
 class Cluster:
     def __init__(self, directory: Path):
         self.directory = directory
@@ -111,13 +119,19 @@ SlurmdLogFile={self.directory}/log/slurmd-%n.log
     def stop(self) -> None:
         subprocess.run(["scancel", "--full", "--user", "root"], env={**os.environ, **self.env},
                        capture_output=True)
+        stopping = []
         for name in [f"slurmd-{node}" for node in NODES] + ["slurmctld"]:
             pid_file = self.directory / f"{name}.pid"
             try:
-                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+                pid = int(pid_file.read_text())
+                os.kill(pid, signal.SIGTERM)
+                stopping.append(pid)
             except (OSError, ValueError):
                 continue
-        time.sleep(1)
+        deadline = time.monotonic() + 10
+        while stopping and time.monotonic() < deadline:  # gone, so a next cluster finds its ports free
+            stopping = [pid for pid in stopping if _alive(pid)]
+            time.sleep(0.1)
 
     def run(self, *command: str, **kwargs) -> subprocess.CompletedProcess:
         """A Slurm client command against this cluster."""

@@ -175,6 +175,7 @@ def test_dry_run_shows_the_data_as_training_sees_it(tmp_path, capsys, monkeypatc
 
 # Through the documented launch lines.
 
+@pytest.mark.slow
 def test_through_the_launchers_the_same_line_and_no_traceback(tmp_path):
     data = write_lines(tmp_path / "data.jsonl", chat_rows(3, {"messages": [{"role": "user", "content": 5},
                                                                           {"role": "assistant", "content": "x"}]}))

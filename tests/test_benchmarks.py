@@ -20,6 +20,7 @@ def load_script(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_train_speed_runs_every_arm_and_reports_side_by_side(tmp_path):
     train_speed = load_script("train_speed")
     result = subprocess.run([sys.executable, str(REPO / "benchmarks/train_speed.py"), "--size", "smoke", "--steps",
@@ -49,6 +50,7 @@ def test_train_speed_runs_every_arm_and_reports_side_by_side(tmp_path):
     assert re.search(r"peak memory: [\d.]+x the baseline", result.stdout)
 
 
+@pytest.mark.slow
 def test_step_profile_times_every_step_and_passes_toolkit_keys(tmp_path):
     import json
 
@@ -109,6 +111,7 @@ def test_train_speed_mfu_uses_the_toolkit_formula_on_non_padding_tokens(llama_di
     assert train_speed.model_flops_utilisation(model, tokens, samples, seconds, "Some Unlisted GPU") is None
 
 
+@pytest.mark.slow
 def test_callback_overhead_times_the_toolkit_code_it_adds(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "benchmarks/callback_overhead.py"), "--steps", "5",
                              "--rounds", "1", "--output_dir", str(tmp_path)], capture_output=True, text=True,
@@ -119,6 +122,7 @@ def test_callback_overhead_times_the_toolkit_code_it_adds(tmp_path):
     assert re.search(r"round 1: baseline [\d.]+ ms/step, with callback [\d.]+ ms/step", result.stdout)
 
 
+@pytest.mark.slow
 def test_lora_layers_bench_times_both_layers_and_says_which_one_the_toolkit_takes():
     """Each LoRA layer row says which path the toolkit takes; the whole model and the RMSNorm rows are printed."""
     result = subprocess.run([sys.executable, str(REPO / "benchmarks/lora_layers.py"), "--rounds", "1", "--widths",

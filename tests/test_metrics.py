@@ -153,6 +153,7 @@ def launch(tmp_path: Path, args: list[str], processes: int = 1) -> subprocess.Co
     return run_to_end(accelerate_launch(*args, processes=processes), cwd=tmp_path, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_summary_json_equals_the_wandb_summary(llama_dir, data_files, tmp_path):
     """The issue's launch line: QLoRA, evaluation every 3 steps."""
     out = tmp_path / "out"
@@ -184,6 +185,7 @@ def test_summary_json_equals_the_wandb_summary(llama_dir, data_files, tmp_path):
         assert re.search(rf"^{re.escape(label)} +{re.escape(value)}$", result.stderr, re.MULTILINE), label
 
 
+@pytest.mark.slow
 def test_two_process_totals_are_the_sum_over_both_ranks(llama_dir, tmp_path):
     texts = [f"sample {i} " + "xyz" * (i % 5) for i in range(48)]
     dataset = write_jsonl([{"text": text} for text in texts], tmp_path / "text.jsonl")

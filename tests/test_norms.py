@@ -73,11 +73,12 @@ def test_equal_to_transformers(shape, trained_weight, function_calls):
 def test_transformers_forward_where_it_does_not_apply(case, function_calls):
     """Each guard on its own: the other conditions hold (fp32, a trained weight, grad enabled), so taking the
     Function here would be the guard's failure. Where it is taken, forward AD and torch.func raise (no jvp)."""
-    reference, ours = pair(dtype=torch.bfloat16 if case == "bf16" else torch.float32, trained_weight=True)
-    if case == "bf16-weight":
+    reference, ours = pair(trained_weight=True)
+    if case == "bf16-weight":  # an fp32 input, a bf16 weight
         for norm in (reference, ours):
             norm.weight.data = norm.weight.data.bfloat16()
-    x = torch.randn(2, 7, 1 if case == "broadcast" else 48, dtype=reference.weight.dtype, requires_grad=True)
+    x = torch.randn(2, 7, 1 if case == "broadcast" else 48,  # "bf16": a bf16 input, an fp32 weight
+                    dtype=torch.bfloat16 if case == "bf16" else torch.float32, requires_grad=True)
     if case == "forward-ad":
         import torch.autograd.forward_ad as fwAD
 

@@ -63,6 +63,7 @@ def text_data(tmp_path) -> Path:
                        tmp_path / "text.jsonl")
 
 
+@pytest.mark.slow
 def test_sigterm_then_rerun_matches_an_uninterrupted_run(llama_dir, text_data, tmp_path):
     """Kill with SIGTERM mid-run, rerun the same command: same adapter and loss as a run never interrupted.
 
@@ -194,6 +195,7 @@ def test_skip_mode_drops_non_finite_batches(nan_from_step_4, llama_dir, text_dat
     assert all(torch.isfinite(t).all() for t in load_file(str(out / "adapter_model.safetensors")).values())
 
 
+@pytest.mark.slow
 def test_cpu_ddp_config_trains_qlora_on_two_processes_with_one_run(llama_dir, data_files, tmp_path):
     args = recipe_argv("qlora_int4", model_name_or_path=llama_dir, dataset=data_files["alpaca"], max_steps=3,
                        output_dir=tmp_path / "out", per_device_train_batch_size=2, disable_tqdm="true")

@@ -82,6 +82,7 @@ def test_a_directory_of_someone_elses_files_is_refused_untouched(llama_dir, text
 
 # 3. Two runs into one directory.
 
+@pytest.mark.slow
 def test_a_second_run_into_a_directory_in_use_is_refused_naming_the_holder(llama_dir, text_data, tmp_path):
     out = tmp_path / "out"
     first = subprocess.Popen([sys.executable, "-m", "finetune.run", *args(llama_dir, text_data, out, steps=400,
@@ -152,6 +153,7 @@ LAUNCHERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_a_signal_to_the_launcher_checkpoints_and_the_rerun_resumes_to_the_same_weights(
@@ -178,6 +180,7 @@ def test_a_signal_to_the_launcher_checkpoints_and_the_rerun_resumes_to_the_same_
         assert torch.allclose(actual[name], expected[name], rtol=0, atol=1e-5), name
 
 
+@pytest.mark.slow
 def test_two_processes_stop_together_through_the_launcher(llama_dir, text_data, tmp_path):
     out = tmp_path / "out"
     command = [str(REPO / "launch/train.sh"), *args(llama_dir, text_data, out, steps=40, use_cpu="true")]
@@ -191,6 +194,7 @@ def test_two_processes_stop_together_through_the_launcher(llama_dir, text_data, 
     assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
 
 
+@pytest.mark.slow
 def test_exit_codes_come_out_of_the_launcher_exactly(llama_dir, text_data, tmp_path):
     """2 before anything starts (a bad key) and after (a bad row), 3 (a diverged loss), 0; no traceback."""
     train_sh = str(REPO / "launch/train.sh")
@@ -209,6 +213,7 @@ def test_exit_codes_come_out_of_the_launcher_exactly(llama_dir, text_data, tmp_p
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_make_train_passes_signals_and_shows_the_exit_code(llama_dir, text_data, tmp_path):
     """make passes the signal on, waits for the checkpoint, says the training's code in its last line, then ends
     by the signal itself (make can only exit 0, 2 or by a signal: `launch/train.sh` gives the exact code)."""

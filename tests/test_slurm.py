@@ -192,9 +192,12 @@ def test_scancel_checkpoints_and_ends_the_job(cluster, llama_dir, text_data, tmp
     wait_for_training(job)
     cluster.run("scancel", job)
     info = wait_for(cluster, job, ("CANCELLED", "COMPLETED", "FAILED"))
-    time.sleep(2)  # the step's last lines
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0"
-    assert "SIGTERM received: saving a checkpoint" in log_of(job)
+    deadline = time.monotonic() + 60  # the job's last lines and its checkpoint's seal
+    while not ("SIGTERM received: saving a checkpoint" in log_of(job) and rundir.checkpoints(out)
+               and rundir.checkpoint_problem(rundir.checkpoints(out)[0][1]) is None):
+        assert time.monotonic() < deadline, log_of(job)[-3000:]
+        time.sleep(0.2)
     (step, checkpoint), *_ = rundir.checkpoints(out)
     assert 3 <= step < 400 and rundir.checkpoint_problem(checkpoint) is None
 

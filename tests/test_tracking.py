@@ -268,6 +268,7 @@ def test_resumed_offline_training_is_a_new_run_told_apart(tmp_path, llama_dir, d
     assert steps and min(steps) > 3  # logging keys off the global step, continuing after the checkpoint
 
 
+@pytest.mark.slow
 def test_two_processes_make_one_run(tmp_path, llama_dir, data_files):
     """Real 2-process DDP on CPU (gloo): exactly one W&B run."""
     base = subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wb"), WANDB_NAME="ddp")
@@ -284,6 +285,7 @@ def test_two_processes_make_one_run(tmp_path, llama_dir, data_files):
     assert "trained 2 steps on 2 processes" in result.stderr
 
 
+@pytest.mark.slow
 def test_launch_wrapper_passes_the_environment_and_sets_defaults(tmp_path, llama_dir, data_files):
     base = subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_PROJECT="x", WANDB_TAGS="a,b",
                           PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")

@@ -130,6 +130,7 @@ def test_recipe_trains_on_local_model_and_data(variant, fmt, architecture, reque
     assert f"dataset format: {fmt} (detected from columns" in caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant, architecture, fmt, script", [
     ("qlora_int4", "qwen2", "messages", True), ("lora_int8", "llama", "alpaca", False),
     ("lora_bf16", "qwen2", "text", True),

@@ -1,0 +1,389 @@
+"""Mutation check: the test suite catches the regressions it was written against.
+
+Each entry of MUTANTS puts one known regression back into the code (an exact snippet of a file replaced by its
+mutation) and names the tests that must then fail. For each mutant this script copies the repository's tracked files
+into a throwaway directory, applies the mutation there and runs those tests with pytest; the repository itself is
+never changed. Results, one line per mutant:
+
+- CAUGHT: pytest exited 1 (some test failed), the line names the first failing test;
+- MISSED: pytest exited 0, the tests pass with the regression in: the suite has a hole;
+- STALE: the snippet no longer occurs exactly once in its file: the code changed, update the table;
+- ERROR: any other exit (a collection error, a timeout): the tail of pytest's output is printed.
+
+    .venv/bin/python tests/mutants.py                          # every mutant (10-15 minutes on 2 cores)
+    .venv/bin/python tests/mutants.py --only norm-no-correction lora-dropout-guard
+    .venv/bin/python tests/mutants.py --list                   # the table: name, file, tests
+    .venv/bin/python tests/mutants.py --baseline               # first, each set of tests passes unmutated
+
+It exits 0 only when every mutant run is CAUGHT (and, with --baseline, every baseline passes).
+
+In the copy, `.venv` (and `assets/`, the embedded models) are links to the repository's. The venv holds the repository
+as an editable install, which a process started outside the copy would import instead of the copy's package (tests
+start training processes from their tmp_path), so PYTHONPATH is set to the copy; `check_isolation` verifies that
+`import finetune` gives the copy's package from inside the copy and from elsewhere before any test runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = REPO / ".venv" / "bin" / "python"
+SHARED = (".venv", "assets")  # linked into the copy, not copied
+TIMEOUT = 900  # seconds per pytest run; every mutant's tests take well under that
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or test files that must fail with the mutation in
+
+
+KBIT = "tests/test_kbit.py::"
+METRICS = "tests/test_metrics.py::"
+CHAT = "tests/test_chat_templates.py::test_loss_bearing_text_on_each_family"
+CHUNKED = "tests/test_chunked_loss.py::test_chunked_loss_and_gradients_equal_transformers"
+NORMS = ("tests/test_norms.py::test_equal_to_transformers",
+         "tests/test_norms.py::test_transformers_forward_where_it_does_not_apply",
+         "tests/test_norms.py::test_a_second_derivative_is_refused_with_torchs_error")
+LORA = ("tests/test_lora_layers.py::test_merged_weight_layer_equals_peft",
+        "tests/test_lora_layers.py::test_peft_forward_where_the_merged_weight_does_not_fit",
+        "tests/test_lora_layers.py::test_peft_forward_under_torch_func",
+        "tests/test_lora_layers.py::test_adapters_that_keep_pefts_forward")
+ACCUMULATION = (METRICS + "test_total_tokens_match_the_data_under_gradient_accumulation",
+                METRICS + "test_totals_do_not_depend_on_how_a_step_is_split")
+GGUF_REFUSED = "tests/test_gguf.py::test_unreadable_gguf_is_refused_in_one_line_before_anything_is_written"
+BAD_INPUT = ("tests/test_bad_input.py::test_bad_data_is_one_line_naming_the_file_and_row",
+             "tests/test_bad_input.py::test_bad_settings_are_one_line_naming_the_key")
+SLURM_REQUEUE = "tests/test_slurm.py::test_the_time_limit_warning_checkpoints_requeues_and_resumes"
+
+MUTANTS = [
+    # bitsandbytes' packed 4-bit CPU path (AVX512-BF16): no backward, bf16 results.
+    Mutant("kbit-packed-path-left-on", "finetune/model.py",
+           "setattr(layer, PACKED_CPU_SWITCH, getattr(layer, PACKED_CPU_SWITCH) and allow_packed)",
+           "setattr(layer, PACKED_CPU_SWITCH, getattr(layer, PACKED_CPU_SWITCH))",
+           (KBIT + "test_only_bf16_inference_may_take_the_packed_kernel",
+            KBIT + "test_after_an_eval_gradients_reach_the_lora_weights_through_every_4bit_layer")),
+    Mutant("kbit-packed-path-for-fp32-inference", "finetune/model.py",
+           'bf16_inference = not for_training and dtype == "bfloat16"',
+           "bf16_inference = not for_training",
+           (KBIT + "test_only_bf16_inference_may_take_the_packed_kernel",)),
+
+    # The training clock stops for evaluations and checkpoints.
+    Mutant("clock-runs-through-evaluation", "finetune/metrics.py",
+           'for name, due in (("evaluate", control.should_evaluate), ("save", control.should_save)) if due}',
+           'for name, due in (("save", control.should_save),) if due}',
+           (METRICS + "test_training_clock_stops_for_evaluations_and_saves_and_continues",)),
+    Mutant("clock-runs-through-checkpoint", "finetune/metrics.py",
+           'for name, due in (("evaluate", control.should_evaluate), ("save", control.should_save)) if due}',
+           'for name, due in (("evaluate", control.should_evaluate),) if due}',
+           (METRICS + "test_training_clock_stops_for_evaluations_and_saves_and_continues",)),
+
+    # A resumed run refuses settings it cannot change.
+    Mutant("resume-learning-rate-changeable", "finetune/resilience.py",
+           '"gradient_accumulation_steps", "learning_rate", "lr_scheduler_type",',
+           '"gradient_accumulation_steps", "lr_scheduler_type",',
+           ("tests/test_run_safety.py::test_resume_refuses_settings_it_cannot_change_and_applies_the_others",)),
+
+    # Answer-only labels on real chat templates.
+    Mutant("labels-on-user-turns", "finetune/chat.py",
+           'if message["role"] != "assistant":\n            continue',
+           'if message["role"] == "system":\n            continue',
+           (CHAT, "tests/test_data.py::test_messages_labels_cover_every_assistant_turn_only")),
+    Mutant("labels-without-end-of-turn", "finetune/chat.py",
+           "end = _common_prefix(through, text)",
+           'end = start + len(message["content"])',
+           (CHAT,)),
+    Mutant("labels-drop-straddling-token", "finetune/data.py",
+           "token_start < end and start < token_end <= end",
+           "start <= token_start and token_end <= end",
+           (CHAT,)),
+
+    # The launcher passes SIGTERM/SIGINT/SIGUSR1 on to the training processes.
+    Mutant("launcher-signals-accelerate-not-workers", "finetune/launch.py",
+           "targets = descendants(process)",
+           "targets = [process]",
+           ("tests/test_run_safety.py::test_a_signal_to_the_launcher_checkpoints_and_the_rerun_resumes_to_the_same_"
+            "weights[launch/train.sh-SIGTERM]",)),
+
+    # The chunked loss equals transformers' loss and gradients.
+    Mutant("chunked-loss-ignores-num-items", "finetune/chunked_loss.py",
+           "return total / num_items_in_batch",
+           "return total / keep.numel()",
+           (CHUNKED,)),
+    Mutant("chunked-loss-backward-unscaled", "finetune/chunked_loss.py",
+           "grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.grads]",
+           "grads = list(ctx.grads)",
+           (CHUNKED,)),
+
+    # RMSNorm's written-out backward and the guards on where it applies.
+    Mutant("norm-no-correction", "finetune/norms.py",
+           "grad_x = grad_normed.mul_(rstd).sub_(x * correction)",
+           "grad_x = grad_normed.mul_(rstd)",
+           NORMS),
+    Mutant("norm-weight-grad-unnormalised", "finetune/norms.py",
+           "grad_weight = (grad * (x * rstd)).reshape(-1, x.shape[-1]).sum(0)",
+           "grad_weight = (grad * x).reshape(-1, x.shape[-1]).sum(0)",
+           NORMS),
+    Mutant("norm-not-once-differentiable", "finetune/norms.py",
+           "    @torch.autograd.function.once_differentiable\n",
+           "",
+           NORMS),
+    Mutant("norm-dtype-guards", "finetune/norms.py",
+           "hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32 and torch.is_grad_enabled()",
+           "torch.is_grad_enabled()",
+           NORMS),
+    Mutant("norm-weight-dtype-guard", "finetune/norms.py",
+           "hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32 and torch.is_grad_enabled()",
+           "hidden_states.dtype == torch.float32 and torch.is_grad_enabled()",
+           NORMS),
+    Mutant("norm-input-dtype-guard", "finetune/norms.py",
+           "hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32 and torch.is_grad_enabled()",
+           "self.weight.dtype == torch.float32 and torch.is_grad_enabled()",
+           NORMS),
+    Mutant("norm-grad-enabled-guard", "finetune/norms.py",
+           "hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32 and torch.is_grad_enabled()",
+           "hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32",
+           NORMS),
+
+    # The merged-weight LoRA layer: peft's numbers, and peft's forward wherever the merge does not fit.
+    Mutant("lora-A-grad-unscaled", "finetune/lora_layers.py",
+           "            grad_A.mul_(scaling)\n",
+           "",
+           LORA),
+    Mutant("lora-dropout-guard", "finetune/lora_layers.py",
+           "self.lora_bias.get(adapter)\n"
+           "                or not isinstance(self.lora_dropout[adapter], torch.nn.Identity)):",
+           "self.lora_bias.get(adapter)):",
+           LORA),
+    Mutant("lora-merged-guard", "finetune/lora_layers.py",
+           "if self.disable_adapters or self.merged or len(self.active_adapters) != 1:",
+           "if self.disable_adapters or len(self.active_adapters) != 1:",
+           LORA),
+    Mutant("lora-transform-guard", "finetune/lora_layers.py",
+           "        if transformed(x):  # forward-mode AD or torch.func: no jvp or vmap rule here\n"
+           "            return None\n",
+           "",
+           LORA),
+
+    # Padding-free batches: each example attends only to itself.
+    Mutant("padding-free-one-slice-for-the-row", "finetune/padding_free.py",
+           "lengths = sequence_lengths(cu_seq_lens)",
+           "lengths = [query.shape[2]]",
+           ("tests/test_padding_free.py::test_flattened_batch_equals_padded_batch_and_per_example_truth",)),
+    Mutant("padding-free-no-position-ids", "finetune/padding_free.py",
+           "DataCollatorWithFlattening(return_position_ids=True,",
+           "DataCollatorWithFlattening(return_position_ids=False,",
+           ("tests/test_padding_free.py::test_flattened_batch_equals_padded_batch_and_per_example_truth",)),
+
+    # Gradient accumulation: the loss over the whole step's tokens, every micro-batch counted.
+    Mutant("accumulation-loss-ignores-num-items", "finetune/trainer.py",
+           "loss = super().training_step(model, inputs, num_items_in_batch)",
+           "loss = super().training_step(model, inputs)",
+           ACCUMULATION),
+    Mutant("accumulation-counts-last-micro-batch", "finetune/metrics.py",
+           "self.interval = self.interval.plus((*counts, 0))",
+           "self.interval = Totals(*counts, 0)",
+           ACCUMULATION),
+    Mutant("accumulation-loss-sum-last-micro-batch", "finetune/metrics.py",
+           "self.interval_loss = loss if self.interval_loss is None else self.interval_loss + loss",
+           "self.interval_loss = loss",
+           ACCUMULATION),
+
+    # A GGUF file transformers can't train is refused in one line.
+    Mutant("gguf-non-causal-architecture", "finetune/gguf_import.py",
+           "if model_type not in GGUF_SUPPORTED_ARCHITECTURES or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:",
+           "if model_type not in GGUF_SUPPORTED_ARCHITECTURES:",
+           (GGUF_REFUSED + "[bert-run.py]", GGUF_REFUSED + "[t5-not-causal-run.py]")),
+    Mutant("gguf-undequantizable-tensor-type", "finetune/gguf_import.py",
+           "unreadable = [name for name in info.tensor_types if not _dequantizes(name)]",
+           "unreadable = []",
+           (GGUF_REFUSED + "[llama-q8_1-run.py]",)),
+
+    # dtype: auto is fp32 on a CPU without native bf16.
+    Mutant("auto-dtype-bf16-on-any-cpu", "finetune/model.py",
+           'return "float32", "the CPU has no native bf16',
+           'return "bfloat16", "the CPU has no native bf16',
+           ("tests/test_gguf.py::test_auto_picks_bf16_only_where_it_is_native",
+            "tests/test_gguf.py::test_the_choice_is_logged_and_emulated_bf16_warned")),
+
+    # launch/slurm.sbatch: the time-limit warning reaches the training processes, and a checkpointed job requeues.
+    Mutant("slurm-usr1-not-forwarded", "launch/slurm.sbatch",
+           '  scancel --signal=USR1 "$SLURM_JOB_ID"', "  :",
+           (SLURM_REQUEUE,)),
+    Mutant("slurm-no-requeue-after-checkpoint", "launch/slurm.sbatch",
+           '  scontrol requeue "$SLURM_JOB_ID"\n', "  :\n",
+           (SLURM_REQUEUE,)),
+    # Bad input: one line per problem, exit code 2, no traceback.
+    Mutant("bad-input-traceback", "finetune/run.py",
+           "    except UsageError as error:\n        code = errors.report(error)\n",
+           "    except UsageError:\n        raise\n",
+           BAD_INPUT),
+    Mutant("bad-input-exit-code", "finetune/errors.py",
+           'print(f"error: {problem}", file=sys.stderr)\n    return USAGE',
+           'print(f"error: {problem}", file=sys.stderr)\n    return 1',
+           BAD_INPUT),
+]
+
+
+# The throwaway copy -----------------------------------------------------------------------------------------------
+
+def make_copy(parent: Path) -> Path:
+    """The repository's tracked files, as they are in the working tree, copied under `parent`; SHARED linked."""
+    copy = parent / "repo"
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in listed.decode().split("\0"):
+        source = REPO / name
+        if not name or not (source.exists() or source.is_symlink()):  # deleted in the working tree
+            continue
+        target = copy / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target, follow_symlinks=False)  # keeps modification times: make sees nothing new
+    for name in SHARED:
+        if (REPO / name).exists():
+            (copy / name).symlink_to(REPO / name)
+    return copy
+
+
+def run_env(copy: Path) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+            "PYTHONPATH": str(copy)}
+
+
+def check_isolation(copy: Path) -> None:
+    """`import finetune` gives the copy's package, from the copy and from another directory; exits if not."""
+    for cwd in (copy, copy.parent):
+        found = subprocess.run([str(PYTHON), "-c", "import finetune; print(finetune.__file__)"], cwd=cwd,
+                               env=run_env(copy), capture_output=True, text=True).stdout.strip()
+        if not Path(found).is_relative_to(copy):
+            sys.exit(f"mutants: from {cwd}, `import finetune` gives {found!r}, not the copy's package")
+
+
+def mutate(copy: Path, mutant: Mutant) -> int:
+    """Apply the mutation in the copy if its snippet occurs exactly once; returns how many times it occurs."""
+    path = copy / mutant.file
+    text = path.read_text() if path.is_file() else ""
+    found = text.count(mutant.old)
+    if found == 1:
+        path.write_text(text.replace(mutant.old, mutant.new))
+    return found
+
+
+# Running the tests ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    code: int | None  # pytest's exit code; None when it ran past TIMEOUT
+    seconds: float
+    output: str
+
+    def first_failure(self) -> str:
+        """The first failing test of pytest's short test summary ("FAILED id - reason" or "ERROR id - reason")."""
+        summary = self.output.partition("short test summary info")[2]
+        for line in summary.splitlines():
+            if line.startswith(("FAILED ", "ERROR ")):
+                return line.split(" - ")[0].split(" ", 1)[1]
+        return ""
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join("    " + line for line in self.output.splitlines()[-lines:])
+
+
+def run_tests(copy: Path, tests: tuple[str, ...]) -> Outcome:
+    """pytest on `tests` in the copy, stopping at the first failure; its own temporary directories in the copy's
+    parent (not the machine's shared /tmp/pytest-of-USER)."""
+    command = [str(PYTHON), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+               f"--basetemp={copy.parent / 'pytest'}", *tests]
+    started = time.monotonic()
+    process = subprocess.Popen(command, cwd=copy, env=run_env(copy), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT)
+        code = process.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)  # pytest and every process its tests started (its own session)
+        output, _ = process.communicate()
+        code = None
+    return Outcome(code, time.monotonic() - started, output)
+
+
+def run_mutant(mutant: Mutant) -> tuple[str, float, str]:
+    """(result, seconds, detail) of one mutant, in a copy made for it and removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as scratch:
+        copy = make_copy(Path(scratch))
+        check_isolation(copy)
+        found = mutate(copy, mutant)
+        if found != 1:
+            return "STALE", 0.0, f"the snippet occurs {found} times in {mutant.file}; update the table"
+        outcome = run_tests(copy, mutant.tests)
+    if outcome.code == 1:
+        return "CAUGHT", outcome.seconds, outcome.first_failure()
+    if outcome.code == 0:
+        return "MISSED", outcome.seconds, "every test passed with the mutation in"
+    why = "timed out" if outcome.code is None else f"pytest exited {outcome.code}"
+    return "ERROR", outcome.seconds, f"{why}:\n{outcome.tail()}"
+
+
+def run_baselines(mutants: list[Mutant]) -> bool:
+    """Each distinct set of tests, on one unmutated copy: they must pass, or a CAUGHT would mean nothing."""
+    test_sets = list(dict.fromkeys(mutant.tests for mutant in mutants))
+    passed = True
+    with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as scratch:
+        copy = make_copy(Path(scratch))
+        check_isolation(copy)
+        for tests in test_sets:
+            outcome = run_tests(copy, tests)
+            ok = outcome.code == 0
+            passed = passed and ok
+            print(f"baseline {'PASSED' if ok else 'FAILED':<7} {outcome.seconds:5.0f} s  {' '.join(tests)}",
+                  flush=True)
+            if not ok:
+                print(outcome.tail(), flush=True)
+    return passed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run these mutants only")
+    parser.add_argument("--list", action="store_true", help="print the table and exit")
+    parser.add_argument("--baseline", action="store_true", help="first, run each set of tests without mutation")
+    args = parser.parse_args(argv)
+
+    mutants = MUTANTS
+    if args.only:
+        unknown = set(args.only) - {mutant.name for mutant in MUTANTS}
+        if unknown:
+            parser.error(f"no mutant named {', '.join(sorted(unknown))} (see --list)")
+        mutants = [mutant for mutant in MUTANTS if mutant.name in args.only]
+    if args.list:
+        for mutant in mutants:
+            print(f"{mutant.name:<40} {mutant.file:<26} {' '.join(mutant.tests)}")
+        return 0
+
+    started = time.monotonic()
+    baseline_passed = run_baselines(mutants) if args.baseline else True
+    results = {}
+    for mutant in mutants:
+        result, seconds, detail = run_mutant(mutant)
+        results[mutant.name] = result
+        print(f"{mutant.name:<40} {result:<7} {seconds:5.0f} s  {detail}", flush=True)
+
+    counts = {result: list(results.values()).count(result) for result in ("CAUGHT", "MISSED", "STALE", "ERROR")}
+    print(f"\n{len(results)} mutants: " + ", ".join(f"{count} {result}" for result, count in counts.items())
+          + ("" if baseline_passed else "; a baseline FAILED") + f"; {time.monotonic() - started:.0f} s")
+    return 0 if baseline_passed and counts["CAUGHT"] == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
