@@ -279,9 +279,10 @@ def _raise(problems: list[str]) -> None:
         raise UsageError(problems)
 
 
-def protected_problem(output_dir: Path, model: str, dataset: str) -> str | None:
-    """Why `output_dir` must never be written to: it is (or is inside) the base model's directory or the dataset's
-    directory, or it is the directory that holds the dataset file. None when it is safe."""
+def protected_problem(output_dir: Path, model: str, dataset: str, option: str = "output_dir") -> str | None:
+    """Why `output_dir` (given as `option`) must never be written to: it is (or is inside) the base model's
+    directory or the dataset's directory, or it is the directory that holds the dataset file. None when it is
+    safe."""
     target = output_dir.expanduser().resolve()
     for key, name in (("model_name_or_path", model), ("dataset", dataset)):
         source = Path(name).expanduser() if name else None
@@ -290,11 +291,11 @@ def protected_problem(output_dir: Path, model: str, dataset: str) -> str | None:
         source = source.resolve()
         if source.is_file():
             if target == source.parent:
-                return f"output_dir: {output_dir} is the directory of the {key} file ({name}); choose another"
+                return f"{option}: {output_dir} is the directory of the {key} file ({name}); choose another"
             continue
         if target == source or source in target.parents:
-            return (f"output_dir: {output_dir} is {'inside ' if target != source else ''}the {key} directory "
-                    f"({name}); a run would write over it. Choose another output_dir")
+            return (f"{option}: {output_dir} is {'inside ' if target != source else ''}the {key} directory "
+                    f"({name}); writing there would overwrite it. Choose another {option}")
     return None
 
 

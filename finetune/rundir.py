@@ -188,6 +188,7 @@ def prepare(output_dir: Path, recipe_text: str, fresh: bool, segment: dict[str, 
 # Ownership and the lock ----------------------------------------------------------------------------------------
 
 MARKER = ".finetune-run"  # JSON: this directory belongs to a finetune run (and the history of its segments)
+MERGED_MARKER = ".finetune-merged"  # this directory holds a model `finetune merge` wrote, which a merge may replace
 LOCK = ".finetune-lock"  # holds an exclusive lock for the life of a run; says who holds it
 
 

@@ -143,3 +143,29 @@ def test_merge_refuses_a_directory_without_a_run(tmp_path):
     from finetune.merge import main
 
     assert main([str(tmp_path)]) == 2
+
+
+def test_merge_writes_only_where_nothing_is_lost(trained_runs, llama_dir, data_files, tmp_path, capsys):
+    """Never into the run, the base model's or the dataset's directory, nor over files a merge did not write; an
+    earlier merge is replaced whole, and nothing is left beside it."""
+    from finetune.merge import main
+
+    run = trained_runs["lora"]
+    base_weights = (llama_dir / "model.safetensors").read_bytes()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    refused = {run: "is the run's own directory", llama_dir: "is the model_name_or_path directory",
+               data_files["messages"].parent: "is the directory of the dataset file",
+               mine: "holds files no merge wrote (config.json)"}
+    for out, reason in refused.items():
+        assert main([str(run), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: --out: {out} {reason}"), err
+    assert (llama_dir / "model.safetensors").read_bytes() == base_weights
+    assert (mine / "config.json").read_text() == "{}" and sorted(p.name for p in mine.iterdir()) == ["config.json"]
+    merged = tmp_path / "models" / "merged"
+    for _ in range(2):  # into a new directory, then over that merge
+        assert main([str(run), "--out", str(merged)]) == 0
+    assert (merged / "model.safetensors").is_file()
+    assert sorted(p.name for p in merged.parent.iterdir()) == ["merged"]
