@@ -93,6 +93,10 @@ def overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+class BareFlag(str):
+    """The value of a `--key` given with no value: "true", which only a boolean key takes (check_keys)."""
+
+
 def parse_cli_overrides(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
     """Turn `--key value`, `--key=value`, `--flag` and `--key v1 v2` into a mapping of strings.
 
@@ -109,7 +113,7 @@ def parse_cli_overrides(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
             return
         if key in overrides:
             problems.append(f"--{key} is given twice on the command line; keep one")
-        overrides[key] = "true" if not values else values[0] if len(values) == 1 else list(values)
+        overrides[key] = BareFlag("true") if not values else values[0] if len(values) == 1 else list(values)
 
     for token in tokens:
         if token.startswith("--") and len(token) > 2:
@@ -194,6 +198,10 @@ def check_keys(merged: dict[str, Any], overrides: dict[str, Any], path: Path,
             problems.append(f"unknown key `{name}` {origin}{did_you_mean(name, keys)}; keys are fields of "
                             "ModelArguments, DataArguments, TrackingArguments, RunArguments or "
                             "transformers.TrainingArguments (`--help` lists them)")
+            continue
+        if isinstance(value, BareFlag) and keys[name].kind != "bool":
+            problems.append(f"--{name}: no value given; write `--{name} VALUE` (a shell variable that is empty or "
+                            "unset gives none)")
             continue
         values[name] = coerce(keys[name], value, problems)
     return values

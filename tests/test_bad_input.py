@@ -111,6 +111,19 @@ def test_bad_settings_are_one_line_naming_the_key(case, tmp_path, capsys, offlin
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.parametrize("key", ["output_dir", "learning_rate", "dataset", "report_to"])
+def test_a_key_given_no_value_says_so(key, tmp_path, capsys, monkeypatch):
+    """`--output_dir $OUT` with OUT unset: not a run into ./true, nor "expected a float, got 'true'"."""
+    monkeypatch.chdir(tmp_path)
+    assert main([str(REPO / "recipes/tiny.yaml"), f"--{key}", "--max_steps", "1"]) == errors.USAGE
+    assert capsys.readouterr().err == (f"error: --{key}: no value given; write `--{key} VALUE` (a shell variable "
+                                       "that is empty or unset gives none)\n")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.chdir(REPO)  # the recipe's relative paths
+    assert main([str(REPO / "recipes/tiny.yaml"), "--eval_on_start", "--print_config"]) == errors.OK  # a boolean
+    assert "eval_on_start: true" in capsys.readouterr().out
+
+
 def test_output_dir_that_is_a_file_or_not_writable(tmp_path, capsys, monkeypatch):
     import os
 

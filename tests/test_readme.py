@@ -78,7 +78,9 @@ def checkout(tmp_path_factory):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
     (root / ".venv").symlink_to(REPO / ".venv")
-    result = shell(root, "make train ARGS=\"--max_steps 5 --eval_strategy no --disable_tqdm true\"")
+    # -o: the checkout shares this virtualenv, which it must never reinstall (its editable install of the toolkit
+    # would then point at the checkout).
+    result = shell(root, "make -o .venv/.installed train ARGS=\"--max_steps 5 --eval_strategy no --disable_tqdm true\"")
     assert result.returncode == 0, result.stderr[-3000:]
     return root
 
