@@ -211,6 +211,23 @@ def range_problems(values: dict[str, Any]) -> list[str]:
     return problems
 
 
+PATH_KEYS = ("model_name_or_path", "dataset", "output_dir", "resume_from_checkpoint")
+
+
+def path_variable_problems(values: dict[str, Any]) -> list[str]:
+    """A shell variable in a path (`$HOME/runs`), which nothing expands: a directory named `$HOME` would be
+    created. `~` is expanded; variables are left to the shell, on the command line."""
+    import re
+
+    problems = []
+    for key in PATH_KEYS:
+        value = values.get(key)
+        if isinstance(value, str) and re.search(r"\$(\w|\{)", value):
+            problems.append(f"{key}: {value} holds a shell variable, which recipes don't expand; write the path out, "
+                            f"or pass it on the command line, where the shell expands it (--{key} \"{value}\")")
+    return problems
+
+
 def output_dir_problem(output_dir: str) -> str | None:
     """Why output_dir can't be a run's directory (empty, a file, not writable), or None."""
     if not str(output_dir).strip():

@@ -223,7 +223,7 @@ def read_checked(argv: list[str]) -> tuple[Path, dict[str, Any], dict[str, Any],
     values = check_keys(merged, overrides, path, problems)
     if problems:
         raise UsageError(problems)
-    problems += config.range_problems(values)
+    problems += config.range_problems(values) + config.path_variable_problems(values)
     problems += [p for p in [config.output_dir_problem(values.get("output_dir", ""))] if p]
     groups = {}
     for cls in config.GROUPS:

@@ -94,6 +94,10 @@ SETTING_CASES = {  # name: (keys, the line the user sees)
                            "lora_target_modules: no linear layer of this model is named `nonexistent_proj`; its "
                            "linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
     "output_dir empty": ({"output_dir": ""}, "output_dir: empty; give a directory to write the run to"),
+    "shell variable in a path": ({"output_dir": "${SCRATCH}/run"},
+                                 "output_dir: ${SCRATCH}/run holds a shell variable, which recipes don't expand; write "
+                                 "the path out, or pass it on the command line, where the shell expands it "
+                                 "(--output_dir \"${SCRATCH}/run\")"),
 }
 
 
