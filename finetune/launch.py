@@ -143,7 +143,7 @@ def run(command: list[str]) -> int:
         # launcher tells (torchrun would kill its workers 30 s after a SIGTERM; accelerate would die of one).
         process = subprocess.Popen(command, env={**os.environ, EXIT_STATUS: str(status), CONFIG: config},
                                    start_new_session=True, preexec_fn=_ignore_forwarded)
-        interrupts, pending, delivered = [], [], []
+        interrupts, pending, delivered, killed = [], [], [], []
 
         def send(targets, signum):
             delivered.append(int(signum))
@@ -157,6 +157,10 @@ def run(command: list[str]) -> int:
             if signum == signal.SIGINT:
                 interrupts.append(time.monotonic())
             if len(interrupts) > 1:  # a second Ctrl-C: everything, at once
+                if not killed:
+                    print("stopped at once (a second Ctrl-C), without saving; the last checkpoint is the one to "
+                          "resume from", file=sys.stderr, flush=True)
+                killed.append(signum)
                 send([*descendants(process), process], signal.SIGKILL)
                 return
             # The training processes, not accelerate's own launcher: it would die of SIGTERM, or pass it on and
@@ -179,6 +183,8 @@ def run(command: list[str]) -> int:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+        if killed:
+            return 128 + signal.SIGINT
         if status.is_file():
             return int(status.read_text())
         if delivered:  # the run was stopped by the signal before it could say so (while it was starting)

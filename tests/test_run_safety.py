@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,25 @@ def test_a_signal_to_the_launcher_checkpoints_and_the_rerun_resumes_to_the_same_
     assert actual.keys() == expected.keys()
     for name in expected:
         assert torch.allclose(actual[name], expected[name], rtol=0, atol=1e-5), name
+
+
+def test_a_second_ctrl_c_to_the_launcher_stops_everything_at_once_with_130(capfd):
+    """The launcher's own handling, on a stand-in for accelerate and its training process: the first Ctrl-C goes
+    to the training process, the second kills everything at once, says so, and the exit code is 130."""
+    import threading
+
+    from finetune import launch
+
+    def two_ctrl_c():
+        for _ in range(2):
+            time.sleep(1)  # a person's two key presses; the launcher's handler runs between them
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=two_ctrl_c, daemon=True).start()
+    started = time.monotonic()
+    code = launch.run(["bash", "-c", "sleep 60 & wait"])
+    assert code == 128 + signal.SIGINT and time.monotonic() - started < 30
+    assert "stopped at once (a second Ctrl-C), without saving" in capfd.readouterr().err
 
 
 @pytest.mark.slow
