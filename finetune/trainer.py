@@ -72,6 +72,14 @@ class FinetuneTrainer(Trainer):
             self.metrics.add_to_log(logs)
         super().log(logs, start_time)
 
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from a checkpoint of the last step (the run stopped while writing its results): nothing is left
+        # to train. The Trainer's epoch loop would take one more step before checking, past max_steps.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def fit(self, resume_from: Path | None) -> None:
         """Train, from a checkpoint when given (its metrics totals restored); SIGTERM/SIGUSR1 stop at a step
         boundary with a checkpoint (`preemption.stopped_at`)."""

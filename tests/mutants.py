@@ -218,6 +218,15 @@ MUTANTS = [
            ("tests/test_gguf.py::test_auto_picks_bf16_only_where_it_is_native",
             "tests/test_gguf.py::test_the_choice_is_logged_and_emulated_bf16_warned")),
 
+    # A run resumed from the checkpoint of its last step takes no step more.
+    Mutant("resume-past-max-steps", "finetune/trainer.py",
+           "if 0 < self.state.max_steps <= self.state.global_step:", "if False:",
+           ("tests/test_run_safety.py::"
+            "test_a_run_stopped_after_its_last_checkpoint_resumes_to_the_same_end_not_a_step_past_it",)),
+    # A second Ctrl-C to the launcher: at once, said, 130.
+    Mutant("second-ctrl-c-exit-code", "finetune/launch.py",
+           "            return 128 + signal.SIGINT\n", "            pass\n",
+           ("tests/test_run_safety.py::test_a_second_ctrl_c_to_the_launcher_stops_everything_at_once_with_130",)),
     # launch/slurm.sbatch: the time-limit warning reaches the training processes, and a checkpointed job requeues.
     Mutant("slurm-usr1-not-forwarded", "launch/slurm.sbatch",
            '  scancel --signal=USR1 "$SLURM_JOB_ID"', "  :",

@@ -277,6 +277,23 @@ def test_resume_refuses_settings_it_cannot_change_and_applies_the_others(llama_d
 
 # 7. A truncated optimizer state with a valid trainer_state.json.
 
+@pytest.mark.parametrize("how", ["rerun", "resume_from_checkpoint"])
+def test_a_run_stopped_after_its_last_checkpoint_resumes_to_the_same_end_not_a_step_past_it(how, llama_dir,
+                                                                                            text_data, tmp_path):
+    """Its results lost (a crash while writing them), the checkpoint of its last step left: no step more."""
+    out = tmp_path / "out"
+    assert main(args(llama_dir, text_data, out, steps=4)) == errors.OK
+    finished = final_adapter(out)
+    (out / rundir.SUMMARY).unlink()
+    (out / "adapter_model.safetensors").unlink()
+    extra = ["--resume_from_checkpoint", str(out / "checkpoint-4")] if how != "rerun" else []
+    assert main(args(llama_dir, text_data, out, steps=4) + extra) == errors.OK
+    assert json.loads((out / rundir.SUMMARY).read_text())["final/total_steps"] == 4
+    assert [path.name for _, path in rundir.checkpoints(out)] == ["checkpoint-4"]
+    for name, tensor in finished.items():
+        assert torch.equal(final_adapter(out)[name], tensor), name
+
+
 def test_a_checkpoint_whose_optimizer_state_was_cut_short_is_skipped(llama_dir, text_data, tmp_path, caplog):
     out = tmp_path / "out"
     assert main(args(llama_dir, text_data, out, steps=8)) == errors.OK
