@@ -143,13 +143,15 @@ def is_cached(dataset: str) -> bool:
 def check_tasks(manager, tasks: list[str], env=os.environ) -> None:
     """Every task is known to the harness, and can load its data here. Raises UsageError naming each unknown task
     (with the closest names the registry holds) and each hub dataset that can't be reached offline."""
+    from finetune import smollm2
     from finetune.recipe import did_you_mean
     from finetune.tracking import is_truthy
 
     problems = []
+    known = [*manager.all_tasks, TINY_TASK, smollm2.TASK]  # the embedded ones are registered when named
     for task in tasks:
         if task not in manager.task_index:
-            problems.append(f"--tasks: the harness has no task `{task}`{did_you_mean(task, manager.all_tasks)}; "
+            problems.append(f"--tasks: the harness has no task `{task}`{did_you_mean(task, known)}; "
                             "list them with `lm-eval ls tasks`, or add your own with --include_path DIR")
     offline = [name for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if is_truthy(env.get(name))]
     if offline and not problems:
@@ -344,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.target = args.target.expanduser()
     try:
+        if args.limit is not None and args.limit <= 0:
+            raise UsageError(f"--limit: must be more than 0, got {args.limit:g}; leave it out to score every example")
+        if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size) > 0):
+            raise UsageError(f"--batch_size: {args.batch_size!r} is neither a positive integer nor auto")
         if is_run(args.target):
             recipe = rundir.trained_recipe(args.target)
             if not rundir.is_finished(args.target):

@@ -116,7 +116,7 @@ def _eval(*args: str) -> subprocess.CompletedProcess:
 
 def test_bad_input_is_one_line_and_exit_2(trained, tmp_path):
     run, tasks = trained
-    unknown = _eval(str(run), "--tasks", "arc_eazy", "--include_path", str(tasks))
+    unknown = _eval(str(run), "--tasks", "arc_eazy,tiny_taks", "--include_path", str(tasks))
     hub = _eval(str(run), "--tasks", "arc_easy")
     unfinished = _eval(str(tmp_path))
     for result in (unknown, hub, unfinished):
@@ -124,5 +124,17 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path):
         assert "Traceback" not in result.stderr
         assert [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert "no task `arc_eazy` (did you mean `arc_easy`" in unknown.stderr
+    assert "no task `tiny_taks` (did you mean `tiny_tasks`" in unknown.stderr  # the embedded task too
     assert "`allenai/ai2_arc` from the Hugging Face Hub" in hub.stderr and "HF_HUB_OFFLINE=1" in hub.stderr
     assert "no recipe.yaml" in unfinished.stderr
+
+
+@pytest.mark.parametrize("option, expected", [
+    (["--limit", "0"], "--limit: must be more than 0, got 0; leave it out to score every example"),
+    (["--batch_size", "abc"], "--batch_size: 'abc' is neither a positive integer nor auto"),
+])
+def test_bad_options_are_one_line_before_anything_loads(option, expected, trained, capsys):
+    run, _ = trained
+    assert evaluate.main([str(run), *option]) == 2
+    assert capsys.readouterr().err == f"error: {expected}\n"
+    assert not (run / rundir.EVAL).exists()
