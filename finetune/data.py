@@ -344,14 +344,28 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
             logger.warning("%d of %d examples: %s", count, len(tokenized), note)
         tokenized = tokenized.remove_columns("note")
         before = len(tokenized)
-        # An example whose prompt fills max_length has nothing left to learn from.
-        tokenized = tokenized.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"][1:]))
-        if len(tokenized) < before:
+        # An example with no answer tokens has nothing to learn from: its prompt fills max_length, or it has no
+        # answer at all (a conversation without an assistant turn, an empty answer).
+        flags = tokenized.map(lambda row: {"answerless": not any(label != IGNORE_INDEX for label in row["labels"][1:]),
+                                           "full": len(row["input_ids"]) >= data_args.max_length},
+                              remove_columns=tokenized.column_names, desc="finding answers")
+        answerless = flags["answerless"]
+        truncated = sum(1 for lost, full in zip(answerless, flags["full"], strict=True) if lost and full)
+        no_answer = sum(answerless) - truncated
+        if truncated:
             logger.warning("dropped %d of %d examples with no answer tokens left after truncation to "
-                           "max_length=%d", before - len(tokenized), before, data_args.max_length)
-        if len(tokenized) == 0:
-            raise UsageError(f"dataset: no example has answer tokens within max_length={data_args.max_length}; "
-                               "raise max_length")
+                           "max_length=%d", truncated, before, data_args.max_length)
+        if no_answer:
+            logger.warning("dropped %d of %d examples with no answer to learn from (no assistant turn, or an empty "
+                           "answer)", no_answer, before)
+        if truncated + no_answer == before:
+            raise UsageError(f"dataset {data_args.dataset}: " + (
+                f"no example has answer tokens within max_length={data_args.max_length}; raise max_length"
+                if truncated >= no_answer else
+                f"no example has an answer to learn from ({no_answer} of {before} have no assistant turn or an "
+                "empty answer); each needs the reply to train on"))
+        if truncated or no_answer:
+            tokenized = tokenized.select([i for i, lost in enumerate(answerless) if not lost])
         return tokenized
 
     return Splits(tokenize(train), tokenize(evaluation) if evaluation is not None else None, fmt)

@@ -53,6 +53,9 @@ DATA_CASES = {  # name: (file contents, the line the user sees after "error: dat
                                                              {"role": "model", "content": "x"}]})] * 4,
                                    ", row 1: message 2: role 'model' is not one this chat template renders "
                                    "(assistant, system, user) (did you mean `assistant`?)"),
+    "no assistant turn in any row": ([json.dumps({"messages": [{"role": "system", "content": "be brief"}]})] * 4,
+                                     ": no example has an answer to learn from (3 of 3 have no assistant turn or an "
+                                     "empty answer); each needs the reply to train on"),
 }
 
 
