@@ -77,12 +77,18 @@ def log_of(job: str) -> str:
     return path.read_text() if path.is_file() else ""
 
 
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
 def wait_for(cluster, job: str, states: tuple[str, ...], timeout: float = 300) -> dict[str, str]:
+    """The job's fields once it is in one of `states`; fails as soon as it ends in another."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = cluster.job(job)
         if info.get("JobState") in states:
             return info
+        if info.get("JobState") in FINAL_STATES:
+            pytest.fail(f"job {job} ended {info['JobState']}, not in {states}:\n{log_of(job)[-3000:]}")
         time.sleep(1)
     pytest.fail(f"job {job} not in {states} after {timeout:.0f} s: {cluster.job(job)}\n{log_of(job)[-3000:]}")
 
