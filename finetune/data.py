@@ -183,7 +183,12 @@ def tokenize_example(example: dict[str, Any], fmt: str, tokenizer, max_length: i
     if append_eos and tokenizer.eos_token_id is not None:
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
+    cut_answer = any(label != IGNORE_INDEX for label in labels[max_length:])
     input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if cut_answer and any(label != IGNORE_INDEX for label in labels[1:]):  # wholly cut ones are dropped, and said so
+        cut = (f"an answer cut at max_length={max_length} (its end and end-of-turn are not trained; raise "
+               "max_length)")
+        note = f"{note}; {cut}" if note else cut
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels, "note": note or ""}
 
 

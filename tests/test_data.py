@@ -154,6 +154,18 @@ def test_examples_without_answer_tokens_are_dropped(tokenizer, tmp_path):
     assert len(train) == 1 and trained_text(tokenizer, train[0]) == "answer</s>"
 
 
+def test_answers_cut_by_max_length_are_counted_and_said(tokenizer, tmp_path, caplog):
+    rows = [{"prompt": "short", "completion": "a" * 200}, {"prompt": "short", "completion": "b" * 200},
+            {"prompt": "short", "completion": "fits"}]
+    caplog.set_level("WARNING")
+    train, _ = _split(write_jsonl(rows, tmp_path / "pc.jsonl"), tokenizer, eval_size=0, max_length=50)
+    assert len(train) == 3
+    assert ("2 of 3 examples: an answer cut at max_length=50 (its end and end-of-turn are not trained; raise "
+            "max_length)") in caplog.text
+    whole = [row for row in train if trained_text(tokenizer, row) == "fits</s>"]
+    assert len(whole) == 1  # the answer that fits keeps its end-of-sequence
+
+
 def test_bpe_tokenizer_offsets_mask_the_prompt(tmp_path):
     """A merging (byte-level BPE) tokenizer: labels still cover the answer and nothing before it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
