@@ -95,16 +95,14 @@ def plan_resume(recipe: Recipe) -> tuple[Path | None, dict[str, tuple]]:
         if problem:
             raise UsageError(f"resume_from_checkpoint: {explicit}: {problem}")
         return path, changed_settings(recipe, path.parent)
+    foreign = rundir.foreign_problem(output_dir, "output_dir", overwrite=recipe.run.overwrite_output_dir)
+    if foreign:
+        raise UsageError(foreign)
     if recipe.run.overwrite_output_dir:
         return None, {}
     if rundir.is_finished(output_dir):
         raise UsageError(f"output_dir: {output_dir} already holds a finished run ({rundir.SUMMARY}); choose another "
                          "output_dir, or pass --overwrite_output_dir true to replace it")
-    foreign = rundir.foreign_files(output_dir)
-    if foreign:
-        shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
-        raise UsageError(f"output_dir: {output_dir} holds files no finetune run wrote ({shown}); choose another "
-                         "output_dir, or pass --overwrite_output_dir true to write there anyway")
     found = rundir.checkpoints(output_dir)
     if found and not recipe.run.auto_resume:
         raise UsageError(f"output_dir: {output_dir} has checkpoints ({found[0][1].name} newest) and auto_resume is "
@@ -249,8 +247,9 @@ def end_early(trainer, run, output_dir: Path):
 
 class Attempt:
     """One invocation of a run in its output_dir: holds the directory's lock for its life (main process), and if
-    it fails before writing a checkpoint, puts back what it wrote (recipe, run id, history), so that nothing it
-    leaves makes the next attempt wrong. A W&B run it started is finished as failed."""
+    it fails before writing a checkpoint, puts back what it wrote (recipe, run id, history) and the run it was
+    replacing (overwrite_output_dir), so that nothing it leaves makes the next attempt wrong. A W&B run it started
+    is finished as failed."""
 
     RESTORED = (rundir.RECIPE, rundir.WANDB_RUN, rundir.MARKER)
 
@@ -272,6 +271,12 @@ class Attempt:
                 problem = error
         if ranks.agree(problem is not None):  # every rank stops, not only the one that found the problem
             raise problem or UsageError(f"output_dir: {self.output_dir} could not be claimed (see the main process)")
+        if self.main and (self.output_dir / rundir.PREVIOUS).is_dir():  # an overwrite that was killed
+            if rundir.checkpoints(self.output_dir) or rundir.is_finished(self.output_dir):
+                rundir.drop_previous_run(self.output_dir)
+            elif rundir.restore_previous_run(self.output_dir):
+                logger.warning("%s: put back the run that an interrupted --overwrite_output_dir was replacing",
+                               self.output_dir)
         if self.main:
             self.before = {name: (self.output_dir / name).read_bytes() if (self.output_dir / name).is_file()
                            else None for name in self.RESTORED}
@@ -284,16 +289,25 @@ class Attempt:
         wrote_nothing = kind is not None and rundir.checkpoints(self.output_dir) == self.checkpoints \
             and not rundir.is_finished(self.output_dir)
         if wrote_nothing:
+            rundir.restore_previous_run(self.output_dir)
             for name, content in self.before.items():
                 path = self.output_dir / name
                 if content is None:
                     path.unlink(missing_ok=True)
                 else:
                     rundir.write_text(path, content.decode())
+        else:
+            rundir.drop_previous_run(self.output_dir)
         if kind is not None and self.run is not None and not isinstance(error, TrainingDiverged):
             tracking.survive(self.run.finish, exit_code=1)
         self.claim.release(clean=wrote_nothing)
         return False
+
+    def replace_previous(self) -> None:
+        """overwrite_output_dir: set the previous run aside; it is dropped once this one has a checkpoint or has
+        finished, and put back if this one fails before that."""
+        rundir.set_aside_previous_run(self.output_dir)
+        self.checkpoints = []
 
 
 def segment(resume_from: Path | None, changed: dict[str, tuple]) -> dict:

@@ -119,8 +119,9 @@ def train(recipe: Recipe):
 
         # 4. The run directory (recipe, history) and the W&B run: one of each per job, on the main process.
         if args.process_index == 0:
-            rundir.prepare(output_dir, recipe_text, fresh=recipe.run.overwrite_output_dir and not resume_from,
-                           segment=resilience.segment(resume_from, changed))
+            if recipe.run.overwrite_output_dir and not resume_from:
+                attempt.replace_previous()  # kept aside until this run has a checkpoint or has finished
+            rundir.prepare(output_dir, recipe_text, segment=resilience.segment(resume_from, changed))
             attempt.run = tracking.start(plan, tracking.run_config(recipe), output_dir)
 
         # 5. Train; SIGTERM, SIGINT and SIGUSR1 end it at a step boundary with a checkpoint.

@@ -16,6 +16,7 @@ renamed into place, so a crash never leaves half a file.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -135,13 +136,64 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def clear_previous_run(output_dir: Path) -> None:
-    """For overwrite_output_dir: remove what a previous run left (checkpoints, summary, run id, benchmark,
-    evaluation)."""
-    for _, path in checkpoints(output_dir):
-        shutil.rmtree(path)
-    for name in (SUMMARY, WANDB_RUN, BENCH, EVAL):
-        (output_dir / name).unlink(missing_ok=True)
+def set_aside_previous_run(output_dir: Path) -> None:
+    """For overwrite_output_dir: move what a previous run left (checkpoints, recipe, summary, run id, benchmark,
+    evaluation, history) into PREVIOUS, where it stays until the new run has a checkpoint or has finished
+    (`drop_previous_run`); a new run that fails before that puts it back (`restore_previous_run`)."""
+    aside = output_dir / PREVIOUS
+    if aside.exists():
+        shutil.rmtree(aside)  # an older set-aside run whose replacement got that far
+    names = [path.name for _, path in checkpoints(output_dir)] + [
+        name for name in (RECIPE, SUMMARY, WANDB_RUN, BENCH, EVAL, MARKER) if (output_dir / name).exists()]
+    if not names:
+        return
+    aside.mkdir()
+    for name in names:
+        os.replace(output_dir / name, aside / name)
+
+
+def restore_previous_run(output_dir: Path) -> bool:
+    """Put back a run set aside by `set_aside_previous_run` (the run replacing it wrote nothing that counts).
+    True when there was one."""
+    aside = output_dir / PREVIOUS
+    if not aside.is_dir():
+        return False
+    for path in aside.iterdir():
+        target = output_dir / path.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(path, target)
+    aside.rmdir()
+    return True
+
+
+def drop_previous_run(output_dir: Path) -> None:
+    """The run that replaced a set-aside one has a checkpoint or has finished: the old one goes."""
+    shutil.rmtree(output_dir / PREVIOUS, ignore_errors=True)
+
+
+def foreign_problem(directory: Path, option: str, overwrite: bool) -> str | None:
+    """Why a run can't write into `directory` given its files no finetune run wrote, or None. Without
+    `overwrite`, any such file refuses; with it, a run writes beside them, never over one (README.md, config.json,
+    tokenizer files, ...: the names in WRITTEN_BY_RUN)."""
+    foreign = foreign_files(directory)
+    if not foreign:
+        return None
+    if not overwrite:
+        return (f"{option}: {directory} holds files no finetune run wrote ({shown(foreign)}); choose another "
+                f"{option}, or pass --overwrite_output_dir true to write beside them")
+    clashing = [name for name in foreign if any(fnmatch.fnmatch(name, pattern) for pattern in WRITTEN_BY_RUN)]
+    if clashing:
+        them = "it" if len(clashing) == 1 else "them"
+        return (f"{option}: {directory} holds {shown(clashing)}, which no finetune run wrote and a run would "
+                f"overwrite (it saves its model, tokenizer and model card there); move {them} away, or choose "
+                f"another {option}")
+    return None
+
+
+def shown(names: list[str], limit: int = 4) -> str:
+    """`names` for a message: the first few, then "..."."""
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
 # A finished run, read back ------------------------------------------------------------------------------------
@@ -168,13 +220,9 @@ def results(output_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str,
             read_json(output_dir / EVAL) or {})
 
 
-def prepare(output_dir: Path, recipe_text: str, fresh: bool, segment: dict[str, Any]) -> None:
-    """Make the directory ready for a run (main process only): with `fresh`, the previous run's checkpoints,
-    summary, run id, benchmark and history are removed first; the segment is recorded and the recipe written,
+def prepare(output_dir: Path, recipe_text: str, segment: dict[str, Any]) -> None:
+    """Make the directory ready for a run (main process only): the segment is recorded and the recipe written,
     its header listing every segment of the run and what changed at each."""
-    if fresh:
-        clear_previous_run(output_dir)
-        (output_dir / MARKER).unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     mark(output_dir, segment)
     history = []
@@ -190,6 +238,14 @@ def prepare(output_dir: Path, recipe_text: str, fresh: bool, segment: dict[str, 
 MARKER = ".finetune-run"  # JSON: this directory belongs to a finetune run (and the history of its segments)
 MERGED_MARKER = ".finetune-merged"  # this directory holds a model `finetune merge` wrote, which a merge may replace
 LOCK = ".finetune-lock"  # holds an exclusive lock for the life of a run; says who holds it
+PREVIOUS = ".finetune-previous"  # the run an overwrite replaces, kept until the new one has a checkpoint
+# What a run writes in output_dir besides the files above: its model (adapter or full) and tokenizer as
+# transformers and peft save them, PEFT's model card, the Trainer's arguments. A file of one of these names
+# that no finetune run wrote is never overwritten.
+WRITTEN_BY_RUN = (RECIPE, SUMMARY, WANDB_RUN, BENCH, EVAL, "README.md", "config.json", "generation_config.json",
+                  "adapter_*", "model*.safetensors*", "pytorch_model*", "tokenizer*", "special_tokens_map.json",
+                  "added_tokens.json", "chat_template.jinja", "vocab.*", "merges.txt", "training_args.bin",
+                  "checkpoint-*", "merged")
 
 
 def foreign_files(output_dir: Path) -> list[str]:
@@ -197,7 +253,7 @@ def foreign_files(output_dir: Path) -> list[str]:
     directory and for one of ours (the marker, or a recipe.yaml a run resolved, from before the marker)."""
     if not output_dir.is_dir():
         return []
-    entries = sorted(p.name for p in output_dir.iterdir() if p.name != LOCK)
+    entries = sorted(p.name for p in output_dir.iterdir() if p.name not in (LOCK, PREVIOUS))
     if not entries or MARKER in entries:
         return []
     recipe = output_dir / RECIPE

@@ -162,3 +162,4 @@ class FinetuneTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every rank has written its part (its RNG state, its shards)
         if self.is_world_process_zero():
             rundir.seal_checkpoint(rundir.checkpoint_dir(Path(self.args.output_dir), self.state.global_step))
+            rundir.drop_previous_run(Path(self.args.output_dir))  # the run an overwrite replaced, now superseded

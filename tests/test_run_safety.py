@@ -75,10 +75,61 @@ def test_a_directory_of_someone_elses_files_is_refused_untouched(llama_dir, text
     assert main(args(llama_dir, text_data, out)) == errors.USAGE
     (line,) = error_lines(capsys.readouterr().err)
     assert line == (f"error: output_dir: {out} holds files no finetune run wrote (README.md, checkpoint-7, "
-                    "tokenizer.json); choose another output_dir, or pass --overwrite_output_dir true to write there "
-                    "anyway")
+                    "tokenizer.json); choose another output_dir, or pass --overwrite_output_dir true to write beside "
+                    "them")
     assert tree_digest(out) == before and sorted(p.name for p in out.iterdir()) == [
         "README.md", "checkpoint-7", "tokenizer.json"]
+    # With the flag, a run still never writes over them: its model card and tokenizer have these names.
+    assert main(args(llama_dir, text_data, out, overwrite_output_dir="true")) == errors.USAGE
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line == (f"error: output_dir: {out} holds README.md, checkpoint-7, tokenizer.json, which no finetune run "
+                    "wrote and a run would overwrite (it saves its model, tokenizer and model card there); move them "
+                    "away, or choose another output_dir")
+    assert tree_digest(out) == before
+
+
+def test_overwrite_output_dir_writes_beside_other_files_never_over_them(llama_dir, text_data, tmp_path, capsys):
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's notes")
+    (out / "README.md").write_text("the user's readme")
+    assert main(args(llama_dir, text_data, out, steps=2, overwrite_output_dir="true")) == errors.USAGE
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "holds README.md, which no finetune run wrote and a run would overwrite" in line and "move it away" in line
+    (out / "README.md").rename(tmp_path / "README.md")
+    assert main(args(llama_dir, text_data, out, steps=2, overwrite_output_dir="true")) == errors.OK
+    assert (out / "notes.txt").read_text() == "the user's notes" and (out / rundir.SUMMARY).is_file()
+
+
+def test_an_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(llama_dir, text_data, tmp_path,
+                                                                           monkeypatch, capsys, caplog):
+    from finetune import resilience, tracking
+
+    out = tmp_path / "out"
+    assert main(args(llama_dir, text_data, out, steps=4)) == errors.OK
+    (out / rundir.BENCH).write_text("{}")
+    (out / rundir.WANDB_RUN).write_text('{"id": "old"}')
+    before = tree_digest(out)
+    # The new run fails after the old one was set aside, before its first checkpoint (here: W&B refuses to start).
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking, "start", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("wandb.init failed")))
+        with pytest.raises(RuntimeError, match="wandb.init failed"):
+            main(args(llama_dir, text_data, out, steps=2, overwrite_output_dir="true"))
+    assert tree_digest(out) == before and not (out / rundir.PREVIOUS).exists()
+    # Killed at that moment (no exit path ran): the next command puts the old run back first, then refuses as usual.
+    attempt = resilience.Attempt(out, main=True).__enter__()
+    attempt.replace_previous()
+    rundir.prepare(out, "# Resolved from a recipe\n", resilience.segment(None, {}))
+    attempt.claim.release()
+    assert not (out / rundir.SUMMARY).exists() and (out / rundir.PREVIOUS / rundir.SUMMARY).is_file()
+    assert main(args(llama_dir, text_data, out, steps=2)) == errors.USAGE
+    assert "put back the run that an interrupted --overwrite_output_dir was replacing" in caplog.text
+    assert "already holds a finished run" in capsys.readouterr().err and tree_digest(out) == before
+    # A new run that gets as far as a checkpoint replaces the old one for good.
+    assert main(args(llama_dir, text_data, out, steps=2, save_steps=1, overwrite_output_dir="true")) == errors.OK
+    assert [p.name for _, p in rundir.checkpoints(out)] == ["checkpoint-2", "checkpoint-1"]
+    assert not (out / rundir.PREVIOUS).exists() and not (out / rundir.BENCH).exists()
+    assert json.loads((out / rundir.SUMMARY).read_text())["final/total_steps"] == 2
 
 
 # 3. Two runs into one directory.
