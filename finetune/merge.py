@@ -37,7 +37,8 @@ def destination_problem(destination: Path, output_dir: Path, recipe) -> str | No
     if destination.is_dir() and not (destination / rundir.MERGED_MARKER).is_file():
         foreign = sorted(path.name for path in destination.iterdir())
         if foreign:
-            return f"--out: {destination} holds files no merge wrote ({rundir.shown(foreign)}); give a new or empty directory"
+            return (f"--out: {destination} holds files no merge wrote ({rundir.shown(foreign)}); give a new or "
+                    "empty directory")
     return None
 
 
