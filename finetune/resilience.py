@@ -130,6 +130,9 @@ def changed_settings(recipe: Recipe, run_dir: Path) -> dict[str, tuple]:
                if key not in NOT_COMPARED and key in saved and saved[key] != value}
     fixed = [f"{key} ({before!r} -> {after!r})" for key, (before, after) in changed.items()
              if key in FIXED_ON_RESUME]
+    trained_on = (rundir.segments(run_dir) or [{}])[-1].get("dataset_sha256")
+    if trained_on and "dataset" not in changed and rundir.content_digest(Path(recipe.data.dataset)) != trained_on:
+        fixed.append(f"dataset (the content of {recipe.data.dataset} changed since the run last trained on it)")
     if fixed:
         raise UsageError(f"output_dir: resuming the run in {run_dir}, whose model, data, optimizer and schedule "
                          f"a resumed run continues; these settings differ from it: {', '.join(fixed)}. Rerun with "
@@ -310,13 +313,16 @@ class Attempt:
         self.checkpoints = []
 
 
-def segment(resume_from: Path | None, changed: dict[str, tuple]) -> dict:
-    """What the run's history records for this invocation: when, from which step, and what changed."""
+def segment(resume_from: Path | None, changed: dict[str, tuple], dataset: str | None = None) -> dict:
+    """What the run's history records for this invocation: when, from which step, what changed, and the
+    dataset's content digest (a local dataset; a resume compares it)."""
     import time
 
     step = int(resume_from.name.rsplit("-", 1)[-1]) if resume_from is not None else 0
     if changed:
         logger.info("resuming with changed settings: %s", ", ".join(f"{key} {before!r} -> {after!r}"
                                                                      for key, (before, after) in changed.items()))
+    digest = rundir.content_digest(Path(dataset)) if dataset else None
     return {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "from_step": step,
-            "changed": {key: list(values) for key, values in changed.items()}}
+            "changed": {key: list(values) for key, values in changed.items()},
+            **({"dataset_sha256": digest} if digest else {})}

@@ -345,6 +345,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def content_digest(path: Path) -> str | None:
+    """sha256 of a local file, or of a directory's files (names and contents, in order); None when `path` is not
+    local (a hub name). Recorded with each segment of a run, so that a resume notices data replaced in place."""
+    import hashlib
+
+    path = path.expanduser()
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(path) if file != path else ''}\0{_sha256(file)}\0".encode())
+    return digest.hexdigest()
+
+
 def seal_checkpoint(checkpoint: Path) -> None:
     """Make a checkpoint durable and verifiable: every file fsync'd, then a manifest of sizes (and sha256 for
     files up to CHECKSUM_LIMIT) written atomically and fsync'd with its directory. Main process, after every

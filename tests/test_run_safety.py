@@ -326,6 +326,22 @@ def test_resume_refuses_settings_it_cannot_change_and_applies_the_others(llama_d
     assert "save_steps 4 -> 3" in history and "max_steps 40 -> " in history
 
 
+def test_resume_refuses_a_dataset_replaced_in_place(llama_dir, text_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(args(llama_dir, text_data, out, steps=4, save_steps=2)) == errors.OK
+    (out / rundir.SUMMARY).unlink()  # as if it had stopped after its checkpoints
+    original = text_data.read_bytes()
+    write_jsonl([{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(40)], text_data)  # same path, new rows
+    for how in ([], ["--resume_from_checkpoint", str(out / "checkpoint-4")]):
+        assert main(args(llama_dir, text_data, out, steps=6) + how) == errors.USAGE
+        (line,) = error_lines(capsys.readouterr().err)
+        assert f"these settings differ from it: dataset (the content of {text_data} changed since the run last " \
+               "trained on it)" in line and "--overwrite_output_dir true" in line
+    text_data.write_bytes(original)
+    assert main(args(llama_dir, text_data, out, steps=6)) == errors.OK
+    assert json.loads((out / rundir.SUMMARY).read_text())["final/total_steps"] == 6
+
+
 # 7. A truncated optimizer state with a valid trainer_state.json.
 
 @pytest.mark.parametrize("how", ["rerun", "resume_from_checkpoint"])
