@@ -121,7 +121,8 @@ def train(recipe: Recipe):
         if args.process_index == 0:
             if recipe.run.overwrite_output_dir and not resume_from:
                 attempt.replace_previous()  # kept aside until this run has a checkpoint or has finished
-            rundir.prepare(output_dir, recipe_text, segment=resilience.segment(resume_from, changed, recipe.data.dataset))
+            segment = resilience.segment(resume_from, changed, recipe.data.dataset)
+            rundir.prepare(output_dir, recipe_text, segment)
             attempt.run = tracking.start(plan, tracking.run_config(recipe), output_dir)
 
         # 5. Train; SIGTERM, SIGINT and SIGUSR1 end it at a step boundary with a checkpoint.
