@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+ACCELERATE = "--accelerate-launch"  # `python -m finetune.launch --accelerate-launch ARGS`: see accelerate_launch
 EXIT_STATUS = "FINETUNE_EXIT_STATUS"  # file a training process writes its exit code to (rank 0)
 CONFIG = "FINETUNE_ACCELERATE_CONFIG"  # the accelerate config file the run was launched with, for its record
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -39,15 +40,10 @@ def follow_launcher() -> None:
     launched = "LOCAL_RANK" in os.environ or any(key.startswith("ACCELERATE_") for key in os.environ)
     if not launched or not sys.platform.startswith("linux"):
         return
-    import ctypes
-
-    parent = os.getppid()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except OSError:
-        return
-    if parent == 1:  # the launcher died before the line above: as if it had just died
+    if os.getppid() == 1:  # the launcher died before this process could ask: as if it had just died
         os.kill(os.getpid(), signal.SIGTERM)
+        return
+    _die_with_parent(signal.SIGTERM)
 
 
 def report_exit(code: int) -> int:
@@ -63,15 +59,57 @@ def report_exit(code: int) -> int:
 
 
 def accelerate_command(argv: list[str], config: str | None, options: list[str] = ()) -> list[str]:
-    """`accelerate launch --quiet [OPTIONS]` of `-m finetune.run ARGV`: the accelerate config file when given,
-    else the user's accelerate default config when there is one, else one process."""
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--quiet", *options]
+    """`accelerate launch [OPTIONS]` of `-m finetune.run ARGV` (run by `accelerate_launch`): the accelerate config
+    file when given, else the user's accelerate default config when there is one, else one process."""
+    command = [sys.executable, "-m", "finetune.launch", ACCELERATE, *options]
     if config:
         command += ["--config_file", config]
     elif "--config_file" not in options and not default_accelerate_config().is_file():
         command += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
                     "--dynamo_backend", "no"]
     return command + ["-m", "finetune.run", *argv]
+
+
+def accelerate_launch(argv: list[str]) -> int:
+    """`accelerate launch ARGV`, in this process, between the launcher and the training processes. Dies with the
+    launcher (a `kill -9` of it leaves nothing running: the training processes get SIGTERM when this process
+    goes, and checkpoint). Returns 128 + the signal that killed a training process, which accelerate would turn
+    into 1; 1 for any other failure; 0 when the training processes exited (they report their codes in
+    EXIT_STATUS)."""
+    import logging
+
+    _die_with_parent(signal.SIGKILL)
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(argv)
+    args.quiet = False  # a failed training process raises, with its return code, instead of sys.exit(1)
+    try:
+        launch_command(args)
+    except subprocess.CalledProcessError as error:  # one process
+        return 128 - error.returncode if error.returncode < 0 else 1
+    except Exception as error:  # several processes: torchrun's ChildFailedError names each failure
+        failures = getattr(error, "failures", None)
+        if not failures:
+            logging.getLogger("finetune").exception("accelerate launch failed")
+            return 1
+        codes = [failure.exitcode for failure in failures.values()]
+        return 128 - min(codes) if min(codes) < 0 else 1
+    return 0
+
+
+def _die_with_parent(signum: int) -> None:
+    """Have the kernel send `signum` to this process when its parent dies (Linux; a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signum))  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() != parent:  # the parent died before the line above
+        os.kill(os.getpid(), signum)
 
 
 def default_accelerate_config() -> Path:
@@ -189,7 +227,13 @@ def run(command: list[str]) -> int:
             return int(status.read_text())
         if delivered:  # the run was stopped by the signal before it could say so (while it was starting)
             return 128 + delivered[-1]
-        return process.returncode if process.returncode >= 0 else 128 - process.returncode
+        code = process.returncode if process.returncode >= 0 else 128 - process.returncode
+        if code > 128:  # a training process killed by a signal it can't handle (the kernel's OOM killer: SIGKILL)
+            print(f"error: the training process was killed by {signal.Signals(code - 128).name}"
+                  f"{' (the out-of-memory killer sends it; see dmesg)' if code - 128 == signal.SIGKILL else ''}, "
+                  "without saving; run the same command again to resume from the last checkpoint",
+                  file=sys.stderr, flush=True)
+        return code
 
 
 def _ignore_forwarded() -> None:
@@ -201,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     from finetune import logs
 
     argv = logs.take_verbose(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [ACCELERATE]:
+        return accelerate_launch(argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0

@@ -251,6 +251,65 @@ def test_a_second_ctrl_c_to_the_launcher_stops_everything_at_once_with_130(capfd
     assert "stopped at once (a second Ctrl-C), without saving" in capfd.readouterr().err
 
 
+def training_processes(out: Path) -> list:
+    """The live processes (accelerate's and the training processes) of a run into `out`."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if str(out) in " ".join(process.info["cmdline"] or []) and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except psutil.Error:
+            pass
+    return found
+
+
+def until_training(process: subprocess.Popen, logs: int = 3) -> None:
+    logged = 0
+    for line in process.stdout:
+        logged += "'loss'" in line
+        if logged == logs:
+            return
+
+
+@pytest.mark.slow
+def test_a_training_process_killed_by_sigkill_exits_137_saying_so(llama_dir, text_data, tmp_path):
+    """What the out-of-memory killer does: SIGKILL to the training process, which can save nothing."""
+    out = tmp_path / "out"
+    process = subprocess.Popen([str(REPO / "launch/train.sh"), *args(llama_dir, text_data, out, steps=400,
+                                                                     save_steps=2)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               env=subprocess_env(WANDB_DISABLED="true"))
+    until_training(process)
+    (trainer,) = [p for p in training_processes(out) if "finetune.launch" not in " ".join(p.cmdline())]
+    trainer.kill()
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGKILL and "Traceback" not in stderr
+    (line,) = error_lines(stderr)
+    assert line == ("error: the training process was killed by SIGKILL (the out-of-memory killer sends it; see "
+                    "dmesg), without saving; run the same command again to resume from the last checkpoint")
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_launchers_process_group_leaves_nothing_running(llama_dir, text_data, tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen([str(REPO / "launch/train.sh"), *args(llama_dir, text_data, out, steps=400,
+                                                                     save_steps=1000)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               env=subprocess_env(WANDB_DISABLED="true"), start_new_session=True)
+    until_training(process)
+    assert len(training_processes(out)) == 3  # the launcher, accelerate's, the training process
+    os.killpg(process.pid, signal.SIGKILL)  # what a terminal's or a job runner's hard stop does
+    process.communicate(timeout=60)
+    deadline = time.monotonic() + 120
+    while training_processes(out) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert training_processes(out) == []
+    # The training process had SIGTERM when its launcher went: it saved a checkpoint and stopped, unfinished.
+    assert rundir.checkpoints(out) and not rundir.is_finished(out)
+
+
 @pytest.mark.slow
 def test_two_processes_stop_together_through_the_launcher(llama_dir, text_data, tmp_path):
     out = tmp_path / "out"
