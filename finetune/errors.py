@@ -5,6 +5,7 @@
 | 0 | trained, evaluated, saved |
 | 2 | bad input (recipe, environment, data, output directory): nothing was written |
 | 3 | stopped on a non-finite loss or weights; the last good checkpoint is kept |
+| 74 | the disk filled up while writing: free space, run the same command to resume |
 | 75 | preempted (SIGTERM/SIGINT/SIGUSR1): checkpoint saved, run the same command to resume |
 | 128 + signal | stopped before training began (130 for Ctrl-C, 143 for SIGTERM), or by a second Ctrl-C: nothing saved |
 """
@@ -17,6 +18,7 @@ import sys
 OK = 0
 USAGE = 2
 DIVERGED = 3
+DISK_FULL = 74  # EX_IOERR
 PREEMPTED = 75  # EX_TEMPFAIL: "try again later", the same command resumes
 
 

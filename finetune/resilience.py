@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -40,6 +42,43 @@ class Interrupted(Exception):
     def __init__(self, signum: int):
         self.code = 128 + signum
         super().__init__(f"stopped by {signal.Signals(signum).name} before training began; nothing was saved")
+
+
+class DiskFull(Exception):
+    """The disk (or the quota) filled up while the run was writing."""
+
+
+def disk_full(error: BaseException, directory: Path) -> bool:
+    """Whether `error`, raised while writing into `directory`, is the disk or quota filling up. torch.save says
+    only "unexpected pos ..." then, so a directory with almost nothing free counts too."""
+    import errno
+
+    chain = [error, error.__cause__, error.__context__]
+    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain):
+        return True
+    if any(text in str(error) for text in ("No space left on device", "Disk quota exceeded")):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < 16 * 2**20
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def disk_full_said(output_dir: Path, what: str, partial: bool = False):
+    """Turn a full disk while writing `what` into `output_dir` into DiskFull, saying how to go on. With `partial`,
+    `what` is a directory left half written, removed first: the space it holds is needed."""
+    try:
+        yield
+    except Exception as error:
+        if not disk_full(error, output_dir):
+            raise
+        if partial:
+            shutil.rmtree(output_dir / what, ignore_errors=True)
+        last = next((p.name for _, p in rundir.checkpoints(output_dir) if not rundir.checkpoint_problem(p)), None)
+        raise DiskFull(f"no space left on device while writing {what} into {output_dir}"
+                       f"{' (removed, unfinished)' if partial else ''}; free some space and run the same command "
+                       f"again{f' to resume from {last}' if last else ''}") from None
 
 
 def stop_before_training() -> None:

@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except resilience.Interrupted as error:
         print(f"error: {error}", file=sys.stderr)
         code = error.code
+    except resilience.DiskFull as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = errors.DISK_FULL
     finally:
         ranks.leave_process_group(wait=False)  # after an error; train() has left in step otherwise
     return launch.report_exit(code)
@@ -139,13 +142,15 @@ def train(recipe: Recipe):
 
         # 7. Save the adapter (or the full model) and the tokenizer; then every rank leaves the process group
         #    together, so that the main process's W&B upload can take as long as it needs.
-        trainer.save_model(str(output_dir))
+        with resilience.disk_full_said(output_dir, "the model"):
+            trainer.save_model(str(output_dir))
         ranks.leave_process_group(trainer)
 
         # 8. Summarise: the same numbers in summary.json, the W&B summary and on the console.
         if args.process_index == 0:
             summary = trainer.summary()
-            rundir.write_json(output_dir / rundir.SUMMARY, summary)
+            with resilience.disk_full_said(output_dir, rundir.SUMMARY):
+                rundir.write_json(output_dir / rundir.SUMMARY, summary)
             tracking.finish(attempt.run, plan, recipe, output_dir, summary)
             metrics.report(trainer, output_dir, summary)
     return trainer

@@ -15,7 +15,7 @@ from pathlib import Path
 from transformers import Trainer
 
 from finetune.metrics import MetricsCallback, batch_counts
-from finetune.resilience import NonFiniteGuard, PreemptionCallback, ResumedSettings
+from finetune.resilience import NonFiniteGuard, PreemptionCallback, ResumedSettings, disk_full_said
 
 logger = logging.getLogger("finetune")
 
@@ -158,7 +158,9 @@ class FinetuneTrainer(Trainer):
             self.guard.stop(self.control, f"non-finite weights at step {self.state.global_step}: this "
                                           "checkpoint was not written")
             return
-        super()._save_checkpoint(model, trial)
+        checkpoint = rundir.checkpoint_dir(Path(self.args.output_dir), self.state.global_step)
+        with disk_full_said(checkpoint.parent, checkpoint.name, partial=self.is_world_process_zero()):
+            super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()  # every rank has written its part (its RNG state, its shards)
         if self.is_world_process_zero():
             rundir.seal_checkpoint(rundir.checkpoint_dir(Path(self.args.output_dir), self.state.global_step))
