@@ -11,13 +11,16 @@ Labels are found in character space: the rendered text is tokenized once with of
 when it covers any character of a trainable span (so a token that straddles the boundary, like " Paris" after a
 prompt ending in a space, is trained: the model has to produce it). Chat templates are handled in
 `finetune.chat`. EOS is appended where the template doesn't already end the answer.
+
+A local file, or each file of a local directory, is checked before datasets reads it (`check_data_file`): the
+first bad line or row is named as written, in its file. CSV columns are read as text (`csv_as_text`).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -46,11 +49,17 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "tool": "tool"}
 
 
+def columns_format(columns) -> str | None:
+    """The first format (in FORMAT_COLUMNS' order) whose columns are all among `columns`; None when none is."""
+    return next((name for name, alternatives in FORMAT_COLUMNS.items()
+                 if any(all(column in columns for column in needed) for needed in alternatives)), None)
+
+
 def detect_format(columns: list[str]) -> str:
     """Pick the dataset format from column names. Raises UsageError when nothing fits."""
-    for name, alternatives in FORMAT_COLUMNS.items():
-        if any(all(column in columns for column in needed) for needed in alternatives):
-            return name
+    fmt = columns_format(columns)
+    if fmt is not None:
+        return fmt
     raise UsageError([
         f"dataset: can't tell the format from the columns {sorted(columns)}; expected `messages`, "
         "`instruction`+`output` (alpaca), `prompt`+`completion` or `text`, or set dataset_format"
@@ -93,8 +102,9 @@ FIELDS = {  # format: (required text fields, optional text fields)
 }
 
 
-def row_problem(example: dict[str, Any], fmt: str, roles: set[str]) -> str | None:
-    """What is wrong with one raw example for its format, in words a user can act on; None when it is usable."""
+def row_problem(example: dict[str, Any], fmt: str, roles: set[str] | None = None) -> str | None:
+    """What is wrong with one raw example for its format, in words a user can act on; None when it is usable.
+    `roles`: those the chat template renders; None leaves roles unchecked (before the tokenizer is known)."""
     present = sorted(k for k, v in example.items() if v is not None and k != ROW)
     if fmt in FIELDS:
         required, optional = FIELDS[fmt]
@@ -124,7 +134,7 @@ def row_problem(example: dict[str, Any], fmt: str, roles: set[str]) -> str | Non
             return f"message {number} ({role}) has no `content`"
         if not isinstance(content, str):
             return f"message {number} ({role}): `content` must be text, got {type(content).__name__} {content!r:.40}"
-        if role not in roles:
+        if roles is not None and role not in roles:
             from finetune.recipe import did_you_mean
 
             alias = ROLE_ALIASES.get(str(role).lower())
@@ -209,48 +219,115 @@ def _load_raw(data_args: DataArguments):
     from datasets import load_dataset
 
     name = data_args.dataset
-    if is_local_path(name) and Path(name).expanduser().is_file():
-        path = Path(name).expanduser()
-        builder = DATA_FILE_EXTENSIONS.get(path.suffix.lower())
-        if builder is None:
-            raise UsageError(f"dataset: {name!r} has an unsupported extension; use "
-                             f"{', '.join(sorted(DATA_FILE_EXTENSIONS))}")
-        problem = text_file_problem(path) if builder in ("json", "csv") else None
-        if problem:
-            raise UsageError(f"dataset {name}: {problem}")
+    path = Path(name).expanduser()
+    if not (is_local_path(name) and path.exists()):
         try:
-            return load_dataset(builder, data_files={"train": str(path)})
-        except Exception as error:  # pyarrow and datasets raise many types; the file itself says what is wrong
-            reason = file_problem(path) if builder == "json" else None
-            raise UsageError(f"dataset {name}: {reason or str(error).strip().splitlines()[0]}") from None
+            return load_dataset(name, data_args.dataset_config)
+        except FileNotFoundError as exc:
+            raise UsageError(f"dataset: can't load {name!r} ({str(exc).splitlines()[0]}); check the name, or "
+                             "download it first when running offline") from None
+        except (ConnectionError, OSError) as exc:
+            raise UsageError(f"dataset: can't reach the hub for {name!r} ({type(exc).__name__}); download it "
+                             "first or give a local file") from None
     try:
-        return load_dataset(name, data_args.dataset_config)
-    except FileNotFoundError as exc:
-        raise UsageError(f"dataset: can't load {name!r} ({str(exc).splitlines()[0]}); check the name, or "
-                           "download it first when running offline") from None
-    except (ConnectionError, OSError) as exc:
-        raise UsageError(f"dataset: can't reach the hub for {name!r} ({type(exc).__name__}); download it "
-                           "first or give a local file") from None
+        if path.is_file():
+            builder = DATA_FILE_EXTENSIONS.get(path.suffix.lower())
+            if builder is None:
+                raise UsageError(f"dataset: {name!r} has an unsupported extension; use "
+                                 f"{', '.join(sorted(DATA_FILE_EXTENSIONS))}")
+            files = {"train": [str(path)]}
+        else:
+            builder, files = local_data_files(name, data_args.dataset_config)
+        if builder in ("json", "csv"):
+            for file in (file for split_files in files.values() for file in split_files):
+                check_data_file(Path(file), name if path.is_file() else shown_file(name, file))
+        text_columns = csv_as_text(Path(next(iter(files.values()))[0])) if builder == "csv" else {}
+        if path.is_file():
+            return load_dataset(builder, data_files=files, **text_columns)
+        return load_dataset(name, data_args.dataset_config, **text_columns)
+    except UsageError:
+        raise
+    except FileNotFoundError as error:  # a directory without data files
+        raise UsageError(f"dataset {name}: {str(error).splitlines()[0]}; give a directory holding "
+                         f"{', '.join(sorted(DATA_FILE_EXTENSIONS))} files") from None
+    except Exception as error:  # pyarrow and datasets raise many types; the checks above caught what they could
+        reason = error.__cause__ or error  # datasets' DatasetGenerationError says only "An error occurred"
+        raise UsageError(f"dataset {name}: {(str(reason).strip() or type(reason).__name__).splitlines()[0]}") \
+            from None
+
+
+def local_data_files(directory: str, config: str | None) -> tuple[str, dict[str, list[str]]]:
+    """For a local dataset directory: the datasets builder that reads it ("json", "csv", ...) and each split's
+    files, in the order datasets reads them into the split."""
+    from datasets import load_dataset_builder
+
+    builder = load_dataset_builder(directory, config)
+    return builder.name, {str(split): list(files) for split, files in (builder.config.data_files or {}).items()}
+
+
+def shown_file(directory: str, file: str) -> str:
+    """A file of a dataset directory as a message names it: under the directory as the user wrote it."""
+    try:
+        return str(Path(directory) / Path(file).relative_to(Path(directory).expanduser().resolve()))
+    except ValueError:
+        return file
+
+
+def csv_as_text(path: Path) -> dict[str, Any]:
+    """load_dataset's arguments that read every column of a CSV file (named in its header, `path`) as text: a CSV
+    can't say a column holds numbers, and pandas would read answers like 52 as integers (one empty cell: floats),
+    and "None" or "NA" as missing. An empty cell is still missing."""
+    import pandas as pd
+    from datasets import Features, Value
+
+    columns = pd.read_csv(path, nrows=0).columns
+    return {"features": Features({column: Value("string") for column in columns}),
+            "keep_default_na": False, "na_values": [""]}
 
 
 NEWLINE = b"\n"
 
 
-def text_file_problem(path: Path) -> str | None:
-    """Whether a text data file is empty or not UTF-8 (where: line and byte), read once, streaming, and the answer
-    cached by the file's size and modification time (rereading a large file costs its size in disk reads)."""
-    import codecs
-
+def check_data_file(path: Path, shown: str) -> None:
+    """Refuse a local JSON Lines, JSON or CSV data file that is empty or not UTF-8 text, and a JSON one with a
+    line that isn't a JSON object, or a row that doesn't fit the format its keys name (`row_problem`, roles
+    aside). datasets would stop on such a line with a long traceback, and it changes values it can't type: a
+    number among strings turns the field into JSON, after which the string "7" reads back as the number 7 (so a
+    check of the loaded rows names the wrong row and a value the file doesn't hold), and a later file of a
+    directory is cast to the first one's types (5 becomes "5"). Raises UsageError naming the file as `shown` and
+    the line or row (rows count the non-empty lines, as datasets does). Read streaming, once: a file that passes
+    is remembered by its size and modification time (rereading a large file costs its size in disk reads)."""
     from finetune.config import cache_dir
 
     stat = path.stat()
-    stamp = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    stamp = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:rows"  # ":rows": its rows were checked too
     cache = cache_dir() / "data-checks.txt"
     try:
         if stamp in cache.read_text().splitlines():
-            return None
+            return
     except OSError:
         pass
+    problem = text_file_problem(path)
+    if problem:
+        raise UsageError(f"dataset {shown}: {problem}")
+    if DATA_FILE_EXTENSIONS.get(path.suffix.lower()) == "json":
+        for number, row in enumerate(json_rows(path, shown) or (), 1):
+            fmt = columns_format(row)
+            problem = row_problem(row, fmt) if fmt else None
+            if problem:
+                raise UsageError(f"dataset {shown}, row {number}: {problem}")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with cache.open("a") as handle:
+            handle.write(stamp + "\n")
+    except OSError:
+        pass
+
+
+def text_file_problem(path: Path) -> str | None:
+    """Whether a text data file is empty or not UTF-8 (where: line and byte), read streaming."""
+    import codecs
+
     decoder, offset, line, seen_text = codecs.getincrementaldecoder("utf-8")(), 0, 1, False
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(2**20), b""):
@@ -262,46 +339,77 @@ def text_file_problem(path: Path) -> str | None:
             offset, line, seen_text = offset + len(block), line + block.count(NEWLINE), seen_text or bool(text.strip())
     if not seen_text:
         return "the file is empty (or only whitespace); give a file with examples"
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with cache.open("a") as handle:
-            handle.write(stamp + "\n")
-    except OSError:
-        pass
     return None
 
 
-def file_problem(path: Path) -> str | None:
-    """The first line of a JSON Lines (or JSON) file that isn't UTF-8 text or valid JSON, said in words, read
-    streaming; None when every line is fine. Called when the file fails to load, to say why."""
+def json_rows(path: Path, shown: str) -> Iterator[dict[str, Any]] | None:
+    """The rows of a UTF-8 JSON Lines file, or of a JSON file holding a list, in order, as written; None for a
+    JSON file holding one object (datasets reads its columns with pandas). Raises UsageError naming the file as
+    `shown` and the line that isn't valid JSON, or not an object."""
     import json
 
-    offset = 0
+    if path.suffix.lower() == ".json":
+        try:
+            document = json.loads(path.read_bytes().decode("utf-8-sig"))
+        except json.JSONDecodeError as error:
+            if error.msg != "Extra data":  # more than one document: JSON Lines, read line by line below
+                raise UsageError(f"dataset {shown}: line {error.lineno}: not valid JSON ({error.msg}, column "
+                                 f"{error.colno})") from None
+        else:
+            if not isinstance(document, list):
+                return None
+            return (row if isinstance(row, dict) else {"text": row} for row in document)  # strings: a text column
+    return _json_lines(path, shown)
+
+
+def _json_lines(path: Path, shown: str) -> Iterator[dict[str, Any]]:
+    import json
+
     with path.open("rb") as handle:
-        if path.suffix.lower() == ".json" and handle.read(2**16).lstrip().startswith(b"["):
-            try:
-                json.loads(path.read_bytes().decode("utf-8"))
-            except UnicodeDecodeError as error:
-                return f"not UTF-8 text at byte {error.start}; save the file as UTF-8"
-            except ValueError as error:
-                return f"line {error.lineno}: not valid JSON ({error.msg}, column {error.colno})"
-            return None
-        handle.seek(0)
         for number, raw in enumerate(handle, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                return (f"line {number}: not UTF-8 text (byte {offset + error.start} of the file); save the file "
-                        "as UTF-8")
-            offset += len(raw)
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # datasets skips a byte order mark
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except ValueError as error:
-                return f"line {number}: not valid JSON ({error.msg}, column {error.colno})"
+                raise UsageError(f"dataset {shown}: line {number}: not valid JSON ({error.msg}, column "
+                                 f"{error.colno})") from None
             if not isinstance(row, dict):
-                return f"line {number}: expected a JSON object per line, got {type(row).__name__}"
+                raise UsageError(f"dataset {shown}: line {number}: expected a JSON object per line, got "
+                                 f"{type(row).__name__}")
+            yield row
+
+
+def row_place(dataset: str, config: str | None, split: str, index: int) -> tuple[str, int]:
+    """Where row `index` (0-based) of a split is, for a message: the file to name and the row's 1-based place in
+    it. A local directory's split is its files one after another; any other dataset is named as given."""
+    if is_local_path(dataset) and Path(dataset).expanduser().is_dir():
+        builder, files = local_data_files(dataset, config)
+        before = 0
+        for file in files.get(split, []):
+            rows = count_rows(builder, Path(file))
+            if rows is None:
+                break
+            if index < before + rows:
+                return shown_file(dataset, file), index - before + 1
+            before += rows
+    return dataset, index + 1
+
+
+def count_rows(builder: str, path: Path) -> int | None:
+    """How many rows datasets reads from one data file; None when this can't tell."""
+    if builder == "json":
+        rows = json_rows(path, str(path))
+        return None if rows is None else sum(1 for _ in rows)
+    if builder == "csv":
+        import pandas as pd
+
+        return len(pd.read_csv(path, dtype=str, keep_default_na=False))
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
     return None
 
 
@@ -312,16 +420,18 @@ def with_row_numbers(split):
     return split.add_column(ROW, list(range(len(split))))
 
 
-def _tokenize_row(example: dict[str, Any], dataset: str, roles: set[str] | None = None, **kwargs) -> dict[str, Any]:
-    """tokenize_example after the row's own check; a problem in one row is bad input that names the row (its
-    1-based place in the file: for JSON Lines, the n-th non-empty line)."""
+def _tokenize_row(example: dict[str, Any], dataset: str, roles: set[str] | None = None, split: str = "train",
+                  dataset_config: str | None = None, **kwargs) -> dict[str, Any]:
+    """tokenize_example after the row's own check; a problem in one row is bad input that names the file and the
+    row (its 1-based place in that file: for JSON Lines, the n-th non-empty line; see `row_place`)."""
     problem = row_problem(example, kwargs["fmt"], roles or {"system", "user", "assistant"})
     if problem is None:
         try:
             return tokenize_example(example, **kwargs)
         except chat.ConversationError as error:
             problem = str(error)
-    raise UsageError(f"dataset {dataset}, row {example[ROW] + 1}: {problem}")
+    shown, row = row_place(dataset, dataset_config, split, example[ROW])
+    raise UsageError(f"dataset {shown}, row {row}: {problem}")
 
 
 class Splits(NamedTuple):
@@ -334,12 +444,13 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
     """Load, format-check, shuffle, split and tokenize: the train split, the eval split (or None) and the format."""
     train, evaluation, fmt = raw_splits(data_args, tokenizer, seed, main_process_first)
 
-    def tokenize(split):
+    def tokenize(split, name: str):
         with main_process_first(desc="tokenizing"):
             tokenized = split.map(
                 _tokenize_row,
                 fn_kwargs={"fmt": fmt, "tokenizer": tokenizer, "max_length": data_args.max_length,
                            "train_on_prompt": data_args.train_on_prompt, "dataset": data_args.dataset,
+                           "dataset_config": data_args.dataset_config, "split": name,
                            "roles": template_roles(tokenizer)},
                 remove_columns=split.column_names,
                 desc="tokenizing",
@@ -373,7 +484,9 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
             tokenized = tokenized.select([i for i, lost in enumerate(answerless) if not lost])
         return tokenized
 
-    return Splits(tokenize(train), tokenize(evaluation) if evaluation is not None else None, fmt)
+    held_out_from = data_args.eval_split or data_args.dataset_split  # the split the eval rows are numbered in
+    return Splits(tokenize(train, data_args.dataset_split),
+                  tokenize(evaluation, held_out_from) if evaluation is not None else None, fmt)
 
 
 def raw_splits(data_args: DataArguments, tokenizer, seed: int, main_process_first: Callable):

@@ -38,6 +38,11 @@ DATA_CASES = {  # name: (file contents, the line the user sees after "error: dat
     "content is a number": (chat_rows(3, {"messages": [{"role": "user", "content": 5},
                                                        {"role": "assistant", "content": "x"}]}),
                             ", row 4: message 1 (user): `content` must be text, got int 5"),
+    "a number among answers that look like numbers": (
+        [json.dumps({"messages": [{"role": "user", "content": f"{row} + 0 ="},
+                                  {"role": "assistant", "content": 42 if row == 25 else str(row)}]})
+         for row in range(1, 41)],
+        ", row 25: message 2 (assistant): `content` must be text, got int 42"),
     "turn without content": (chat_rows(3, {"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}),
                              ", row 4: message 1 (user) has no `content`"),
     "messages null": (chat_rows(3, {"messages": None}),
@@ -83,6 +88,33 @@ def test_bad_data_is_one_line_naming_the_file_and_row(case, tmp_path, capsys, of
     assert main(tiny_args(tmp_path, dataset=data)) == errors.USAGE
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if line.startswith("error: ")] == [f"error: dataset {data}{expected}"]
+    assert "Traceback" not in err
+    assert_nothing_written(tmp_path)
+
+
+PROMPT_COMPLETION = [json.dumps({"prompt": f"Q{i}: capital of France? A: ", "completion": "Paris"}) for i in range(120)]
+DIRECTORY_CASES = {  # name: (line 6 of the directory's second file, what the user sees after "error: dataset FILE")
+    "malformed line": ('{"prompt": "Q: ", "completion": [oops]}', ": line 6: not valid JSON (Expecting value, "
+                       "column 34)"),
+    "no answer": (json.dumps({"prompt": "Q: "}), ", row 6: `completion` is missing or null (the row has prompt)"),
+    "answer is a number": (json.dumps({"prompt": "Q: ", "completion": 5}),
+                           ", row 6: `completion` must be text, got int 5"),
+}
+
+
+@pytest.mark.parametrize("case", DIRECTORY_CASES)
+def test_bad_data_in_a_directory_names_the_file_and_its_row(case, tmp_path, capsys, offline_wandb, monkeypatch):
+    """A directory's files are read as one split: the line names the file and the row within it, not the row of
+    the split."""
+    monkeypatch.chdir(REPO)
+    line, expected = DIRECTORY_CASES[case]
+    directory = tmp_path / "data"
+    directory.mkdir()
+    write_lines(directory / "a.jsonl", PROMPT_COMPLETION)
+    second = write_lines(directory / "b.jsonl", PROMPT_COMPLETION[:5] + [line] + PROMPT_COMPLETION[:3])
+    assert main(tiny_args(tmp_path, dataset=directory)) == errors.USAGE
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [f"error: dataset {second}{expected}"]
     assert "Traceback" not in err
     assert_nothing_written(tmp_path)
 

@@ -147,6 +147,23 @@ def test_messages_without_chat_template_is_refused(tokenizer, data_files):
         _split(data_files["messages"], plain)
 
 
+def test_csv_columns_are_text_and_an_empty_cell_is_a_missing_answer(tokenizer, tmp_path):
+    """A CSV can't say that a column holds numbers: answers that look like numbers, or like pandas' words for a
+    missing value, are trained on as written."""
+    import re
+
+    path = tmp_path / "sums.csv"
+    path.write_text("prompt,completion\n" + "".join(f"{i}+{i}=,{2 * i}\n" for i in range(1, 6)) +
+                    "Which of 4 6 8 is odd?,None\nBond's number:,007\n")
+    train, _ = _split(path, tokenizer, eval_size=0)
+    assert sorted(trained_text(tokenizer, row) for row in train) == \
+        ["007</s>", "10</s>", "2</s>", "4</s>", "6</s>", "8</s>", "None</s>"]
+    path.write_text(path.read_text() + "5+5=,\n")
+    with pytest.raises(UsageError, match=f"^dataset {re.escape(str(path))}, row 8: `completion` is missing or null "
+                                         r"\(the row has prompt\)$"):
+        _split(path, tokenizer, eval_size=0)
+
+
 def test_examples_without_answer_tokens_are_dropped(tokenizer, tmp_path):
     rows = [{"prompt": "p" * 100, "completion": "c"}, {"prompt": "short", "completion": "answer"}]
     path = write_jsonl(rows, tmp_path / "pc.jsonl")
