@@ -114,7 +114,9 @@ def run_benchmark(output_dir: Path, samples: int, max_new_tokens: int, warmup: i
     from finetune.model import load_for_inference
 
     recipe, tokenizer, model = load_for_inference(output_dir)
-    evaluation = load_splits(recipe.data, tokenizer, recipe.training.seed, lambda **_: nullcontext()).eval
+    evaluation = rundir.saved_eval_split(output_dir)
+    if evaluation is None and not (output_dir / rundir.EVAL_SPLIT).is_dir():  # a run of an earlier version
+        evaluation = load_splits(recipe.data, tokenizer, recipe.training.seed, lambda **_: nullcontext()).eval
     if evaluation is None:
         raise UsageError(f"{output_dir}: the run has no eval split to take prompts from")
     pairs = prompts_and_references(evaluation, tokenizer, samples)

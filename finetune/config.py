@@ -102,8 +102,8 @@ class ModelArguments:
             gguf = path.suffix.lower() == GGUF_SUFFIX
             if not (path.is_file() if gguf else path.is_dir()) and not is_embedded_asset(path):
                 problems.append(f"model_name_or_path: no such {'file' if gguf else 'directory'} "
-                                f"{self.model_name_or_path!r}; give a local model directory, a .gguf file or a hub "
-                                "model id")
+                                f"{self.model_name_or_path!r}{relative_note(path)}; give a local model directory, a "
+                                ".gguf file or a hub model id")
         _raise(problems)
 
 
@@ -136,11 +136,6 @@ class DataArguments:
         problems = []
         if not self.dataset:
             problems.append("dataset: missing; set it in the recipe or pass --dataset")
-        elif is_local_path(self.dataset):
-            path = Path(self.dataset).expanduser()
-            if not path.exists() and not is_embedded_asset(path):
-                problems.append(f"dataset: no such file {self.dataset!r}; give a local .json/.jsonl/.csv/.parquet "
-                                "file or a hub dataset name")
         if self.max_length < 1:
             problems.append(f"max_length: must be a positive integer, got {self.max_length}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
@@ -212,6 +207,38 @@ def range_problems(values: dict[str, Any]) -> list[str]:
 
 
 PATH_KEYS = ("model_name_or_path", "dataset", "output_dir", "resume_from_checkpoint")
+
+
+def dataset_problems(values: dict[str, Any]) -> list[str]:
+    """A local dataset that isn't there (checked for training; a finished run's follow-up commands don't need
+    its data)."""
+    dataset = values.get("dataset")
+    if not dataset or not is_local_path(dataset):
+        return []
+    path = Path(dataset).expanduser()
+    if path.exists() or is_embedded_asset(path):
+        return []
+    return [f"dataset: no such file {dataset!r}{relative_note(path)}; give a local .json/.jsonl/.csv/.parquet file "
+            "or a hub dataset name"]
+
+
+def relative_note(path: Path) -> str:
+    """For a missing path: where a relative one was looked for (recipes' paths are read from the working directory,
+    as on the command line; only `extends` is read from the recipe's own directory)."""
+    return "" if path.is_absolute() else f" (relative paths are read from the working directory, {Path.cwd()})"
+
+
+def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with each local path (PATH_KEYS) made absolute against the working directory, as a run resolves
+    them: what a finished run's recipe.yaml records, so that its follow-up commands work from any directory. Hub
+    names stay as they are."""
+    out = dict(values)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value and (key in ("output_dir", "resume_from_checkpoint")
+                                                 or is_local_path(value)):
+            out[key] = str(Path(value).expanduser().absolute())
+    return out
 
 
 def path_variable_problems(values: dict[str, Any]) -> list[str]:

@@ -87,8 +87,10 @@ def tiny_task(directory: Path = TINY_TASK_DIR) -> Path:
     from finetune.data import raw_splits
     from finetune.model import load_tokenizer
     from finetune.recipe import load_recipe
+    from finetune.tiny import ASSETS_DIR
 
-    recipe = load_recipe([str(Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml")])
+    recipe = load_recipe([str(ASSETS_DIR.parent.parent / "recipes" / "tiny.yaml"), "--model_name_or_path",
+                          str(ASSETS_DIR / "model"), "--dataset", str(ASSETS_DIR / "tasks.jsonl")])
     _, held_out, _ = raw_splits(recipe.data, load_tokenizer(recipe.model), recipe.training.seed,
                                 lambda **_: nullcontext())
     return write_task(directory, TINY_TASK, chat_rows(held_out))

@@ -87,10 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output_dir", type=Path, help="a finished LoRA/QLoRA run's output_dir")
     parser.add_argument("--out", type=Path, default=None, help="where to save (default: OUTPUT_DIR/merged)")
     args = parser.parse_args(argv)
-    from finetune import logs
-
-    if (args.output_dir / rundir.RECIPE).is_file() and not logs.verbose():
-        logs.quiet_third_party()  # before the recipe loads transformers: some of its libraries' noise is at import
     try:
         destination = merge(args.output_dir, args.out or args.output_dir / "merged")
     except UsageError as error:

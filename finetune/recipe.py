@@ -210,9 +210,11 @@ def check_keys(merged: dict[str, Any], overrides: dict[str, Any], path: Path,
 Hardware = Callable[[config.ModelArguments, dict[str, Any]], dict[str, Any]]
 
 
-def read_checked(argv: list[str]) -> tuple[Path, dict[str, Any], dict[str, Any], dict[type, Any]]:
-    """Everything `load_recipe` checks that needs no torch: the files, every key and value, and the combinations
-    of the toolkit's own keys. Returns (recipe path, merged keys, checked values, the toolkit's groups)."""
+def read_checked(argv: list[str], data_needed: bool = True) -> tuple[Path, dict[str, Any], dict[str, Any],
+                                                                     dict[type, Any]]:
+    """Everything `load_recipe` checks that needs no torch: the files (the dataset's only when `data_needed`),
+    every key and value, and the combinations of the toolkit's own keys. Returns (recipe path, merged keys,
+    checked values, the toolkit's groups)."""
     if not argv or argv[0].startswith("--"):
         raise UsageError("usage: finetune/run.py RECIPE.yaml [--key value ...]; the recipe path comes first (see "
                          "recipes/)")
@@ -224,6 +226,7 @@ def read_checked(argv: list[str]) -> tuple[Path, dict[str, Any], dict[str, Any],
     if problems:
         raise UsageError(problems)
     problems += config.range_problems(values) + config.path_variable_problems(values)
+    problems += config.dataset_problems(values) if data_needed else []
     problems += [p for p in [config.output_dir_problem(values.get("output_dir", ""))] if p]
     groups = {}
     for cls in config.GROUPS:
@@ -236,15 +239,16 @@ def read_checked(argv: list[str]) -> tuple[Path, dict[str, Any], dict[str, Any],
     return path, merged, values, groups
 
 
-def load_recipe(argv: list[str], hardware: Hardware | None = None) -> Recipe:
+def load_recipe(argv: list[str], hardware: Hardware | None = None, data_needed: bool = True) -> Recipe:
     """Parse `RECIPE.yaml [--key value ...]` into a validated Recipe.
 
     `hardware`, given the model arguments and the Trainer's keys, returns TrainingArguments defaults that follow
     the machine (the runner passes `finetune.model.hardware_defaults`); keys the recipe sets keep their value.
+    `data_needed=False`: a local dataset may be gone (a finished run's recipe, for commands that don't train).
     Raises UsageError listing every problem found: unknown keys (with a suggestion), wrong types, values outside
     their choices, impossible combinations and missing local files. Nothing is written and no model is loaded.
     """
-    path, merged, values, groups = read_checked(argv)
+    path, merged, values, groups = read_checked(argv, data_needed)
     ours = set().union(*(config.group_fields(cls) for cls in config.GROUPS))
     training_values = {k: v for k, v in values.items() if k not in ours}
     if "gradient_checkpointing_kwargs" in training_values:
@@ -265,10 +269,12 @@ def load_recipe(argv: list[str], hardware: Hardware | None = None) -> Recipe:
     return Recipe(model=model, data=data, tracking=tracking, run=run, training=training, source=merged, path=path)
 
 
-def recipe_yaml(recipe: Recipe) -> str:
-    """The recipe as YAML: every key with its effective value (see Recipe.resolved); loads back with load_recipe."""
+def recipe_yaml(recipe: Recipe, absolute: bool = False) -> str:
+    """The recipe as YAML: every key with its effective value (see Recipe.resolved); loads back with load_recipe.
+    `absolute`: local paths made absolute (`config.absolute_paths`), as a run's recipe.yaml records them."""
     header = f"# Resolved from {recipe.path} with command-line overrides; every key with its effective value.\n"
-    return header + yaml.safe_dump(recipe.resolved(), sort_keys=False, default_flow_style=False)
+    values = config.absolute_paths(recipe.resolved()) if absolute else recipe.resolved()
+    return header + yaml.safe_dump(values, sort_keys=False, default_flow_style=False)
 
 
 

@@ -163,8 +163,10 @@ def changed_settings(recipe: Recipe, run_dir: Path) -> dict[str, tuple]:
     saved_file = run_dir / rundir.RECIPE
     if not saved_file.is_file():
         return {}
-    saved = yaml.safe_load(saved_file.read_text()) or {}
-    now = recipe.resolved()
+    from finetune.config import absolute_paths
+
+    saved = absolute_paths(yaml.safe_load(saved_file.read_text()) or {})  # relative in runs of earlier versions
+    now = absolute_paths(recipe.resolved())
     changed = {key: (saved.get(key), value) for key, value in now.items()
                if key not in NOT_COMPARED and key in saved and saved[key] != value}
     fixed = [f"{key} ({before!r} -> {after!r})" for key, (before, after) in changed.items()

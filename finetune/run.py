@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from finetune import errors, hub, launch, logs
+from finetune import errors, hub, launch, logs, tracking
 from finetune.config import Recipe
 from finetune.errors import UsageError
 from finetune.recipe import help_text, read_checked, recipe_yaml
@@ -36,9 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     flags = [token for token in argv if token in FLAGS]
     argv = [token for token in argv if token not in FLAGS]
     try:
-        path, _, _, groups = read_checked(argv)  # keys, values, combinations: a typo is reported before torch loads
+        # Keys, values, combinations: a typo is reported before torch loads.
+        path, _, values, groups = read_checked(argv)
         if "--print_config" not in flags:
             hub.check(path, groups)  # a hub model or dataset this machine can't fetch: now, not after retries
+        if not flags:
+            tracking.check(values)  # WANDB_* and wandb_* values W&B would refuse: now, not after the model loads
     except UsageError as error:
         return launch.report_exit(errors.report(error))
 
@@ -100,7 +103,9 @@ def train(recipe: Recipe):
     from finetune.trainer import build_trainer
 
     args, output_dir = recipe.training, Path(recipe.training.output_dir)
-    recipe_text = recipe_yaml(recipe)  # as given: tracking sets the Trainer's report_to and run_name below
+    # As given (tracking sets the Trainer's report_to and run_name below), local paths absolute: the run's
+    # follow-up commands (chat, eval, bench, merge) then work from any directory.
+    recipe_text = recipe_yaml(recipe, absolute=True)
     logs.setup(args.process_index == 0)
     ranks.check_launch(args)
     with resilience.Attempt(output_dir, main=args.process_index == 0) as attempt:
@@ -140,10 +145,12 @@ def train(recipe: Recipe):
         if eval_set is not None and not trainer.metrics.evaluated_at(trainer.state.global_step):
             trainer.evaluate()
 
-        # 7. Save the adapter (or the full model) and the tokenizer; then every rank leaves the process group
-        #    together, so that the main process's W&B upload can take as long as it needs.
+        # 7. Save the adapter (or the full model), the tokenizer and the eval split; then every rank leaves the
+        #    process group together, so that the main process's W&B upload can take as long as it needs.
         with resilience.disk_full_said(output_dir, "the model"):
             trainer.save_model(str(output_dir))
+            if args.process_index == 0:
+                rundir.save_eval_split(output_dir, eval_set)  # what `finetune bench` prompts with, data or not
         ranks.leave_process_group(trainer)
 
         # 8. Summarise: the same numbers in summary.json, the W&B summary and on the console.

@@ -8,6 +8,7 @@
       wandb_run.json   the W&B run id, so that a resumed run continues it
       bench.json       the inference benchmark (finetune.bench)
       eval.json        lm-evaluation-harness results (finetune.evaluate)
+      eval_split/      the tokenized eval split (datasets' save_to_disk): a finished run's benchmark needs no data
       checkpoint-N/    Trainer checkpoints
 
 Everything else asks this module for those names. A write goes to a temporary file in the same directory and is
@@ -31,6 +32,7 @@ SUMMARY = "summary.json"
 WANDB_RUN = "wandb_run.json"
 BENCH = "bench.json"
 EVAL = "eval.json"
+EVAL_SPLIT = "eval_split"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # A checkpoint's model weights (adapter, full model, or a sharded full model) and its optimizer state.
@@ -45,6 +47,31 @@ def write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def save_eval_split(output_dir: Path, split) -> None:
+    """Keep the run's tokenized eval split (a datasets.Dataset; None: the run has none, kept as an empty directory)
+    beside its model, written to a temporary directory and renamed into place."""
+    target = output_dir / EVAL_SPLIT
+    if split is None:
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir()
+        return
+    staging = output_dir / f".{EVAL_SPLIT}.{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    split.save_to_disk(str(staging))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+
+
+def saved_eval_split(output_dir: Path):
+    """The eval split a run saved (`save_eval_split`), or None: the run has none (an empty EVAL_SPLIT), or is of an
+    earlier version (no EVAL_SPLIT)."""
+    if not (output_dir / EVAL_SPLIT / "state.json").is_file():
+        return None
+    from datasets import load_from_disk
+
+    return load_from_disk(str(output_dir / EVAL_SPLIT))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -199,12 +226,16 @@ def shown(names: list[str], limit: int = 4) -> str:
 # A finished run, read back ------------------------------------------------------------------------------------
 
 def trained_recipe(output_dir: Path):
-    """The recipe of a finished training run in `output_dir`. Raises UsageError when it is not one."""
+    """The recipe of a finished training run in `output_dir`; its data need not be there any more. Raises
+    UsageError when it is not one."""
+    from finetune import logs
     from finetune.recipe import load_recipe
 
     if not (output_dir / RECIPE).is_file():
         raise UsageError(f"{output_dir}: no {RECIPE}; give the output_dir of a finished training run")
-    recipe = load_recipe([str(output_dir / RECIPE)])
+    if not logs.verbose():
+        logs.quiet_third_party()  # before the recipe loads transformers: some of its libraries' noise is at import
+    recipe = load_recipe([str(output_dir / RECIPE)], data_needed=False)
     if recipe.model.use_lora and not (output_dir / ADAPTER_WEIGHTS).is_file():
         raise UsageError(f"{output_dir}: no {ADAPTER_WEIGHTS}; has the training finished?")
     return recipe
@@ -245,7 +276,7 @@ PREVIOUS = ".finetune-previous"  # the run an overwrite replaces, kept until the
 WRITTEN_BY_RUN = (RECIPE, SUMMARY, WANDB_RUN, BENCH, EVAL, "README.md", "config.json", "generation_config.json",
                   "adapter_*", "model*.safetensors*", "pytorch_model*", "tokenizer*", "special_tokens_map.json",
                   "added_tokens.json", "chat_template.jinja", "vocab.*", "merges.txt", "training_args.bin",
-                  "checkpoint-*", "merged")
+                  "checkpoint-*", "merged", EVAL_SPLIT)
 
 
 def foreign_files(output_dir: Path) -> list[str]:

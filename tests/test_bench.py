@@ -169,3 +169,33 @@ def test_merge_writes_only_where_nothing_is_lost(trained_runs, llama_dir, data_f
         assert main([str(run), "--out", str(merged)]) == 0
     assert (merged / "model.safetensors").is_file()
     assert sorted(p.name for p in merged.parent.iterdir()) == ["merged"]
+
+
+def test_a_finished_run_is_served_from_anywhere_without_its_training_data(llama_dir, data_files, tmp_path,
+                                                                          monkeypatch):
+    """Chat, bench and merge of a run whose recipe used relative paths, from another working directory, after its
+    training data moved away: the run's recipe.yaml records absolute paths and its eval split."""
+    import shutil
+
+    from finetune import rundir
+
+    workdir = tmp_path / "project"
+    (workdir / "data").mkdir(parents=True)
+    shutil.copy(data_files["messages"], workdir / "data" / "chat.jsonl")
+    monkeypatch.chdir(workdir)
+    train_and_summarise("lora_bf16", model_name_or_path=llama_dir, dataset="data/chat.jsonl",
+                        output_dir="outputs/run", max_steps=2, dtype="float32", eval_size=6)
+    run = workdir / "outputs" / "run"
+    before = bench.run_benchmark(run, samples=4, max_new_tokens=4, warmup=0)
+    (workdir / "data" / "chat.jsonl").rename(tmp_path / "moved.jsonl")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    recipe = rundir.trained_recipe(run)
+    assert recipe.data.dataset == str(workdir / "data" / "chat.jsonl")
+    assert recipe.training.output_dir == str(run)
+    load_for_inference(run)  # what `finetune chat` loads
+    after = bench.run_benchmark(run, samples=4, max_new_tokens=4, warmup=0)
+    assert after[bench.SAMPLES] == before[bench.SAMPLES]  # the same prompts, from the saved eval split
+    assert merge(run, run / "merged") == run / "merged" and (run / "merged" / "config.json").is_file()
+    assert not (elsewhere / "outputs").exists() and list(elsewhere.iterdir()) == []
