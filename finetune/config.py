@@ -288,9 +288,6 @@ class Recipe:
                             "eval_strategy: no or hold out some examples")
         if self.training.max_steps <= 0 and self.training.num_train_epochs <= 0:
             problems.append("max_steps and num_train_epochs are both <= 0; set one of them to a positive number")
-        protected = protected_problem(Path(self.training.output_dir), self.model.model_name_or_path, self.data.dataset)
-        if protected:
-            problems.append(protected)
         if self.training.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
             problems.append("use_liger_kernel: needs the liger-kernel package (Triton kernels for CUDA GPUs); pip "
                             "install liger-kernel, or set use_liger_kernel: false")

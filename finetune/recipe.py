@@ -227,7 +227,9 @@ def read_checked(argv: list[str], data_needed: bool = True) -> tuple[Path, dict[
         raise UsageError(problems)
     problems += config.range_problems(values) + config.path_variable_problems(values)
     problems += config.dataset_problems(values) if data_needed else []
-    problems += [p for p in [config.output_dir_problem(values.get("output_dir", ""))] if p]
+    output_dir = str(values.get("output_dir", ""))
+    problems += [p for p in [config.output_dir_problem(output_dir), output_dir.strip() and config.protected_problem(
+        Path(output_dir), values.get("model_name_or_path") or "", values.get("dataset") or "")] if p]
     groups = {}
     for cls in config.GROUPS:
         try:

@@ -102,21 +102,6 @@ def _finish_first(signum, frame) -> None:
 _finishing_signals = 0
 
 
-# Settings a resumed run cannot change: what is trained (model, adapter shape, quantization, data and its order)
-# and how (the optimizer and learning-rate schedule restored from the checkpoint). Every other key may change
-# on resume (steps, saving, evaluation, logging, tracking), and the change applies from the resume step.
-FIXED_ON_RESUME = (
-    "model_name_or_path", "dtype", "trust_remote_code", "quantization", "bnb_4bit_quant_type",
-    "bnb_4bit_use_double_quant", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-    "dataset", "dataset_format", "dataset_config", "dataset_split", "eval_split", "eval_fraction", "eval_size",
-    "max_train_samples", "max_length", "train_on_prompt", "seed", "data_seed", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
-    "weight_decay", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16",
-    "fp16",
-)
-NOT_COMPARED = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "auto_resume", "run_name")
-
-
 def plan_resume(recipe: Recipe) -> tuple[Path | None, dict[str, tuple]]:
     """(the checkpoint to resume from or None, the settings that changed since the run's last segment).
     Checks only; deletes and loads nothing.
@@ -134,20 +119,10 @@ def plan_resume(recipe: Recipe) -> tuple[Path | None, dict[str, tuple]]:
         if problem:
             raise UsageError(f"resume_from_checkpoint: {explicit}: {problem}")
         return path, changed_settings(recipe, path.parent)
-    foreign = rundir.foreign_problem(output_dir, "output_dir", overwrite=recipe.run.overwrite_output_dir)
-    if foreign:
-        raise UsageError(foreign)
+    rundir.refuse_occupied(output_dir, recipe.run.overwrite_output_dir, recipe.run.auto_resume)
     if recipe.run.overwrite_output_dir:
         return None, {}
-    if rundir.is_finished(output_dir):
-        raise UsageError(f"output_dir: {output_dir} already holds a finished run ({rundir.SUMMARY}); choose another "
-                         "output_dir, or pass --overwrite_output_dir true to replace it")
-    found = rundir.checkpoints(output_dir)
-    if found and not recipe.run.auto_resume:
-        raise UsageError(f"output_dir: {output_dir} has checkpoints ({found[0][1].name} newest) and auto_resume is "
-                         "off; pass --overwrite_output_dir true to start over, or drop --auto_resume false to "
-                         "continue")
-    for _, path in found:
+    for _, path in rundir.checkpoints(output_dir):
         problem = rundir.checkpoint_problem(path)
         if problem is None:
             return path, changed_settings(recipe, output_dir)
@@ -156,29 +131,8 @@ def plan_resume(recipe: Recipe) -> tuple[Path | None, dict[str, tuple]]:
 
 
 def changed_settings(recipe: Recipe, run_dir: Path) -> dict[str, tuple]:
-    """{key: (before, now)} for every setting that differs from the recipe the run in `run_dir` last ran with.
-    Raises UsageError naming each one that a resumed run cannot change."""
-    import yaml
-
-    saved_file = run_dir / rundir.RECIPE
-    if not saved_file.is_file():
-        return {}
-    from finetune.config import absolute_paths
-
-    saved = absolute_paths(yaml.safe_load(saved_file.read_text()) or {})  # relative in runs of earlier versions
-    now = absolute_paths(recipe.resolved())
-    changed = {key: (saved.get(key), value) for key, value in now.items()
-               if key not in NOT_COMPARED and key in saved and saved[key] != value}
-    fixed = [f"{key} ({before!r} -> {after!r})" for key, (before, after) in changed.items()
-             if key in FIXED_ON_RESUME]
-    trained_on = (rundir.segments(run_dir) or [{}])[-1].get("dataset_sha256")
-    if trained_on and "dataset" not in changed and rundir.content_digest(Path(recipe.data.dataset)) != trained_on:
-        fixed.append(f"dataset (the content of {recipe.data.dataset} changed since the run last trained on it)")
-    if fixed:
-        raise UsageError(f"output_dir: resuming the run in {run_dir}, whose model, data, optimizer and schedule "
-                         f"a resumed run continues; these settings differ from it: {', '.join(fixed)}. Rerun with "
-                         "the run's values, or start over with --overwrite_output_dir true (or another output_dir)")
-    return changed
+    """rundir.changed_settings for the whole resolved recipe (every key, defaults included)."""
+    return rundir.changed_settings(recipe.resolved(), run_dir)
 
 
 class PreemptionCallback(TrainerCallback):

@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from finetune import errors, hub, launch, logs, tracking
+from finetune import errors, hub, launch, logs, rundir, tracking
 from finetune.config import Recipe
 from finetune.errors import UsageError
 from finetune.recipe import help_text, read_checked, recipe_yaml
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             hub.check(path, groups)  # a hub model or dataset this machine can't fetch: now, not after retries
         if not flags:
             tracking.check(values)  # WANDB_* and wandb_* values W&B would refuse: now, not after the model loads
+            rundir.check_output_dir(values)  # in use, occupied, or resumed with changed settings: now too
     except UsageError as error:
         return launch.report_exit(errors.report(error))
 

@@ -264,6 +264,88 @@ def prepare(output_dir: Path, recipe_text: str, segment: dict[str, Any]) -> None
     write_text(output_dir / RECIPE, recipe_text + "".join(f"{line}\n" for line in history))
 
 
+# Resuming: what a resumed run may change -------------------------------------------------------------------------
+
+# Settings a resumed run cannot change: what is trained (model, adapter shape, quantization, data and its order)
+# and how (the optimizer and learning-rate schedule restored from the checkpoint). Every other key may change
+# on resume (steps, saving, evaluation, logging, tracking), and the change applies from the resume step.
+FIXED_ON_RESUME = (
+    "model_name_or_path", "dtype", "trust_remote_code", "quantization", "bnb_4bit_quant_type",
+    "bnb_4bit_use_double_quant", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "dataset", "dataset_format", "dataset_config", "dataset_split", "eval_split", "eval_fraction", "eval_size",
+    "max_train_samples", "max_length", "train_on_prompt", "seed", "data_seed", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
+    "weight_decay", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16",
+    "fp16",
+)
+NOT_COMPARED = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "auto_resume", "run_name")
+
+
+
+
+def changed_settings(now: dict[str, Any], run_dir: Path) -> dict[str, tuple]:
+    """{key: (before, now)} for every key of `now` (recipe keys and values) that differs from the recipe the run in
+    `run_dir` last ran with. Raises UsageError naming each one that a resumed run cannot change, and a local dataset
+    whose content changed since (its digest, recorded with each segment)."""
+    import yaml
+
+    from finetune.config import absolute_paths
+
+    saved_file = run_dir / RECIPE
+    if not saved_file.is_file():
+        return {}
+    saved = absolute_paths(yaml.safe_load(saved_file.read_text()) or {})  # relative in runs of earlier versions
+    now = absolute_paths(now)
+    changed = {key: (saved.get(key), value) for key, value in now.items()
+               if key not in NOT_COMPARED and key in saved and saved[key] != value}
+    fixed = [f"{key} ({before!r} -> {after!r})" for key, (before, after) in changed.items()
+             if key in FIXED_ON_RESUME]
+    trained_on = (segments(run_dir) or [{}])[-1].get("dataset_sha256")
+    dataset = now.get("dataset", saved.get("dataset"))
+    if trained_on and "dataset" not in changed and dataset and content_digest(Path(dataset)) != trained_on:
+        fixed.append(f"dataset (the content of {dataset} changed since the run last trained on it)")
+    if fixed:
+        raise UsageError(f"output_dir: resuming the run in {run_dir}, whose model, data, optimizer and schedule "
+                         f"a resumed run continues; these settings differ from it: {', '.join(fixed)}. Rerun with "
+                         "the run's values, or start over with --overwrite_output_dir true (or another output_dir)")
+    return changed
+
+
+def refuse_occupied(output_dir: Path, overwrite: bool, auto_resume: bool) -> None:
+    """Raise UsageError when a run may not write into `output_dir` as asked: files no run wrote (`foreign_problem`),
+    a finished run (without `overwrite`), checkpoints with auto_resume off."""
+    foreign = foreign_problem(output_dir, "output_dir", overwrite=overwrite)
+    if foreign:
+        raise UsageError(foreign)
+    if overwrite:
+        return
+    if is_finished(output_dir):
+        raise UsageError(f"output_dir: {output_dir} already holds a finished run ({SUMMARY}); choose another "
+                         "output_dir, or pass --overwrite_output_dir true to replace it")
+    found = checkpoints(output_dir)
+    if found and not auto_resume:
+        raise UsageError(f"output_dir: {output_dir} has checkpoints ({found[0][1].name} newest) and auto_resume is "
+                         "off; pass --overwrite_output_dir true to start over, or drop --auto_resume false to "
+                         "continue")
+
+
+def check_output_dir(values: dict[str, Any]) -> None:
+    """Before anything heavy loads, from the recipe's own keys (`recipe.read_checked`): raise UsageError when its
+    output_dir is in use by a running training, may not be written as asked (`refuse_occupied`), or holds a run to
+    resume whose fixed settings these keys change. The run checks all of this again once it holds the directory
+    (finetune.resilience.plan_resume), with every key's effective value."""
+    output_dir = Path(values["output_dir"]).expanduser()
+    holder = lock_holder(output_dir)
+    if holder:
+        raise UsageError(in_use(output_dir, holder))
+    if values.get("resume_from_checkpoint"):
+        return
+    refuse_occupied(output_dir, bool(values.get("overwrite_output_dir")), values.get("auto_resume", True))
+    if not values.get("overwrite_output_dir") and any((path / "trainer_state.json").is_file()
+                                                      for _, path in checkpoints(output_dir)):
+        changed_settings(values, output_dir)
+
+
 # Ownership and the lock ----------------------------------------------------------------------------------------
 
 MARKER = ".finetune-run"  # JSON: this directory belongs to a finetune run (and the history of its segments)
@@ -291,6 +373,27 @@ def foreign_files(output_dir: Path) -> list[str]:
     if recipe.is_file() and recipe.read_text(errors="replace").startswith("# Resolved from"):
         return []
     return entries
+
+
+def in_use(output_dir: Path, holder: str) -> str:
+    return f"output_dir: {output_dir} is in use by a running training ({holder}); wait for it to end, or choose " \
+           "another output_dir"
+
+
+def lock_holder(output_dir: Path) -> str | None:
+    """Who holds the lock of `output_dir` (pid, host, start time), or None when nobody does. Takes no lock."""
+    import fcntl
+
+    try:
+        handle = open(output_dir / LOCK)  # noqa: SIM115 - closed below, the lock with it
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return handle.read().strip() or "another process"
+    return None
 
 
 class Claim:
@@ -323,8 +426,7 @@ class Claim:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise UsageError(f"output_dir: {self.output_dir} is in use by a running training ({holder}); wait for "
-                             "it to end, or choose another output_dir") from None
+            raise UsageError(in_use(self.output_dir, holder)) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")

@@ -132,6 +132,39 @@ def test_an_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(llama
     assert json.loads((out / rundir.SUMMARY).read_text())["final/total_steps"] == 2
 
 
+def refused_without_torch(argv: list[str], cwd: Path) -> str:
+    """Run finetune.run's main in a fresh interpreter; assert it refused (exit 2) without importing torch. Returns
+    its one error line."""
+    probe = ("import sys; from finetune.run import main; code = main(sys.argv[1:]); "
+             "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=cwd,
+                            timeout=120, env=subprocess_env(WANDB_DISABLED="true"))
+    assert result.returncode == errors.USAGE and result.stdout.strip() == "no torch", result.stderr[-2000:]
+    (line,) = error_lines(result.stderr)
+    return line
+
+
+def test_a_run_that_would_be_refused_is_refused_before_torch_loads(llama_dir, text_data, tmp_path):
+    """The output directory's refusals need no model: in use, the base model's directory, a finished run, a resume
+    with a changed fixed setting. Each is one line before torch is imported (about 0.3 s, not 20-40 s)."""
+    out = tmp_path / "out"
+    assert main(args(llama_dir, text_data, out, steps=4, save_steps=2)) == errors.OK
+    assert "already holds a finished run" in refused_without_torch(args(llama_dir, text_data, out), tmp_path)
+    (out / rundir.SUMMARY).unlink()  # unfinished, with checkpoints: a rerun resumes
+    line = refused_without_torch(args(llama_dir, text_data, out, learning_rate=0.5), tmp_path)
+    assert "these settings differ from it: learning_rate (0.01 -> 0.5)" in line
+    assert "model_name_or_path directory" in refused_without_torch(
+        args(llama_dir, text_data, llama_dir / "sub"), tmp_path)
+    claim = rundir.Claim(out)
+    claim.acquire()
+    try:
+        line = refused_without_torch(args(llama_dir, text_data, out), tmp_path)
+    finally:
+        claim.release()
+    assert f"output_dir: {out} is in use by a running training (pid {os.getpid()} on " in line
+    assert main(args(llama_dir, text_data, out, steps=4, save_steps=2)) == errors.OK  # the checks let a resume by
+
+
 # 3. Two runs into one directory.
 
 @pytest.mark.slow
