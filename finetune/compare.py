@@ -122,16 +122,38 @@ def cell(row: dict[str, Any], key: str, fmt: str) -> str:
     return "-" if value is None or value == "" else fmt.format(value)
 
 
+OUTPUTS = ("comparison.md", "comparison.csv", "pareto.png")  # everything a comparison writes into --out
+
+
+def destination_problem(out: Path) -> str | None:
+    """Why the comparison must not be written into `out`, or None: it is new, empty, or an earlier comparison's;
+    never a run's directory, nor one holding other files (a model's, a dataset's, anyone's)."""
+    if out.exists() and not out.is_dir():
+        return f"--out: {out} is a file; give a directory"
+    if not out.is_dir():
+        return None
+    if (out / rundir.RECIPE).is_file() or (out / rundir.MARKER).exists():
+        return f"--out: {out} is a training run's directory; give a directory of its own (default outputs/comparison)"
+    others = sorted(path.name for path in out.iterdir() if path.name not in OUTPUTS)
+    if others:
+        return (f"--out: {out} holds files no comparison wrote ({rundir.shown(others)}); give a new or empty "
+                "directory, or an earlier comparison's")
+    return None
+
+
 def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
+    import io
+
     columns = COLUMNS + harness_columns(rows)
     header = "| " + " | ".join(h for _, h, _ in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
     lines = [header, rule] + ["| " + " | ".join(cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
-    (out / "comparison.md").write_text("\n".join(lines) + "\n")
-    with (out / "comparison.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[k for k, _, _ in columns])
-        writer.writeheader()
-        writer.writerows({k: r.get(k) for k, _, _ in columns} for r in rows)
+    rundir.write_text(out / "comparison.md", "\n".join(lines) + "\n")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=[k for k, _, _ in columns])
+    writer.writeheader()
+    writer.writerows({k: r.get(k) for k, _, _ in columns} for r in rows)
+    rundir.write_text(out / "comparison.csv", table.getvalue())
 
 
 def quality_axis(rows: list[dict[str, Any]], requested: str | None = None) -> tuple[str, str, bool]:
@@ -205,8 +227,10 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, quality: str | None = No
         axis.set_title(f"quality vs {cost_label.split(' (')[0]}")
     figure.suptitle("Fine-tuning variants: red points are on the Pareto frontier (nothing beats them on both axes)")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    partial = path.with_name(f".{path.name}.partial.png")
+    figure.savefig(partial, dpi=120)
     plt.close(figure)
+    partial.replace(path)
     return path
 
 
@@ -225,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             raise UsageError("no runs to compare; pass run directories or --wandb_project")
         quality_axis(rows, args.quality)  # refused before anything is written
+        problem = destination_problem(args.out)
+        if problem:
+            raise UsageError(problem)
     except UsageError as error:
         return errors.report(error)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -366,9 +366,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(problem)
             defaults = default_tasks(base)
             out = args.out or Path("outputs") / f"base-{model_label(base)}"
-            if out.exists() and is_run(out):
-                raise UsageError(f"--out: {out} is a training run; give another directory for the base model's "
-                                 "results")
+            problem = out_problem(out, args.target)
+            if problem:
+                raise UsageError(problem)
         if args.tasks:
             tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         elif defaults:
@@ -393,6 +393,25 @@ def main(argv: list[str] | None = None) -> int:
     print(format_results(results))
     print(f"eval: {out / rundir.EVAL} ({summary['lm_eval/seconds']:.1f} s)", file=sys.stderr)
     return errors.OK
+
+
+def out_problem(out: Path, model: Path) -> str | None:
+    """Why a bare model's results must not go into `out`, or None: it is new, empty, or holds only an earlier
+    eval.json; never a training run's directory, the model's own, or a directory of other files."""
+    from finetune.config import protected_problem
+
+    if out.exists() and is_run(out):
+        return f"--out: {out} is a training run; give another directory for the base model's results"
+    problem = protected_problem(out, str(model), "", option="--out")
+    if problem:
+        return problem
+    if out.exists() and not out.is_dir():
+        return f"--out: {out} is a file; give a directory"
+    others = sorted(path.name for path in out.iterdir() if path.name != rundir.EVAL) if out.is_dir() else []
+    if others:
+        return (f"--out: {out} holds files no evaluation wrote ({rundir.shown(others)}); give a new or empty "
+                "directory")
+    return None
 
 
 def base_model_problem(target: Path) -> str | None:

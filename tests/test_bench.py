@@ -119,6 +119,27 @@ def test_compare_writes_table_csv_and_a_png(trained_runs, tmp_path):
     assert image.shape[0] > 300 and image.shape[1] > 600
 
 
+def test_compare_writes_only_where_nothing_is_lost(trained_runs, llama_dir, tmp_path, capsys):
+    runs = [str(trained_runs["qlora"]), str(trained_runs["lora"])]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "comparison.md").write_text("mine")
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    before = {path: path.read_bytes() for root in (llama_dir, tmp_path / "notes", trained_runs["lora"])
+              for path in root.rglob("*") if path.is_file()}
+    cases = {trained_runs["lora"]: "is a training run's directory; give a directory of its own",
+             llama_dir: "holds files no comparison wrote (chat_template.jinja, config.json,",
+             tmp_path / "notes": "holds files no comparison wrote (todo.txt); give a new or empty directory"}
+    for out, message in cases.items():
+        assert compare.main([*runs, "--out", str(out)]) == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert line.startswith(f"error: --out: {out} ") and message in line
+    assert {path: path.read_bytes() for path in before} == before
+    out = tmp_path / "comparison"
+    for _ in range(2):  # an earlier comparison is replaced
+        assert compare.main([*runs, "--out", str(out)]) == 0
+    assert sorted(path.name for path in out.iterdir()) == sorted(compare.OUTPUTS)
+
+
 def test_merged_model_gives_the_logits_of_base_plus_adapter(trained_runs, cpu_reports_avx512bf16, tmp_path):
     """QLoRA with fp32 compute: dequantize, merge, and compare. Tolerance: 1e-4 absolute on the logits.
 

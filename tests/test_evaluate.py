@@ -94,9 +94,10 @@ def test_compare_takes_a_harness_metric_as_quality(trained, tmp_path):
     rows = [compare.read_run(run)]
     assert compare.quality_axis(rows, "lm_eval/held_out/exact_match") == (
         "lm_eval/held_out/exact_match", "lm_eval/held_out/exact_match on 6 samples (higher is better)", True)
-    assert compare.main([str(run), "--out", str(tmp_path), "--quality", "lm_eval/held_out/exact_match"]) == 0
-    assert "| lm_eval/held_out/exact_match |" in (tmp_path / "comparison.md").read_text().splitlines()[0] + " |"
-    assert "| 0.500 |" in (tmp_path / "comparison.md").read_text()
+    out = tmp_path / "comparison"
+    assert compare.main([str(run), "--out", str(out), "--quality", "lm_eval/held_out/exact_match"]) == 0
+    assert "| lm_eval/held_out/exact_match |" in (out / "comparison.md").read_text().splitlines()[0] + " |"
+    assert "| 0.500 |" in (out / "comparison.md").read_text()
 
 
 def test_compare_refuses_a_metric_a_run_lacks(trained, tmp_path, capsys):
@@ -140,3 +141,19 @@ def test_bad_options_are_one_line_before_anything_loads(option, expected, traine
     assert evaluate.main([str(run), *option]) == 2
     assert capsys.readouterr().err == f"error: {expected}\n"
     assert (results.read_bytes() if results.is_file() else None) == before
+
+
+def test_a_bare_models_results_go_only_where_nothing_is_lost(trained, llama_dir, tmp_path, capsys):
+    run, _ = trained
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    cases = {run: "is a training run; give another directory",
+             llama_dir: "the model_name_or_path directory",
+             llama_dir / "results": "inside the model_name_or_path directory",
+             tmp_path / "theirs": "holds files no evaluation wrote (notes.txt); give a new or empty directory"}
+    for out, expected in cases.items():
+        assert evaluate.main([str(llama_dir), "--tasks", "tiny_tasks", "--out", str(out)]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: --out: {out} ") and expected in line
+    assert not (llama_dir / rundir.EVAL).exists() and not (llama_dir / "results").exists()
+    assert (tmp_path / "theirs" / "notes.txt").read_text() == "mine"
