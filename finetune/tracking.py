@@ -1,8 +1,10 @@
 """Tracking: resolve W&B settings from the environment (and recipe defaults), then start exactly one run.
 
-`resolve()` is pure and cheap: it reads WANDB_* variables and the recipe, refuses bad values (exit 2 before anything
-heavy loads), and returns the fully resolved `wandb.init` arguments. `start()` runs on the main process only,
-creates the run with a bounded init timeout, and falls back to offline logging when the server can't be reached.
+`check()` is pure and cheap: it reads the WANDB_* variables and the recipe's W&B keys, and refuses every bad value,
+and every value wandb itself would refuse, at once (run.main calls it before torch loads: exit 2, nothing written).
+`resolve()` checks the same way and returns the fully resolved `wandb.init` arguments. `start()` runs on the main
+process only, creates the run with a bounded init timeout, and falls back to offline logging when the server can't be
+reached.
 The Trainer's own `WandbCallback` then finds `wandb.run` and logs into it.
 
 | variable | default | effect |
@@ -16,23 +18,28 @@ The Trainer's own `WandbCallback` then finds `wandb.run` and logs into it.
 | WANDB_DIR, WANDB_RUN_ID, WANDB_RESUME | wandb's | passed through |
 | WANDB_INIT_TIMEOUT | 20 | seconds to reach the server before falling back to offline |
 | WANDB_LOG_MODEL | false | end: log the adapter at the end; checkpoint: also each checkpoint (never optimizer state) |
+
+W&B's own limits (wandb 0.31, `wandb/sdk/wandb_settings.py`): a project name of at most 128 characters without
+/ \\ # ? % :, a run id without : ; , # ? / ' or surrounding whitespace, tags of 1 to 64 characters, an API key
+without surrounding whitespace. Other WANDB_* variables are checked by wandb's own `Settings`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import netrc
 import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from finetune import rundir
-from finetune.config import Recipe, looks_secret
+from finetune.config import TOOLKIT_DEFAULTS, Recipe, looks_secret
 from finetune.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -46,6 +53,19 @@ RESUME_VALUES = ("allow", "must", "never", "auto")
 LOG_MODEL_VALUES = {"false": "false", "": "false", "end": "end", "true": "end", "checkpoint": "checkpoint"}
 WATCH_VALUES = ("false", "gradients", "parameters", "all")
 DEFAULT_INIT_TIMEOUT = 20.0
+# What wandb.init refuses (wandb/sdk/wandb_settings.py, Settings' validators): refused here before the model loads.
+PROJECT_MAX_CHARS = 128  # validate_project
+PROJECT_RESERVED = "/\\#?%:"  # validate_project
+RUN_ID_RESERVED = ":;,#?/'"  # validate_run_id; nor whitespace at either end
+TAG_MAX_CHARS = 64  # validate_run_tags: 1 to 64 characters (empty tags are dropped here)
+# The variables this module reads and resolves itself; wandb's Settings check any other WANDB_* variable.
+OWN_VARIABLES = {"WANDB_DISABLED", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_NOTES",
+                 "WANDB_NAME", "WANDB_TAGS", "WANDB_JOB_TYPE", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME",
+                 "WANDB_INIT_TIMEOUT", "WANDB_LOG_MODEL", "WANDB_WATCH", "WANDB_API_KEY"}
+# wandb also reads these itself, as written, when it sets up, and refuses some values the toolkit takes (' Allow',
+# an empty WANDB_RUN_ID, 'a,,b', 'Offline'): they are set to the resolved `wandb.init` values first (`export`).
+RESOLVED_VARIABLES = {"WANDB_PROJECT": "project", "WANDB_MODE": "mode", "WANDB_TAGS": "tags", "WANDB_RUN_ID": "id",
+                      "WANDB_RESUME": "resume"}
 
 
 def is_truthy(value: str | None) -> bool:
@@ -102,7 +122,12 @@ def online_problem(env: Mapping[str, str] = os.environ, timeout: float = 5.0) ->
 
 def split_tags(text: str | None) -> list[str]:
     """'a, b,,b' -> ['a', 'b']: split on commas, trimmed, empties dropped, first occurrence kept."""
-    return list(dict.fromkeys(tag.strip() for tag in (text or "").split(",") if tag.strip()))
+    return clean_tags((text or "").split(","))
+
+
+def clean_tags(tags: Iterable[Any] | None) -> list[str]:
+    """[' a', '', 'a'] -> ['a']: trimmed, empties dropped, first occurrence kept."""
+    return list(dict.fromkeys(str(tag).strip() for tag in tags or [] if str(tag).strip()))
 
 
 def model_variant(recipe: Recipe) -> str:
@@ -197,9 +222,10 @@ def git_commit() -> str | None:
     return f"{commit}-dirty" if dirty else commit
 
 
-def environment(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """The WANDB_* settings every job shares, checked: disabled (and why), mode, resume, log_model, init_timeout,
-    offline_reason. Raises UsageError naming the variable and its allowed values. Reads nothing else."""
+def environment(env: Mapping[str, str] = os.environ) -> tuple[dict[str, Any], list[str]]:
+    """The WANDB_* settings every job shares: disabled (and why), mode, resume, log_model, init_timeout,
+    offline_reason, warning (for the job to log); and what is wrong with them, one line each, naming the variable
+    and its allowed values (the settings mean something only without problems). Reads nothing else."""
     problems: list[str] = []
     disabled_value = env.get("WANDB_DISABLED", "")
     if disabled_value.strip().lower() not in TRUTHY | FALSY:
@@ -224,30 +250,115 @@ def environment(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
     if timeout_text:
         try:
             init_timeout = float(timeout_text)
-            if init_timeout <= 0:
+            if not 0 < init_timeout < math.inf:  # nan and inf too: wandb refuses a timeout that isn't finite
                 raise ValueError
         except ValueError:
             problems.append(f"WANDB_INIT_TIMEOUT={timeout_text!r}: give a positive number of seconds")
-    for tag in split_tags(env.get("WANDB_TAGS")):
-        if len(tag) > 64:
-            problems.append(f"WANDB_TAGS: tag {tag[:20]!r}... is {len(tag)} characters; W&B allows 64")
-    if problems:
-        raise UsageError(problems)
     disabled = None
     if is_truthy(disabled_value) or mode == "disabled":
         disabled = f"WANDB_DISABLED={disabled_value}" if is_truthy(disabled_value) else "WANDB_MODE=disabled"
-    offline_reason = None
+    offline_reason = warning = None
     if disabled is None and mode is None:
         if has_credentials(env):
             mode = "online"
         else:
             mode, offline_reason = "offline", "no W&B credentials (WANDB_API_KEY or `wandb login`)"
     elif mode in ("online", "shared") and not has_credentials(env):
-        logger.warning("WANDB_MODE=%s but no W&B credentials: logging offline instead of waiting at a login "
-                       "prompt; run `wandb login` or set WANDB_API_KEY", raw_mode)
         mode, offline_reason = "offline", f"WANDB_MODE={raw_mode} without credentials"
-    return {"disabled": disabled, "mode": mode, "resume": resume, "log_model": LOG_MODEL_VALUES[log_model],
-            "init_timeout": init_timeout, "offline_reason": offline_reason}
+        warning = (f"WANDB_MODE={raw_mode} but no W&B credentials: logging offline instead of waiting at a login "
+                   "prompt; run `wandb login` or set WANDB_API_KEY")
+    return {"disabled": disabled, "mode": mode, "resume": resume, "log_model": LOG_MODEL_VALUES.get(log_model),
+            "init_timeout": init_timeout, "offline_reason": offline_reason, "warning": warning}, problems
+
+
+def check(keys: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """Check tracking before anything heavy loads: the WANDB_* variables of `env` and, when the run reports to W&B,
+    every value wandb.init would refuse, from `env` or the recipe's checked `keys` (read_checked's values:
+    wandb_project, wandb_tags, report_to; absent keys take their defaults). Returns environment()'s settings.
+
+    Raises UsageError with every problem, one line each with its fix. Imports nothing heavy (wandb only to check a
+    WANDB_* variable this module doesn't resolve, such as WANDB_BASE_URL).
+    """
+    settings, problems = environment(env)
+    report_to = keys.get("report_to", TOOLKIT_DEFAULTS["report_to"])
+    wanted = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if settings["disabled"] is None and {"wandb", "all"} & set(wanted):
+        problems += init_problems(keys, env)
+    if problems:
+        raise UsageError(problems)
+    return settings
+
+
+def shortened(text: str) -> str:
+    """`text` quoted, its middle left out when long (as wandb shows a long tag)."""
+    return repr(text if len(text) <= 43 else f"{text[:20]}...{text[-20:]}")
+
+
+def init_problems(keys: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
+    """What wandb.init would refuse of the values this run passes it (the environment's, else the recipe's), one
+    line each with what to do instead."""
+    problems = []
+    source, project = ("WANDB_PROJECT", env["WANDB_PROJECT"]) if env.get("WANDB_PROJECT") else \
+        ("wandb_project", keys.get("wandb_project"))
+    if project and len(project) > PROJECT_MAX_CHARS:
+        problems.append(f"{source}: {shortened(project)} is {len(project)} characters; a W&B project name has at "
+                        f"most {PROJECT_MAX_CHARS}")
+    team, _, name = (project or "").partition("/")
+    team_fix = None  # 'team/proj' is most likely a team's project
+    if team and name and not set(team + name) & set(PROJECT_RESERVED):
+        team_fix = (f"for a team's project set WANDB_ENTITY={team} WANDB_PROJECT={name}" if source == "WANDB_PROJECT"
+                    else f"for a team's project set wandb_entity: {team} and wandb_project: {name}")
+    problems += holding(source, project or "", PROJECT_RESERVED, "project name", team_fix)
+    for source, tags in (("WANDB_TAGS", split_tags(env.get("WANDB_TAGS"))),
+                         ("wandb_tags", clean_tags(keys.get("wandb_tags")))):
+        problems += [f"{source}: tag {shortened(tag)} is {len(tag)} characters; a W&B tag has at most {TAG_MAX_CHARS}"
+                     for tag in tags if len(tag) > TAG_MAX_CHARS]
+    run_id = env.get("WANDB_RUN_ID") or ""  # empty: unset (`export` keeps it from wandb)
+    if run_id != run_id.strip():
+        problems.append(f"WANDB_RUN_ID: {shortened(run_id)} starts or ends with whitespace, which a W&B run id can't; "
+                        "remove it")
+    problems += holding("WANDB_RUN_ID", run_id, RUN_ID_RESERVED, "run id")
+    api_key = env.get("WANDB_API_KEY")
+    if api_key and api_key != api_key.strip():
+        problems.append("WANDB_API_KEY starts or ends with whitespace (a newline read with it?), which W&B refuses; "
+                        "export it without")
+    return problems + sdk_problems({k: v for k, v in env.items() if k.startswith("WANDB_") and
+                                         k not in OWN_VARIABLES})
+
+
+def holding(source: str, value: str, reserved: str, what: str, fix: str | None = None) -> list[str]:
+    """The problem with `value` holding characters of `reserved` that a W&B `what` can't hold, with `fix` (default:
+    leave them out); none when it holds none."""
+    found = list(dict.fromkeys(character for character in value if character in reserved))
+    if not found:
+        return []
+    fix = fix or ("leave them out" if len(found) > 1 else "leave it out")
+    return [f"{source}: {shortened(value)} contains {', '.join(map(repr, found))} (a W&B {what} can't hold "
+            f"{' '.join(reserved)}); {fix}"]
+
+
+def sdk_problems(variables: Mapping[str, str]) -> list[str]:
+    """What wandb's own Settings refuse of these WANDB_* variables, one line each (a secret's value not shown)."""
+    if not variables:
+        return []
+    try:
+        from pydantic import ValidationError
+        from wandb.errors import Error
+        from wandb.sdk.wandb_settings import Settings
+    except ImportError:  # no wandb: the Trainer says so when it needs it
+        return []
+    problems = []
+    for name, value in sorted(variables.items()):
+        try:
+            Settings().update_from_env_vars({name: value})
+            continue
+        except ValidationError as error:
+            reason = error.errors()[0]["msg"].removeprefix("Value error, ")
+        except (Error, ValueError, TypeError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        shown = "" if looks_secret(name) else f"={shortened(value)}"
+        problems.append(f"{name}{shown}: W&B refuses it ({reason}); correct or unset it")
+    return problems
 
 
 def resolve(recipe: Recipe, env: Mapping[str, str] = os.environ, resuming: bool = False,
@@ -255,11 +366,11 @@ def resolve(recipe: Recipe, env: Mapping[str, str] = os.environ, resuming: bool 
     """Resolve tracking for a job about `recipe` from the environment, the recipe's defaults and any saved run in
     its output_dir. `report_to` (default: the recipe's) says whether W&B is wanted at all.
 
-    Raises UsageError naming the variable and its allowed values for a bad WANDB_MODE, WANDB_RESUME,
-    WANDB_LOG_MODEL, WANDB_WATCH, WANDB_INIT_TIMEOUT or WANDB_TAGS. Writes nothing.
+    Raises UsageError as check() does, for the environment and the recipe's W&B keys. Writes nothing.
     """
-    settings = environment(env)
     wanted = list(recipe.training.report_to or []) if report_to is None else list(report_to)
+    settings = check({"wandb_project": recipe.tracking.wandb_project, "wandb_tags": recipe.tracking.wandb_tags,
+                      "report_to": wanted}, env)
     if settings["disabled"]:
         return Tracking(report_to=[r for r in wanted if r not in ("wandb", "all")],
                         offline_reason=settings["disabled"])
@@ -267,7 +378,9 @@ def resolve(recipe: Recipe, env: Mapping[str, str] = os.environ, resuming: bool 
                         offline_reason=settings["offline_reason"])
     if not tracking.uses_wandb:
         return tracking
-    tags = sorted(dict.fromkeys(split_tags(env.get("WANDB_TAGS")) + list(recipe.tracking.wandb_tags) +
+    if settings["warning"]:
+        logger.warning(settings["warning"])
+    tags = sorted(dict.fromkeys(split_tags(env.get("WANDB_TAGS")) + clean_tags(recipe.tracking.wandb_tags) +
                                 variant_tags(recipe)))
     mode, resume = settings["mode"], settings["resume"]
     saved = read_saved_run(Path(recipe.training.output_dir))
@@ -300,10 +413,12 @@ def resolve(recipe: Recipe, env: Mapping[str, str] = os.environ, resuming: bool 
 
 def resolve_job(job_type: str, name: str, env: Mapping[str, str] = os.environ) -> Tracking:
     """Tracking for a job that belongs to no one recipe (a comparison): project, name and group from the
-    environment, W&B wanted unless it is disabled."""
-    settings = environment(env)
+    environment, W&B wanted unless it is disabled. Raises UsageError as check() does."""
+    settings = check({"report_to": ["wandb"]}, env)
     if settings["disabled"]:
         return Tracking(report_to=[], offline_reason=settings["disabled"])
+    if settings["warning"]:
+        logger.warning(settings["warning"])
     init = {"project": env.get("WANDB_PROJECT") or "finetune", "entity": env.get("WANDB_ENTITY") or None,
             "group": env.get("WANDB_RUN_GROUP") or None, "name": env.get("WANDB_NAME") or name,
             "tags": split_tags(env.get("WANDB_TAGS")), "job_type": job_type, "dir": env.get("WANDB_DIR") or None,
@@ -356,9 +471,18 @@ def prepare(tracking: Tracking, training_args=None, env=os.environ) -> None:
     if not tracking.uses_wandb:
         return
     env["WANDB_LOG_MODEL"] = "false"
-    env["WANDB_MODE"] = tracking.init["mode"]
-    env["WANDB_TAGS"] = ",".join(tracking.init["tags"])  # the SDK would re-read the raw value otherwise
-    env["WANDB_PROJECT"] = tracking.init["project"]
+    export(tracking.init, env)
+
+
+def export(init: Mapping[str, Any], env=os.environ) -> None:
+    """Set RESOLVED_VARIABLES to the `wandb.init` arguments `init` (unset where it has none): wandb reads them
+    itself when it sets up, and the raw values the toolkit takes it may refuse."""
+    for variable, key in RESOLVED_VARIABLES.items():
+        value = init.get(key)
+        if value in (None, "", []):
+            env.pop(variable, None)
+        else:
+            env[variable] = ",".join(value) if isinstance(value, list) else str(value)
 
 
 def start(tracking: Tracking, config: dict[str, Any], output_dir: Path | None = None):
@@ -378,6 +502,7 @@ def start(tracking: Tracking, config: dict[str, Any], output_dir: Path | None = 
     # silent: W&B's banner, its offline notes and its end-of-run history/summary; the toolkit prints its summary
     # and one line saying where the run went (and how to upload it). Failures still raise.
     settings = wandb.Settings(init_timeout=tracking.init_timeout, silent=not logs.verbose())
+    export(tracking.init)
     try:
         run = wandb.init(**tracking.init, config=config, settings=settings)
     except wandb.Error as error:
@@ -389,6 +514,7 @@ def start(tracking: Tracking, config: dict[str, Any], output_dir: Path | None = 
         offline = {key: value for key, value in tracking.init.items() if key not in ("resume",)}
         offline["mode"] = "offline"
         tracking.offline_reason = f"server unreachable ({reason})"
+        export(offline)
         run = wandb.init(**offline, config=config, settings=settings)
     if is_offline(run):
         sync_dir = Path(run.settings.sync_dir)

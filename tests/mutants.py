@@ -227,6 +227,29 @@ MUTANTS = [
     Mutant("second-ctrl-c-exit-code", "finetune/launch.py",
            "            return 128 + signal.SIGINT\n", "            pass\n",
            ("tests/test_run_safety.py::test_a_second_ctrl_c_to_the_launcher_stops_everything_at_once_with_130",)),
+    # An overwrite keeps the old run until the new one has a checkpoint; a run never writes over files it didn't.
+    Mutant("overwrite-no-restore", "finetune/resilience.py",
+           "            rundir.restore_previous_run(self.output_dir)\n", "",
+           ("tests/test_run_safety.py::test_an_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint",)),
+    Mutant("overwrite-over-foreign-files", "finetune/rundir.py",
+           "    if clashing:\n", "    if False:\n",
+           ("tests/test_run_safety.py::test_overwrite_output_dir_writes_beside_other_files_never_over_them",)),
+    # Resume notices a dataset replaced in place.
+    Mutant("resume-ignores-dataset-content", "finetune/rundir.py",
+           "    if trained_on and \"dataset\" not in changed", "    if False and \"dataset\" not in changed",
+           ("tests/test_run_safety.py::test_resume_refuses_a_dataset_replaced_in_place",)),
+    # The output directory's refusals come before torch loads.
+    Mutant("directory-checks-after-torch", "finetune/run.py",
+           "            rundir.check_output_dir(values)", "            pass",
+           ("tests/test_run_safety.py::test_a_run_that_would_be_refused_is_refused_before_torch_loads",)),
+    # A full disk is one line and exit code 74.
+    Mutant("disk-full-traceback", "finetune/resilience.py",
+           "        if not disk_full(error, output_dir):\n            raise\n", "        raise\n",
+           ("tests/test_run_safety.py::test_a_full_disk_at_a_checkpoint_is_one_line_and_the_rerun_resumes",)),
+    # A finished run's follow-up commands need neither its working directory nor its data.
+    Mutant("recipe-paths-relative", "finetune/run.py",
+           "recipe_text = recipe_yaml(recipe, absolute=True)", "recipe_text = recipe_yaml(recipe)",
+           ("tests/test_bench.py::test_a_finished_run_is_served_from_anywhere_without_its_training_data",)),
     # launch/slurm.sbatch: the time-limit warning reaches the training processes, and a checkpointed job requeues.
     Mutant("slurm-usr1-not-forwarded", "launch/slurm.sbatch",
            '  scancel --signal=USR1 "$SLURM_JOB_ID"', "  :",

@@ -65,6 +65,135 @@ def test_bad_values_are_refused_together_naming_the_variable(qlora_recipe):
     assert len(error.value.problems) == 5
 
 
+# What wandb.init itself would refuse, refused by tracking.check (pure, before torch loads) in one line each.
+
+CHECKED = {"wandb_project": "finetune", "report_to": "wandb"}  # read_checked's values, no W&B key set
+PROJECT_RULE = "(a W&B project name can't hold / \\ # ? % :)"
+SHORT_200 = "'tttttttttttttttttttt...tttttttttttttttttttt'"  # 200 t's as the line shows them
+
+REFUSED = {  # name: (environment, recipe values, the line the user sees)
+    "team/project in WANDB_PROJECT": (
+        {"WANDB_PROJECT": "team/proj"}, {},
+        f"WANDB_PROJECT: 'team/proj' contains '/' {PROJECT_RULE}; for a team's project set WANDB_ENTITY=team "
+        "WANDB_PROJECT=proj"),
+    "team/project in the recipe": (
+        {}, {"wandb_project": "team/proj"},
+        f"wandb_project: 'team/proj' contains '/' {PROJECT_RULE}; for a team's project set wandb_entity: team and "
+        "wandb_project: proj"),
+    "other reserved characters": ({"WANDB_PROJECT": "a:b?"}, {},
+                                  f"WANDB_PROJECT: 'a:b?' contains ':', '?' {PROJECT_RULE}; leave them out"),
+    "project over 128 characters": ({"WANDB_PROJECT": "p" * 129}, {},
+                                    f"WANDB_PROJECT: '{'p' * 20}...{'p' * 20}' is 129 characters; a W&B project name "
+                                    "has at most 128"),
+    "tag over 64 characters in WANDB_TAGS": ({"WANDB_TAGS": "ok," + "t" * 200}, {},
+                                             f"WANDB_TAGS: tag {SHORT_200} is 200 characters; a W&B tag has at most "
+                                             "64"),
+    "tag over 64 characters in the recipe": ({}, {"wandb_tags": ["ok", "t" * 200]},
+                                             f"wandb_tags: tag {SHORT_200} is 200 characters; a W&B tag has at most "
+                                             "64"),
+    "run id with reserved characters": ({"WANDB_RUN_ID": "team/run:1"}, {},
+                                        "WANDB_RUN_ID: 'team/run:1' contains '/', ':' (a W&B run id can't hold : ; , "
+                                        "# ? / '); leave them out"),
+    "run id with a space around it": ({"WANDB_RUN_ID": "abc "}, {},
+                                      "WANDB_RUN_ID: 'abc ' starts or ends with whitespace, which a W&B run id can't; "
+                                      "remove it"),
+    "infinite init timeout": ({"WANDB_INIT_TIMEOUT": "inf"}, {},
+                              "WANDB_INIT_TIMEOUT='inf': give a positive number of seconds"),
+    "API key with a newline": ({"WANDB_API_KEY": "k" * 40 + "\n"}, {},
+                               "WANDB_API_KEY starts or ends with whitespace (a newline read with it?), which W&B "
+                               "refuses; export it without"),
+    "a W&B setting the toolkit leaves to wandb": ({"WANDB_CONSOLE": "nope"}, {},
+                                                  "WANDB_CONSOLE='nope': W&B refuses it (Input should be 'auto', "
+                                                  "'off', 'wrap', 'redirect', 'wrap_raw' or 'wrap_emu'); correct or "
+                                                  "unset it"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_values_wandb_would_refuse_are_one_line_each(case):
+    environment, values, expected = REFUSED[case]
+    with pytest.raises(UsageError) as error:
+        tracking.check({**CHECKED, **values}, env(**environment))
+    assert error.value.problems == [expected]
+
+
+def test_every_value_wandb_would_refuse_is_reported_at_once(qlora_recipe):
+    with pytest.raises(UsageError) as error:
+        tracking.check({**CHECKED, "wandb_tags": ["t" * 65]}, env(WANDB_PROJECT="team/proj", WANDB_MODE="cloud"))
+    assert [problem.split(":")[0].split("=")[0] for problem in error.value.problems] == \
+        ["WANDB_MODE", "WANDB_PROJECT", "wandb_tags"]
+    # resolve() checks the same way: the recipe's keys, with the environment's.
+    with pytest.raises(UsageError) as error:
+        tracking.resolve(qlora_recipe("--wandb_tags", "t" * 65), env())
+    assert error.value.problems == [f"wandb_tags: tag '{'t' * 20}...{'t' * 20}' is 65 characters; a W&B tag has at "
+                                    "most 64"]
+
+
+def test_values_for_wandb_are_not_checked_when_nothing_goes_to_wandb():
+    bad = {"WANDB_PROJECT": "team/proj", "WANDB_TAGS": "t" * 65, "WANDB_RUN_ID": "a/b"}
+    assert tracking.check(CHECKED, env(WANDB_DISABLED="true", **bad))["disabled"] == "WANDB_DISABLED=true"
+    assert tracking.check(CHECKED, env(WANDB_MODE="disabled", **bad))["disabled"] == "WANDB_MODE=disabled"
+    tracking.check({**CHECKED, "report_to": "none", "wandb_project": "team/proj"}, env(**bad))
+    tracking.check({**CHECKED, "report_to": ["tensorboard"]}, env(**bad))
+
+
+WANDB_VARIABLES = {"project": "WANDB_PROJECT", "run_id": "WANDB_RUN_ID", "run_tags": "WANDB_TAGS",
+                   "api_key": "WANDB_API_KEY"}
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("project", "p" * 128), ("project", "p" * 129), ("project", "a b-c.d_e"),
+    *[("project", f"a{character}b") for character in "/\\#?%:"],
+    ("run_id", "a\\b%c"), ("run_id", " a"), ("run_id", "a\t"),
+    *[("run_id", f"a{character}b") for character in ":;,#?/'"],
+    ("run_tags", "t" * 64), ("run_tags", "t" * 65), ("api_key", "k" * 40), ("api_key", " " + "k" * 40),
+])
+def test_the_limits_are_wandbs_own(setting, value):
+    """tracking.check refuses exactly what wandb's own Settings refuse, boundaries included."""
+    import wandb
+    from wandb.sdk.wandb_settings import Settings
+
+    try:
+        Settings(**{setting: (value,) if setting == "run_tags" else value})
+        wandb_refuses = False
+    except (ValueError, wandb.Error):
+        wandb_refuses = True
+    try:
+        tracking.check(CHECKED, env(**{WANDB_VARIABLES[setting]: value}))
+        toolkit_refuses = False
+    except UsageError:
+        toolkit_refuses = True
+    assert toolkit_refuses == wandb_refuses
+
+
+def test_recipe_tags_are_trimmed_and_empties_dropped_like_the_environments(qlora_recipe):
+    plan = tracking.resolve(qlora_recipe("--wandb_tags", " r1 ", "", "r1"), env(WANDB_TAGS="e1, ,r1"))
+    assert plan.init["tags"] == ["e1", "int4", "lora", "qlora", "r1"]
+
+
+def test_raw_values_the_toolkit_resolves_reach_wandb_resolved(tmp_path, monkeypatch):
+    """wandb reads the WANDB_* variables itself, as written: ' Allow', an empty run id, 'a,,b' and 'Offline' are
+    values the toolkit takes, and wandb is given what the toolkit made of them."""
+    import wandb
+
+    raw = {"WANDB_RESUME": " Allow", "WANDB_RUN_ID": "", "WANDB_TAGS": "a,,b", "WANDB_MODE": "Offline",
+           "WANDB_DIR": str(tmp_path), "WANDB_DISABLED": "false", "WANDB_SILENT": "true"}
+    before = {key: value for key, value in os.environ.items() if key.startswith("WANDB_")}
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", "/nonexistent/netrc")
+    try:
+        os.environ.update(raw)
+        plan = tracking.resolve_job("evaluation", "n")
+        run = tracking.start(plan, {})
+        assert (run.settings.mode, run.tags, run.settings.resume) == ("offline", ("a", "b"), None)
+        run.finish()
+    finally:
+        wandb.teardown()
+        for key in [key for key in os.environ if key.startswith("WANDB_")]:
+            del os.environ[key]
+        os.environ.update(before)
+
+
 def test_mode_follows_credentials(qlora_recipe, tmp_path):
     recipe = qlora_recipe()
     offline = tracking.resolve(recipe, env())
@@ -141,8 +270,10 @@ def test_run_config_has_variant_fields_recipe_and_no_secrets(qlora_recipe):
 
 # Real runs, read back from the offline run file.
 
-def run_cli(tmp_path: Path, model_dir: Path, dataset: Path, environment: dict, *extra: str, timeout: int = 300):
-    """Run the documented launch line in a clean environment; returns (result, seconds)."""
+def run_cli(tmp_path: Path, model_dir: Path, dataset: Path, environment: dict, *extra: str, timeout: int = 300,
+            python_flags: tuple[str, ...] = ()):
+    """Run the documented launch line in a clean environment (`python_flags` for the interpreter); returns
+    (result, seconds)."""
     base = subprocess_env(HOME=str(tmp_path / "home"), WANDB_DIR=str(tmp_path / "wb"),
                           HF_HOME=str(Path.home() / ".cache/huggingface"), **environment)
     (tmp_path / "home").mkdir(exist_ok=True)
@@ -154,8 +285,8 @@ def run_cli(tmp_path: Path, model_dir: Path, dataset: Path, environment: dict, *
         keys[name.removeprefix("--")] = value
     args = recipe_argv(QLORA, **keys)
     started = time.monotonic()
-    result = subprocess.run([sys.executable, str(REPO / "finetune/run.py"), *args], capture_output=True, text=True,
-                            cwd=tmp_path, env=base, timeout=timeout)
+    result = subprocess.run([sys.executable, *python_flags, str(REPO / "finetune/run.py"), *args], capture_output=True,
+                            text=True, cwd=tmp_path, env=base, timeout=timeout)
     return result, time.monotonic() - started
 
 
@@ -205,6 +336,24 @@ def test_bad_mode_exits_2_before_training(tmp_path, llama_dir, data_files):
     result, _ = run_cli(tmp_path, llama_dir, data_files["text"], {"WANDB_MODE": "cloud"})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: WANDB_MODE='cloud' is not a W&B mode" in result.stderr
+    assert not (tmp_path / "out").exists() and not list((tmp_path / "wb").iterdir())
+
+
+def test_values_wandb_would_refuse_stop_the_run_before_torch_loads(tmp_path, llama_dir, data_files):
+    from finetune import config
+
+    config.trainer_keys()  # the key cache, warm: a cold one imports transformers once to fill it
+    environment = {"WANDB_MODE": "offline", "WANDB_PROJECT": "team/proj", "FINETUNE_CACHE": str(config.cache_dir())}
+    result, _ = run_cli(tmp_path, llama_dir, data_files["text"], environment, "--wandb_tags", "t" * 200,
+                        python_flags=("-X", "importtime"))
+    imports = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    said = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert said == [f"error: WANDB_PROJECT: 'team/proj' contains '/' {PROJECT_RULE}; for a team's project set "
+                    "WANDB_ENTITY=team WANDB_PROJECT=proj",
+                    f"error: wandb_tags: tag {SHORT_200} is 200 characters; a W&B tag has at most 64"]
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in imports}
+    assert "finetune" in imported and not imported & {"torch", "transformers", "wandb"}
     assert not (tmp_path / "out").exists() and not list((tmp_path / "wb").iterdir())
 
 
