@@ -119,14 +119,14 @@ def default_accelerate_config() -> Path:
 
 
 def check(argv: list[str]) -> int | None:
-    """The recipe's keys, types and combinations, checked without importing torch: the exit code when it is bad
-    input (the problems printed), None when it may go on. What needs the Trainer (its own checks) is checked by the
-    training process."""
-    from finetune import errors, hub
-    from finetune.recipe import read_checked
+    """What finetune.run checks before torch loads (the recipe, W&B values, the output directory), here before any
+    process starts: the exit code when it is bad input (the problems printed), None when it may go on. What needs
+    the Trainer (its own checks) is checked by the training process."""
+    from finetune import errors, run
 
+    flags = [token for token in argv if token in run.FLAGS]
     try:
-        hub.check(*read_checked(argv)[::3])
+        run.check([token for token in argv if token not in run.FLAGS], flags)
     except errors.UsageError as error:
         return errors.report(error)
     return None

@@ -36,13 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = [token for token in argv if token in FLAGS]
     argv = [token for token in argv if token not in FLAGS]
     try:
-        # Keys, values, combinations: a typo is reported before torch loads.
-        path, _, values, groups = read_checked(argv)
-        if "--print_config" not in flags:
-            hub.check(path, groups)  # a hub model or dataset this machine can't fetch: now, not after retries
-        if not flags:
-            tracking.check(values)  # WANDB_* and wandb_* values W&B would refuse: now, not after the model loads
-            rundir.check_output_dir(values)  # in use, occupied, or resumed with changed settings: now too
+        check(argv, flags)
     except UsageError as error:
         return launch.report_exit(errors.report(error))
 
@@ -75,6 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ranks.leave_process_group(wait=False)  # after an error; train() has left in step otherwise
     return launch.report_exit(code)
+
+
+def check(argv: list[str], flags: list[str] = ()) -> None:
+    """Everything that refuses a run before torch loads (here, and in launch/train.sh before any process starts).
+    Raises UsageError listing the problems."""
+    path, _, values, groups = read_checked(argv)  # keys, values, combinations, local files
+    if "--print_config" not in flags:
+        hub.check(path, groups)  # a hub model or dataset this machine can't fetch: now, not after retries
+    if not flags:
+        tracking.check(values)  # WANDB_* and wandb_* values W&B would refuse
+        rundir.check_output_dir(values)  # in use, occupied, or resumed with changed fixed settings
 
 
 def inspect(recipe: Recipe, flags: list[str]) -> int:

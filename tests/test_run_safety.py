@@ -165,6 +165,25 @@ def test_a_run_that_would_be_refused_is_refused_before_torch_loads(llama_dir, te
     assert main(args(llama_dir, text_data, out, steps=4, save_steps=2)) == errors.OK  # the checks let a resume by
 
 
+def test_the_launcher_refuses_the_same_before_any_process_starts(llama_dir, text_data, tmp_path, monkeypatch,
+                                                                 capsys):
+    from finetune import launch
+
+    started = []
+    monkeypatch.setattr(launch, "run", lambda command: started.append(command) or 0)
+    out = tmp_path / "out"
+    assert main(args(llama_dir, text_data, out, steps=2)) == errors.OK
+    capsys.readouterr()
+    assert launch.main(args(llama_dir, text_data, out)) == errors.USAGE
+    assert "already holds a finished run" in capsys.readouterr().err
+    monkeypatch.setenv("WANDB_DISABLED", "false")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "team/proj")
+    assert launch.main(args(llama_dir, text_data, tmp_path / "new", report_to="wandb")) == errors.USAGE
+    assert "WANDB_PROJECT: 'team/proj' contains '/'" in capsys.readouterr().err
+    assert started == []
+
+
 # 3. Two runs into one directory.
 
 @pytest.mark.slow
