@@ -75,7 +75,12 @@ def merge(output_dir: Path, destination: Path) -> Path:
         replaced = destination.parent / f".{destination.name}.replaced-{os.getpid()}"
         if destination.exists():  # empty, or an earlier merge (destination_problem)
             os.replace(destination, replaced)
-        os.replace(staging, destination)
+        try:
+            os.replace(staging, destination)
+        except OSError:
+            if replaced.exists():
+                os.replace(replaced, destination)  # the earlier merge stays
+            raise
         shutil.rmtree(replaced, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
