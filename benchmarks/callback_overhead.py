@@ -25,13 +25,13 @@ from pathlib import Path
 
 from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer
 
-from finetune import tiny
-from finetune import trainer as trainer_module
-from finetune.data import IGNORE_INDEX, load_splits
-from finetune.metrics import MetricsCallback
-from finetune.model import hardware_defaults, load_model, load_tokenizer
-from finetune.recipe import load_recipe
-from finetune.trainer import CountingCollator, FinetuneTrainer
+from finetune.data.load import IGNORE_INDEX, load_splits
+from finetune.embedded import tiny
+from finetune.model.load import hardware_defaults, load_model, load_tokenizer
+from finetune.recipe.load import load_recipe
+from finetune.training import trainer as trainer_module
+from finetune.training.metrics import MetricsCallback
+from finetune.training.trainer import CountingCollator, FinetuneTrainer
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml"
 

@@ -10,7 +10,7 @@ Three measurements, fp32 on this machine's device:
   tokens as the layer is wide);
 - `make bench-train`'s CPU model (4 layers, 512 wide, LoRA r16 on every linear layer), 8 examples of 175 tokens:
   forward and backward with the toolkit's layers and with peft's, the loss and the largest gradient gap;
-- one RMSNorm at that model's width (finetune/norms.py against transformers'), per number of tokens.
+- one RMSNorm at that model's width (finetune/kernels/norms.py against transformers'), per number of tokens.
 
 Both arms run in the same process on the same tensors, round by round, so a busy machine shows as spread between
 rounds (min and median are printed) rather than as a difference between arms.
@@ -57,7 +57,7 @@ def one_layer(widths: list[int], token_counts: list[int], rounds: int) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from finetune import lora_layers
+    from finetune.kernels import lora_layers
 
     rank = 16
     print(f"one layer, rank {rank}: merged-weight time / peft's (fastest of {rounds} rounds)")
@@ -84,7 +84,7 @@ def whole_model(rounds: int) -> None:
     from peft.tuners.lora.layer import Linear as PeftLinear
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from finetune import lora_layers
+    from finetune.kernels import lora_layers
 
     shape = train_speed.SIZES["cpu"]
     torch.manual_seed(0)
@@ -130,7 +130,7 @@ def one_norm(token_counts: list[int], rounds: int) -> None:
     import torch
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from finetune import norms
+    from finetune.kernels import norms
 
     width = train_speed.SIZES["cpu"]["hidden"]
     reference, ours = LlamaRMSNorm(width), LlamaRMSNorm(width)

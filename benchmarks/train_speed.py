@@ -60,7 +60,7 @@ VARIANTS = ("lora", "qlora")  # 16-bit LoRA (fp32 on the CPU size), QLoRA nf4 wi
 def build_inputs(size: str, workdir: Path) -> tuple[Path, Path]:
     """A random-weight Llama of the size's shape and a variable-length text dataset, deterministic; for the
     smollm2 size, the real model and its task."""
-    from finetune.tiny import build_model_config, build_tokenizer, write_jsonl
+    from finetune.embedded.tiny import build_model_config, build_tokenizer, write_jsonl
 
     if size == "smollm2":
         return real_inputs(workdir)
@@ -95,8 +95,9 @@ def build_inputs(size: str, workdir: Path) -> tuple[Path, Path]:
 def real_inputs(workdir: Path) -> tuple[Path, Path]:
     """SmolLM2-135M-Instruct (its GGUF's plain copy) and its training conversations written out with its chat
     template (the default system prompt included) as plain text: every arm trains on every token of the same rows."""
-    from finetune import gguf_import, smollm2
-    from finetune.tiny import write_jsonl
+    from finetune.embedded import smollm2
+    from finetune.embedded.tiny import write_jsonl
+    from finetune.model import gguf as gguf_import
 
     assets = smollm2.ensure_assets()
     model_dir = Path(gguf_import.plain_model(str(assets / smollm2.GGUF_NAME)))
@@ -176,8 +177,8 @@ def run_arm(arm: str, size: str, variant: str, steps: int, workdir: Path, toolki
               "disable_tqdm": True, "dataloader_pin_memory": torch.cuda.is_available(),
               "bf16": torch.cuda.is_available() and dtype == "bfloat16"}
     if arm == "toolkit":
-        from finetune.model import hardware_defaults
-        from finetune.recipe import load_recipe
+        from finetune.model.load import hardware_defaults
+        from finetune.recipe.load import load_recipe
         from finetune.run import train
 
         keys = {"model_name_or_path": model_dir, "dataset": data, "dtype": dtype, "lora_r": LORA["r"],
@@ -252,11 +253,12 @@ def run_arm(arm: str, size: str, variant: str, steps: int, workdir: Path, toolki
 
 
 def model_flops_utilisation(model, tokens: int, samples: int, seconds: float, device_name: str) -> float | None:
-    """MFU of an arm by the toolkit's own formula (finetune.metrics), from its non-padding tokens: FLOPs spent on
-    padding count as lost, as they are. None for a GPU missing from the peak table."""
-    from finetune import flops, metrics
+    """MFU of an arm by the toolkit's own formula (finetune.training.metrics), from its non-padding tokens: FLOPs
+    spent on padding count as lost, as they are. None for a GPU missing from the peak table."""
+    from finetune.model.load import count_parameters
+    from finetune.training import flops
 
-    _, total = metrics.count_parameters(model)
+    _, total = count_parameters(model)
     total_flops = flops.training_flops(model, total, tokens, samples, lora=True)
     return flops.mfu(total_flops, seconds, device_name, world_size=1)
 

@@ -39,8 +39,8 @@ TARGET = 1.5  # qlora-fp32 / lora-fp32, the CPU without native bf16's QLoRA (dty
 
 def run_variant(name: str, steps: int, workdir: Path) -> dict:
     """Train one variant in this process; returns its seconds per step and final loss."""
-    from finetune.model import hardware_defaults
-    from finetune.recipe import load_recipe
+    from finetune.model.load import hardware_defaults
+    from finetune.recipe.load import load_recipe
     from finetune.run import train
 
     recipe, overrides = VARIANTS[name]
@@ -70,8 +70,8 @@ def main() -> None:
     if args.variant:
         print("RESULT " + json.dumps(run_variant(args.variant, args.steps, args.workdir)))
         return
-    from finetune import smollm2
-    from finetune.model import cpu_flags, dtype_choice
+    from finetune.embedded import smollm2
+    from finetune.model.load import cpu_flags, dtype_choice
 
     smollm2.ensure_assets()
     results: dict[str, list[dict]] = {name: [] for name in args.variants}

@@ -19,14 +19,16 @@ import sys
 
 COMMANDS = {  # command: (module with main(argv), one line)
     "train": ("finetune.run", "train from a YAML recipe, in this process"),
-    "launch": ("finetune.launch", "train through accelerate (ACCELERATE_CONFIG): exact exit codes, signals passed on"),
-    "chat": ("finetune.generate", "talk to a trained model (interactive, or --prompt for one answer)"),
-    "bench": ("finetune.bench", "inference benchmark of a finished run"),
-    "eval": ("finetune.evaluate", "lm-evaluation-harness tasks on a finished run (eval.json, W&B)"),
-    "compare": ("finetune.compare", "comparison table and Pareto plot of several runs"),
-    "download": ("finetune.hub", "fetch a recipe's hub model and dataset into the HF cache, for offline training"),
-    "sync": ("finetune.sync", "upload offline W&B runs (checks the login and the network first)"),
-    "merge": ("finetune.merge", "merge an adapter into a standalone model"),
+    "launch": ("finetune.commands.launch",
+               "train through accelerate (ACCELERATE_CONFIG): exact exit codes, signals passed on"),
+    "chat": ("finetune.commands.chat", "talk to a trained model (interactive, or --prompt for one answer)"),
+    "bench": ("finetune.commands.bench", "inference benchmark of a finished run"),
+    "eval": ("finetune.commands.evaluate", "lm-evaluation-harness tasks on a finished run (eval.json, W&B)"),
+    "compare": ("finetune.commands.compare", "comparison table and Pareto plot of several runs"),
+    "download": ("finetune.model.hub",
+                 "fetch a recipe's hub model and dataset into the HF cache, for offline training"),
+    "sync": ("finetune.commands.sync", "upload offline W&B runs (checks the login and the network first)"),
+    "merge": ("finetune.commands.merge", "merge an adapter into a standalone model"),
 }
 
 

@@ -15,10 +15,13 @@ import logging
 import sys
 from pathlib import Path
 
-from finetune import errors, hub, launch, logs, rundir, tracking
-from finetune.config import Recipe
+from finetune import errors, logs
 from finetune.errors import UsageError
-from finetune.recipe import help_text, read_checked, recipe_yaml
+from finetune.model import hub
+from finetune.recipe.keys import Recipe
+from finetune.recipe.load import help_text, read_checked, recipe_yaml
+from finetune.tracking import wandb_run as tracking
+from finetune.training import ranks, rundir
 
 logger = logging.getLogger("finetune")
 FLAGS = ("--print_config", "--dry_run")  # what to do instead of training (see --help)
@@ -38,21 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check(argv, flags)
     except UsageError as error:
-        return launch.report_exit(errors.report(error))
+        return ranks.report_exit(errors.report(error))
 
     if not logs.verbose():
         logs.quiet_third_party()  # before transformers loads: some of its noise is printed at import
-    from finetune import ranks, resilience
-    from finetune.model import hardware_defaults
-    from finetune.recipe import load_recipe
+    from finetune.model.load import hardware_defaults
+    from finetune.recipe.load import load_recipe
+    from finetune.training import resilience
 
     resilience.stop_before_training()
-    launch.follow_launcher()
+    ranks.follow_launcher()
     code = errors.OK
     try:
         recipe = load_recipe(argv, hardware=hardware_defaults)
         if flags:
-            return launch.report_exit(inspect(recipe, flags))
+            return ranks.report_exit(inspect(recipe, flags))
         trainer = train(recipe)
         code = errors.PREEMPTED if trainer.preemption.stopped_at is not None else errors.OK
     except UsageError as error:
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         code = errors.DISK_FULL
     finally:
         ranks.leave_process_group(wait=False)  # after an error; train() has left in step otherwise
-    return launch.report_exit(code)
+    return ranks.report_exit(code)
 
 
 def check(argv: list[str], flags: list[str] = ()) -> None:
@@ -85,8 +88,8 @@ def check(argv: list[str], flags: list[str] = ()) -> None:
 def inspect(recipe: Recipe, flags: list[str]) -> int:
     """--print_config: the resolved recipe; --dry_run: the data as training would see it. Nothing is written to the
     output directory (the embedded assets and a GGUF base's plain copy are made on first use)."""
-    from finetune.data import load_splits, preview
-    from finetune.model import load_tokenizer, prepare
+    from finetune.data.load import load_splits, preview
+    from finetune.model.load import load_tokenizer, prepare
 
     logs.setup()
     if "--print_config" in flags:
@@ -104,9 +107,12 @@ def train(recipe: Recipe):
     anything heavy loads), TrainingDiverged for a non-finite loss; a preempted run has `preemption.stopped_at`."""
     from transformers import set_seed
 
-    from finetune import data, metrics, padding_free, ranks, resilience, rundir, tracking
-    from finetune.model import load_model, load_tokenizer, prepare
-    from finetune.trainer import build_trainer
+    from finetune.data import load as data
+    from finetune.data import padding_free
+    from finetune.model.load import load_model, load_tokenizer, prepare
+    from finetune.tracking import wandb_run as tracking
+    from finetune.training import metrics, resilience
+    from finetune.training.trainer import build_trainer
 
     args, output_dir = recipe.training, Path(recipe.training.output_dir)
     # As given (tracking sets the Trainer's report_to and run_name below), local paths absolute: the run's

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train a recipe through accelerate, with W&B settings from the environment; exit codes and signals as the README
-# says (finetune/launch.py: bad input before anything starts, exact exit codes, SIGTERM/Ctrl-C reach training).
+# says (finetune/commands/launch.py: bad input before anything starts, exact exit codes, SIGTERM/Ctrl-C reach training).
 #
 #   launch/train.sh recipes/qlora_int4.yaml --max_steps 10
 #   WANDB_PROJECT=x WANDB_TAGS=a,b launch/train.sh recipes/qlora_int4.yaml --max_steps 10
@@ -21,4 +21,4 @@ export WANDB_INIT_TIMEOUT="${WANDB_INIT_TIMEOUT:-20}"  # seconds to reach the se
 
 python="python3"
 [ -x "$root/.venv/bin/python" ] && python="$root/.venv/bin/python"
-exec "$python" -m finetune.launch "$@"
+exec "$python" -m finetune.commands.launch "$@"

@@ -17,7 +17,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # takes one thread: two-thread pools on a shared core wait on each other and run many times slower.
     os.environ["OMP_NUM_THREADS"] = "1"
 
-from finetune.tiny import build_tokenizer, make_task_examples, save_tiny_model, write_jsonl  # noqa: E402
+from finetune.embedded.tiny import build_tokenizer, make_task_examples, save_tiny_model, write_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -111,8 +111,8 @@ def recipe_argv(recipe: str | Path, **keys) -> list[str]:
 
 def load(argv: list[str]):
     """A recipe as the runner loads it, with this machine's TrainingArguments defaults."""
-    from finetune.model import hardware_defaults
-    from finetune.recipe import load_recipe
+    from finetune.model.load import hardware_defaults
+    from finetune.recipe.load import load_recipe
 
     return load_recipe(argv, hardware=hardware_defaults)
 
@@ -187,8 +187,8 @@ def lora_model(recipe, padding_free: bool):
     training picks it when `padding_free`."""
     import torch
 
-    from finetune import padding_free as packing
-    from finetune.model import load_model
+    from finetune.data import padding_free as packing
+    from finetune.model.load import load_model
 
     torch.manual_seed(0)
     attention = packing.plan(recipe.model, recipe.data).attention if padding_free else None

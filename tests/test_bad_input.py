@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from finetune import errors
+from finetune.embedded.tiny import write_jsonl
 from finetune.run import main
-from finetune.tiny import write_jsonl
 from tests.conftest import REPO, accelerate_launch, recipe_argv, subprocess_env
 
 CHAT = {"messages": [{"role": "user", "content": "Reverse the word. abc"}, {"role": "assistant", "content": "cba"}]}

@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from finetune import bench, compare
-from finetune.merge import merge
-from finetune.model import load_for_inference
+from finetune.commands import bench, compare
+from finetune.commands.merge import merge
+from finetune.training.rundir import load_for_inference
 from tests.conftest import REPO, subprocess_env, train_and_summarise
 from tests.wandb_file import load_run, offline_runs
 
@@ -33,7 +33,7 @@ def test_percentile():
 
 
 def test_prompts_stop_where_the_answer_starts(tokenizer):
-    from finetune.data import tokenize_example
+    from finetune.data.load import tokenize_example
 
     row = tokenize_example({"prompt": "Reverse: abc\n", "completion": "cba"}, "prompt_completion", tokenizer, 64,
                            False)
@@ -62,7 +62,7 @@ def trained_runs(tmp_path_factory, llama_dir, data_files):
 
 def test_bench_writes_its_keys_and_an_inference_run(trained_runs, tmp_path):
     run_dir = trained_runs["qlora"]
-    result = subprocess.run([sys.executable, "-m", "finetune.bench", str(run_dir), "--samples", "4",
+    result = subprocess.run([sys.executable, "-m", "finetune.commands.bench", str(run_dir), "--samples", "4",
                              "--max_new_tokens", "8", "--warmup", "1"], capture_output=True, text=True, cwd=REPO,
                             env=subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_NAME="trained"),
                             timeout=300)
@@ -161,7 +161,7 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(trained_runs, cpu_re
 
 
 def test_merge_refuses_a_directory_without_a_run(tmp_path):
-    from finetune.merge import main
+    from finetune.commands.merge import main
 
     assert main([str(tmp_path)]) == 2
 
@@ -169,7 +169,7 @@ def test_merge_refuses_a_directory_without_a_run(tmp_path):
 def test_merge_writes_only_where_nothing_is_lost(trained_runs, llama_dir, data_files, tmp_path, capsys):
     """Never into the run, the base model's or the dataset's directory, nor over files a merge did not write; an
     earlier merge is replaced whole, and nothing is left beside it."""
-    from finetune.merge import main
+    from finetune.commands.merge import main
 
     run = trained_runs["lora"]
     base_weights = (llama_dir / "model.safetensors").read_bytes()
@@ -198,7 +198,7 @@ def test_a_finished_run_is_served_from_anywhere_without_its_training_data(llama_
     training data moved away: the run's recipe.yaml records absolute paths and its eval split."""
     import shutil
 
-    from finetune import rundir
+    from finetune.training import rundir
 
     workdir = tmp_path / "project"
     (workdir / "data").mkdir(parents=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune import chat
-from finetune.data import IGNORE_INDEX, ROW, _tokenize_row, marked_targets, render, tokenize_example
+from finetune.data import chat_templates as chat
+from finetune.data.load import IGNORE_INDEX, ROW, _tokenize_row, marked_targets, render, tokenize_example
 from finetune.errors import UsageError
 
 TEMPLATES = Path(__file__).parent / "chat_templates"
@@ -288,7 +288,7 @@ def test_the_preview_marks_exactly_the_trained_text():
 def test_a_run_counts_the_hand_counted_target_tokens(name, tmp_path):
     """Through the runner: a tiny model with the family's tokenizer trains one step on every accepted chat case;
     the summary's target tokens are the hand counts summed."""
-    from finetune.tiny import save_tiny_model, write_jsonl
+    from finetune.embedded.tiny import save_tiny_model, write_jsonl
     from tests.conftest import train_and_summarise
 
     tokenizer = family_tokenizer(name)
@@ -308,9 +308,9 @@ def test_a_refused_row_stops_loading_with_its_row_number(tmp_path):
     """Through datasets.map and the eval split: the row is its line in the file, whatever the shuffle."""
     from contextlib import nullcontext
 
-    from finetune.config import DataArguments
-    from finetune.data import load_splits
-    from finetune.tiny import write_jsonl
+    from finetune.data.load import load_splits
+    from finetune.embedded.tiny import write_jsonl
+    from finetune.recipe.keys import DataArguments
 
     rows = [CASES["no-system"][1]] * 5
     rows[3] = conversation(("user", USER), ("user", USER_2), ("assistant", ANSWER))

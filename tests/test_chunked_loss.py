@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import DataCollatorForSeq2Seq
 
-from finetune import chunked_loss
-from finetune import padding_free as packing
-from finetune.data import IGNORE_INDEX, load_splits
-from finetune.model import load_tokenizer
+from finetune.data import padding_free as packing
+from finetune.data.load import IGNORE_INDEX, load_splits
+from finetune.embedded.tiny import build_model_config, build_tokenizer
+from finetune.kernels import chunked_loss
+from finetune.model.load import load_tokenizer
 from finetune.run import train
-from finetune.tiny import build_model_config, build_tokenizer
 from tests.conftest import load, lora_model, recipe_argv
 
 TOLERANCE = 1e-5  # fp32, relative: the same sums, chunked
@@ -127,7 +127,7 @@ def test_no_full_vocabulary_logits_are_kept_for_backward(llama_dir, data_files, 
 def test_a_lora_head_falls_back_to_full_logits_and_says_why(llama_dir, data_files, tmp_path, caplog):
     recipe = load(recipe_args(llama_dir, data_files["alpaca"], tmp_path)
                   + ["--lora_target_modules", "q_proj", "v_proj", "lm_head"])
-    with caplog.at_level("INFO", logger="finetune.chunked_loss"):
+    with caplog.at_level("INFO", logger="finetune.kernels.chunked_loss"):
         model = lora_model(recipe, padding_free=True)
     assert "forward" not in vars(_causal(model))
     assert "chunked loss off: its output head (lm_head) is a Linear" in caplog.text

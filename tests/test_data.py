@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from datasets import Dataset
 
-from finetune.config import DataArguments
-from finetune.data import IGNORE_INDEX, alpaca_prompt, detect_format, load_splits, tokenize_example
+from finetune.data.load import IGNORE_INDEX, alpaca_prompt, detect_format, load_splits, tokenize_example
+from finetune.embedded.tiny import write_jsonl
 from finetune.errors import UsageError
-from finetune.tiny import write_jsonl
+from finetune.recipe.keys import DataArguments
 
 
 def trained_text(tokenizer, row) -> str:

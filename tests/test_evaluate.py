@@ -9,7 +9,9 @@ from contextlib import nullcontext
 
 import pytest
 
-from finetune import bench, evaluate, rundir
+from finetune.commands import bench, evaluate
+from finetune.data import eval_tasks
+from finetune.training import rundir
 from tests.conftest import REPO, subprocess_env, train_and_summarise
 from tests.wandb_file import load_run, offline_runs
 
@@ -19,8 +21,8 @@ HELD_OUT = 6
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, llama_dir, data_files):
     """A QLoRA run (fp32 compute) and a harness task made of the very examples it held out."""
-    from finetune.data import raw_splits
-    from finetune.model import load_tokenizer
+    from finetune.data.load import raw_splits
+    from finetune.model.load import load_tokenizer
 
     root = tmp_path_factory.mktemp("eval")
     trainer, _ = train_and_summarise("qlora_int4", model_name_or_path=llama_dir, dataset=data_files["messages"],
@@ -28,15 +30,15 @@ def trained(tmp_path_factory, llama_dir, data_files):
     recipe = rundir.trained_recipe(root / "run")
     _, held_out, _ = raw_splits(recipe.data, load_tokenizer(recipe.model), recipe.training.seed,
                                 lambda **_: nullcontext())
-    tasks = evaluate.write_task(root / "tasks", "held_out", evaluate.chat_rows(held_out))
+    tasks = eval_tasks.write_task(root / "tasks", "held_out", eval_tasks.chat_rows(held_out))
     return root / "run", tasks
 
 
 def test_harness_scores_what_the_toolkit_scores(trained):
     """Same prompts, same greedy generations, same matching: the harness's per-sample responses are the toolkit's
     answers, and its accuracy is bench's exact match."""
-    from finetune.data import load_splits
-    from finetune.model import load_for_inference
+    from finetune.data.load import load_splits
+    from finetune.training.rundir import load_for_inference
 
     run, tasks = trained
     manager = evaluate.task_manager([tasks])
@@ -45,13 +47,13 @@ def test_harness_scores_what_the_toolkit_scores(trained):
     recipe, tokenizer, model = load_for_inference(run)
     split = load_splits(recipe.data, tokenizer, recipe.training.seed, lambda **_: nullcontext()).eval
     pairs = bench.prompts_and_references(split, tokenizer, HELD_OUT)
-    ours = [bench.answer(bench.generate(model, tokenizer, ids, bench.MAX_NEW_TOKENS)[0], tokenizer)[1]
+    ours = [bench.answer(bench.generate(model, tokenizer, ids, eval_tasks.MAX_NEW_TOKENS)[0], tokenizer)[1]
             for ids, _ in pairs]
     samples = sorted(results["samples"]["held_out"], key=lambda s: s["doc_id"])
     assert [s["target"] for s in samples] == [reference for _, reference in pairs]
     assert [s["filtered_resps"][0].strip() for s in samples] == ours
     assert all(ours), "the model generated nothing: the comparison would be empty"
-    toolkit = bench.run_benchmark(run, samples=HELD_OUT, max_new_tokens=bench.MAX_NEW_TOKENS, warmup=0)
+    toolkit = bench.run_benchmark(run, samples=HELD_OUT, max_new_tokens=eval_tasks.MAX_NEW_TOKENS, warmup=0)
     assert summary["lm_eval/held_out/exact_match"] == toolkit["inference/exact_match"]
     assert summary["lm_eval/held_out/samples"] == toolkit["inference/exact_match_samples"] == HELD_OUT
     assert summary["settings"]["quantization"] == "int4" and summary["settings"]["dtype"] == "float32"
@@ -86,7 +88,7 @@ def test_eval_command_writes_eval_json_and_an_evaluation_run(trained, tmp_path):
 
 
 def test_compare_takes_a_harness_metric_as_quality(trained, tmp_path):
-    from finetune import compare
+    from finetune.commands import compare
 
     run, _ = trained
     rundir.write_json(run / rundir.EVAL, {"lm_eval/held_out/exact_match": 0.5, "lm_eval/held_out/samples": 6,
@@ -101,7 +103,7 @@ def test_compare_takes_a_harness_metric_as_quality(trained, tmp_path):
 
 
 def test_compare_refuses_a_metric_a_run_lacks(trained, tmp_path, capsys):
-    from finetune import compare
+    from finetune.commands import compare
 
     run, _ = trained
     rundir.write_json(run / rundir.EVAL, {"lm_eval/held_out/exact_match": 0.5})
@@ -111,7 +113,7 @@ def test_compare_refuses_a_metric_a_run_lacks(trained, tmp_path, capsys):
 
 
 def _eval(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finetune.evaluate", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "finetune.commands.evaluate", *args], capture_output=True, text=True,
                           cwd=REPO, env=subprocess_env(WANDB_DISABLED="true"), timeout=300)
 
 

@@ -1,4 +1,4 @@
-"""GGUF in (finetune.gguf_import) and the compute dtype `auto` picks: what is refused, and before what.
+"""GGUF in (finetune.model.gguf) and the compute dtype `auto` picks: what is refused, and before what.
 
 The real model's GGUF (SmolLM2) converted, trained and scored end to end is tests/test_real_model.py; here, small
 GGUF files written with the gguf package's own writer, and the dtype choice for every kind of machine."""
@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from finetune import gguf_import
-from finetune.model import auto_dtype
+from finetune.model import gguf as gguf_import
+from finetune.model.load import auto_dtype
 from tests.conftest import REPO, subprocess_env
 
 
@@ -113,20 +113,20 @@ def test_auto_picks_bf16_only_where_it_is_native(cuda, cuda_bf16, flags, expecte
 
 
 def test_the_choice_is_logged_and_emulated_bf16_warned(monkeypatch, caplog):
-    from finetune import model
-    from finetune.config import ModelArguments
+    from finetune.model import load as model
+    from finetune.recipe.keys import ModelArguments
 
     args = ModelArguments(model_name_or_path="x/y", dtype="bfloat16")
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     monkeypatch.setattr(model, "cpu_flags", lambda: frozenset({"avx2"}))
-    with caplog.at_level("INFO", logger="finetune.model"):
+    with caplog.at_level("INFO", logger="finetune.model.load"):
         assert model.report_dtype(args) == "bfloat16"
         assert model.report_dtype(ModelArguments(model_name_or_path="x/y", dtype="auto")) == "float32"
     assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
     assert "emulated" in caplog.records[0].getMessage() and "no native bf16" in caplog.records[1].getMessage()
     caplog.clear()
     monkeypatch.setattr(model, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
-    with caplog.at_level("INFO", logger="finetune.model"):
+    with caplog.at_level("INFO", logger="finetune.model.load"):
         assert model.report_dtype(args) == "bfloat16"
         assert model.report_dtype(ModelArguments(model_name_or_path="x/y", dtype="auto")) == "bfloat16"
     assert [r.levelname for r in caplog.records] == ["INFO", "INFO"]

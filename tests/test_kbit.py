@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 
-from finetune.model import PACKED_CPU_SWITCH, load_model
+from finetune.model.load import PACKED_CPU_SWITCH, load_model
 from finetune.run import train
 from tests.conftest import load, recipe_argv
 

@@ -1,4 +1,5 @@
-"""The toolkit's LoRA linear layers (finetune/lora_layers.py): peft's numbers, less work, peft's forward elsewhere."""
+"""The toolkit's LoRA linear layers (finetune/kernels/lora_layers.py): peft's numbers, less work, peft's forward
+elsewhere."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLinear
 
-from finetune import lora_layers
-from finetune.lora_layers import MergedWeightMatmul
+from finetune.kernels import lora_layers
+from finetune.kernels.lora_layers import MergedWeightMatmul
 from tests.conftest import load, lora_model
 from tests.test_train import recipe_args
 

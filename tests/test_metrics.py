@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from finetune import flops, metrics
-from finetune.tiny import write_jsonl
+from finetune.embedded.tiny import write_jsonl
+from finetune.training import flops, metrics
 from tests.conftest import REPO, accelerate_launch, run_to_end, subprocess_env, train_and_summarise
 from tests.wandb_file import load_run, offline_runs
 
@@ -297,7 +297,7 @@ def step_timer():
 ], ids=["shorter-than-a-log-interval", "evals-and-saves-between-logs", "log-every-step"])
 def test_throughput_is_over_training_time_in_every_run_shape(shape, step_timer, monkeypatch, llama_dir, data_files,
                                                               tmp_path):
-    from finetune.trainer import FinetuneTrainer
+    from finetune.training.trainer import FinetuneTrainer
 
     original = FinetuneTrainer.__init__
 

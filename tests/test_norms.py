@@ -1,5 +1,5 @@
-"""The toolkit's RMSNorm (finetune/norms.py): transformers' output bit for bit, its gradients to fp32 rounding, and
-transformers' own forward wherever the written-out backward does not apply."""
+"""The toolkit's RMSNorm (finetune/kernels/norms.py): transformers' output bit for bit, its gradients to fp32
+rounding, and transformers' own forward wherever the written-out backward does not apply."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-from finetune import norms
-from finetune.norms import RMSNorm, RMSNormFunction
-from finetune.tiny import build_model_config
+from finetune.embedded.tiny import build_model_config
+from finetune.kernels import norms
+from finetune.kernels.norms import RMSNorm, RMSNormFunction
 from tests.conftest import load, lora_model
 from tests.test_train import recipe_args
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import DataCollatorForSeq2Seq, LlamaConfig, MistralConfig, Qwen2Config
 
-from finetune import padding_free as packing
-from finetune.data import IGNORE_INDEX, load_splits
-from finetune.model import load_tokenizer
+from finetune.data import padding_free as packing
+from finetune.data.load import IGNORE_INDEX, load_splits
+from finetune.model.load import load_tokenizer
 from finetune.run import train
 from tests.conftest import load, lora_model, recipe_argv
 

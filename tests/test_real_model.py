@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune import gguf_import, smollm2
+from finetune.embedded import smollm2
+from finetune.model import gguf as gguf_import
 from tests.conftest import REPO, subprocess_env, train_and_summarise
 
 pytestmark = pytest.mark.slow
@@ -65,9 +66,9 @@ def test_the_gguf_converts_to_the_model_and_template_it_holds(model_file):
 
 
 def test_labels_on_the_real_template_are_the_answer_and_its_end_of_turn(model_file):
-    from finetune.config import ModelArguments
-    from finetune.data import marked_targets, tokenize_example
-    from finetune.model import load_tokenizer
+    from finetune.data.load import marked_targets, tokenize_example
+    from finetune.model.load import load_tokenizer
+    from finetune.recipe.keys import ModelArguments
 
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(model_file)))
     row = json.loads((model_file.parent / "contacts.jsonl").read_text().splitlines()[0])
@@ -82,7 +83,7 @@ def test_the_tuned_model_beats_the_base_by_a_wide_margin(model_file, tuned, tmp_
     trainer, summary = tuned
     history = losses(trainer)
     assert sum(history[-5:]) / 5 < history[0] / 4, history
-    from finetune.model import dtype_choice
+    from finetune.model.load import dtype_choice
 
     assert summary["model/gguf_quantization"] == "Q4_1"
     assert summary["model/compute_dtype"] == dtype_choice("auto")[0]  # the recipe's dtype: auto, on this CPU
@@ -90,7 +91,7 @@ def test_the_tuned_model_beats_the_base_by_a_wide_margin(model_file, tuned, tmp_
     scores = {}
     for name, target, extra in [("base", str(model_file), ["--out", str(tmp_path / "base")]),
                                 ("tuned", str(run), [])]:
-        result = subprocess.run([sys.executable, "-m", "finetune.evaluate", target, "--limit", LIMIT, *extra],
+        result = subprocess.run([sys.executable, "-m", "finetune.commands.evaluate", target, "--limit", LIMIT, *extra],
                                 cwd=REPO, capture_output=True, text=True, timeout=600,
                                 env=subprocess_env(WANDB_MODE="disabled"))
         assert result.returncode == 0, result.stderr[-3000:]
@@ -102,7 +103,8 @@ def test_the_tuned_model_beats_the_base_by_a_wide_margin(model_file, tuned, tmp_
 def test_chat_answers_in_the_taught_shape(tuned):
     trainer, _ = tuned
     prompt = f"{smollm2.INSTRUCTION}\nWilma Stone is 33 and lives in Zagreb."
-    result = subprocess.run([sys.executable, "-m", "finetune.generate", trainer.args.output_dir, "--prompt", prompt],
+    result = subprocess.run([sys.executable, "-m", "finetune.commands.chat", trainer.args.output_dir, "--prompt",
+                             prompt],
                             cwd=REPO, capture_output=True, text=True, timeout=300,
                             env=subprocess_env(WANDB_MODE="disabled"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -124,8 +126,8 @@ def test_merge_of_a_gguf_run_gives_a_plain_model_with_its_logits(tuned, tmp_path
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.merge import merge
-    from finetune.model import load_for_inference
+    from finetune.commands.merge import merge
+    from finetune.training.rundir import load_for_inference
 
     trainer, _ = tuned
     merged_dir = merge(Path(trainer.args.output_dir), tmp_path / "merged")

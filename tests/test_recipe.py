@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from finetune.errors import UsageError
-from finetune.recipe import load_recipe, parse_cli_overrides, recipe_yaml
+from finetune.recipe.load import load_recipe, parse_cli_overrides, recipe_yaml
 from tests.conftest import REPO, write_recipe
 
 SHIPPED = sorted((REPO / "recipes").glob("**/*.yaml"))

@@ -14,10 +14,11 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from finetune import errors, ranks, resilience, rundir
+from finetune import errors
+from finetune.embedded.tiny import write_jsonl
 from finetune.errors import UsageError
 from finetune.run import train
-from finetune.tiny import write_jsonl
+from finetune.training import ranks, resilience, rundir
 from tests.conftest import REPO, accelerate_launch, load, recipe_argv, run_to_end, subprocess_env
 from tests.wandb_file import load_run, offline_runs
 

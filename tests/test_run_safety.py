@@ -20,9 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune import errors, rundir
+from finetune import errors
+from finetune.embedded.tiny import write_jsonl
 from finetune.run import main
-from finetune.tiny import write_jsonl
+from finetune.training import rundir
 from tests.conftest import REPO, accelerate_launch, recipe_argv, subprocess_env
 from tests.wandb_file import load_run, offline_runs
 
@@ -103,7 +104,8 @@ def test_overwrite_output_dir_writes_beside_other_files_never_over_them(llama_di
 
 def test_an_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(llama_dir, text_data, tmp_path,
                                                                            monkeypatch, capsys, caplog):
-    from finetune import resilience, tracking
+    from finetune.tracking import wandb_run as tracking
+    from finetune.training import resilience
 
     out = tmp_path / "out"
     assert main(args(llama_dir, text_data, out, steps=4)) == errors.OK
@@ -167,7 +169,7 @@ def test_a_run_that_would_be_refused_is_refused_before_torch_loads(llama_dir, te
 
 def test_the_launcher_refuses_the_same_before_any_process_starts(llama_dir, text_data, tmp_path, monkeypatch,
                                                                  capsys):
-    from finetune import launch
+    from finetune.commands import launch
 
     started = []
     monkeypatch.setattr(launch, "run", lambda command: started.append(command) or 0)
@@ -289,7 +291,7 @@ def test_a_second_ctrl_c_to_the_launcher_stops_everything_at_once_with_130(capfd
     to the training process, the second kills everything at once, says so, and the exit code is 130."""
     import threading
 
-    from finetune import launch
+    from finetune.commands import launch
 
     def two_ctrl_c():
         for _ in range(2):
@@ -334,7 +336,7 @@ def test_a_training_process_killed_by_sigkill_exits_137_saying_so(llama_dir, tex
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                                env=subprocess_env(WANDB_DISABLED="true"))
     until_training(process)
-    (trainer,) = [p for p in training_processes(out) if "finetune.launch" not in " ".join(p.cmdline())]
+    (trainer,) = [p for p in training_processes(out) if "finetune.commands.launch" not in " ".join(p.cmdline())]
     trainer.kill()
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGKILL and "Traceback" not in stderr
@@ -507,7 +509,7 @@ def test_the_embedded_recipe_saves_checkpoints():
 
 
 def test_a_second_ctrl_c_stops_at_once(monkeypatch):
-    from finetune.resilience import PreemptionCallback
+    from finetune.training.resilience import PreemptionCallback
 
     exits = []
     monkeypatch.setattr(os, "_exit", exits.append)
@@ -564,7 +566,7 @@ def test_rerunning_a_finished_runs_recipe_refuses_like_any_rerun(llama_dir, text
 
 def test_a_failed_run_leaves_nothing_that_makes_the_next_attempt_wrong(llama_dir, text_data, tmp_path,
                                                                        monkeypatch):
-    from finetune.trainer import FinetuneTrainer
+    from finetune.training.trainer import FinetuneTrainer
 
     out = tmp_path / "out"
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -12,8 +12,9 @@ import sys
 import pytest
 import torch
 
-from finetune import errors, rundir
-from finetune.tiny import write_jsonl
+from finetune import errors
+from finetune.embedded.tiny import write_jsonl
+from finetune.training import rundir
 from tests.conftest import REPO, accelerate_launch, recipe_argv, run_to_end, subprocess_env
 from tests.wandb_file import load_run, offline_runs
 
@@ -41,7 +42,7 @@ def test_two_machines_on_localhost_train_one_run(llama_dir, tmp_path):
     port = free_port()
     env = subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path))
     machines = [subprocess.Popen(
-        [sys.executable, "-m", "finetune.launch", "--config_file", "launch/accelerate/cpu_ddp.yaml",
+        [sys.executable, "-m", "finetune.commands.launch", "--config_file", "launch/accelerate/cpu_ddp.yaml",
          "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip",
          "127.0.0.1", "--main_process_port", str(port), "--", *argv],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
@@ -62,7 +63,7 @@ def test_two_machines_on_localhost_train_one_run(llama_dir, tmp_path):
 def test_a_single_process_run_records_how_it_ran(llama_dir, tmp_path):
     out = tmp_path / "out"
     data = write_jsonl([{"text": f"row {i}"} for i in range(8)], tmp_path / "text.jsonl")
-    result = run_to_end([sys.executable, "-m", "finetune.launch", *recipe_argv(
+    result = run_to_end([sys.executable, "-m", "finetune.commands.launch", *recipe_argv(
         "lora_bf16", model_name_or_path=llama_dir, dataset=data, output_dir=out, max_steps=1, dtype="float32",
         eval_size=0, eval_strategy="no", report_to="none")], cwd=REPO, env=subprocess_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -74,7 +75,7 @@ def test_a_single_process_run_records_how_it_ran(llama_dir, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA GPUs")
 @pytest.mark.parametrize("config", SHARDED)
 def test_sharded_configs_are_refused_without_gpus_through_the_launcher(config, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "finetune.launch", "--config_file", config, "--",
+    result = subprocess.run([sys.executable, "-m", "finetune.commands.launch", "--config_file", config, "--",
                              "recipes/tiny.yaml", "--output_dir", str(tmp_path / "out")],
                             cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == errors.USAGE, result.stderr

@@ -17,9 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune import errors, rundir
+from finetune import errors
+from finetune.embedded.tiny import write_jsonl
 from finetune.run import main
-from finetune.tiny import write_jsonl
+from finetune.training import rundir
 from tests import slurm_cluster
 from tests.conftest import REPO, recipe_argv
 from tests.wandb_file import load_run, offline_runs

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune import rundir, tracking
-from finetune.config import looks_secret
 from finetune.errors import UsageError
+from finetune.recipe.keys import looks_secret
+from finetune.tracking import wandb_run as tracking
+from finetune.training import rundir
 from tests.conftest import REPO, accelerate_launch, load, recipe_argv, run_to_end, subprocess_env
 from tests.wandb_file import load_run, offline_runs
 
@@ -340,7 +341,7 @@ def test_bad_mode_exits_2_before_training(tmp_path, llama_dir, data_files):
 
 
 def test_values_wandb_would_refuse_stop_the_run_before_torch_loads(tmp_path, llama_dir, data_files):
-    from finetune import config
+    from finetune.recipe import keys as config
 
     config.trainer_keys()  # the key cache, warm: a cold one imports transformers once to fill it
     environment = {"WANDB_MODE": "offline", "WANDB_PROJECT": "team/proj", "FINETUNE_CACHE": str(config.cache_dir())}

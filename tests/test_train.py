@@ -47,7 +47,7 @@ def test_lora_variant_moves_adapters_not_base(variant, llama_dir, data_files, tm
 
     # Base weights did not move: compare against the checkpoint (unquantized) or a fresh quantized load.
     if VARIANTS[variant]["quantized"]:
-        from finetune.model import load_model
+        from finetune.model.load import load_model
 
         recipe = load(recipe_args(variant, llama_dir, data_files["alpaca"], tmp_path / "unused"))
         fresh = dict(load_model(recipe.model).named_parameters())
@@ -79,7 +79,7 @@ def test_kbit_base_keeps_its_compute_dtype(variant, llama_dir, data_files, tmp_p
     """No fp32 copies of the embeddings, LM head or norms (peft's prepare_model_for_kbit_training makes them)."""
     from peft import prepare_model_for_kbit_training
 
-    from finetune.model import load_model, quantization_config
+    from finetune.model.load import load_model, quantization_config
 
     recipe = load(recipe_args(variant, llama_dir, data_files["text"], tmp_path))
     model = load_model(recipe.model)

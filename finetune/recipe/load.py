@@ -1,0 +1,314 @@
+"""Loading a recipe: YAML files, `extends`, and `--key value` overrides from the command line, checked against the
+schema (`finetune.recipe.keys`) with every problem reported at once.
+
+    finetune/run.py recipes/qlora_int4.yaml --max_steps 3 --learning_rate 1e-4
+
+A recipe is a flat YAML mapping; `extends: other.yaml` (a path relative to the recipe) starts from another recipe
+and overrides it key by key. Values are checked against each key's type and choices before anything heavy is
+imported (a typo costs about a second); the dataclasses then check their combinations, and only then is
+`transformers.TrainingArguments` built, with its own checks.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune.errors import UsageError
+from finetune.recipe import keys as config
+from finetune.recipe.keys import Key, Recipe
+
+# Keys that describe one choice: a layer (a child recipe, the command line) that sets one of them replaces the
+# choice made by the layers below, instead of clashing with it.
+EXCLUSIVE_KEYS = [("eval_split", "eval_fraction", "eval_size")]
+TRUE, FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (YAML itself keeps the last silently)."""
+
+    duplicates: list[str]
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                self.duplicates.append(f"`{key}` is set twice (lines {seen[key]} and {key_node.start_mark.line + 1});"
+                                       " keep one")
+            seen.setdefault(key, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_recipe_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Load one recipe file and the chain of recipes it extends, child keys winning.
+
+    Raises UsageError for a missing file, YAML that doesn't parse, a key set twice, a non-mapping, an empty
+    recipe, or an `extends` cycle.
+    """
+    path = path.expanduser()
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+        raise UsageError(f"recipe {path}: `extends` forms a cycle ({chain}); remove one of the links")
+    if not path.is_file():
+        raise UsageError(f"recipe {path}: no such file; pass the path of a YAML recipe (see recipes/)")
+    loader = _UniqueKeyLoader(path.read_text())
+    loader.duplicates = []
+    try:
+        content = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UsageError(f"recipe {path}: invalid YAML{where}: {problem}") from None
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise UsageError([f"recipe {path}: {duplicate}" for duplicate in loader.duplicates])
+    if content is None:
+        raise UsageError(f"recipe {path}: the file is empty; a recipe needs at least model_name_or_path and dataset "
+                         "(or `extends: <recipe>`)")
+    if not isinstance(content, dict):
+        raise UsageError(f"recipe {path}: expected a mapping of `key: value` lines, got a {type(content).__name__}")
+    parent = content.pop("extends", None)
+    if parent is None:
+        return content
+    if not isinstance(parent, str):
+        raise UsageError(f"recipe {path}: `extends` must be a recipe path, got {parent!r}")
+    return overlay(read_recipe_file(path.parent / parent, (*_seen, path.resolve())), content)
+
+
+def overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, key by key; setting one of a group of EXCLUSIVE_KEYS drops the others from `base`."""
+    merged = dict(base)
+    for group in EXCLUSIVE_KEYS:
+        if any(key in top for key in group):
+            for key in group:
+                merged.pop(key, None)
+    merged.update(top)
+    return merged
+
+
+class BareFlag(str):
+    """The value of a `--key` given with no value: "true", which only a boolean key takes (check_keys)."""
+
+
+def parse_cli_overrides(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Turn `--key value`, `--key=value`, `--flag` and `--key v1 v2` into a mapping of strings.
+
+    A key with no value means true (for boolean keys); several values make a list.
+    Returns the mapping and a list of problems (stray words, repeated keys).
+    """
+    overrides: dict[str, Any] = {}
+    problems: list[str] = []
+    key: str | None = None
+    values: list[str] = []
+
+    def flush():
+        if key is None:
+            return
+        if key in overrides:
+            problems.append(f"--{key} is given twice on the command line; keep one")
+        overrides[key] = BareFlag("true") if not values else values[0] if len(values) == 1 else list(values)
+
+    for token in tokens:
+        if token.startswith("--") and len(token) > 2:
+            flush()
+            name, eq, value = token[2:].partition("=")
+            key, values = name.replace("-", "_"), ([value] if eq else [])
+        elif key is None:
+            problems.append(f"unexpected argument {token!r}: write overrides as `--key value` after the recipe path")
+        else:
+            values.append(token)
+    flush()
+    return overrides, problems
+
+
+def did_you_mean(word: str, options) -> str:
+    """' (did you mean `a` or `b`?)' for the closest options: truncations first (lora_rank -> lora_r), then spelling."""
+    options = sorted(options)
+    truncations = [o for o in options if len(o) >= 4 and (word.startswith(o) or o.startswith(word))]
+    truncations.sort(key=lambda o: abs(len(o) - len(word)))
+    close = difflib.get_close_matches(word, options, n=2, cutoff=0.6)
+    picks = list(dict.fromkeys(truncations + close))[:2]
+    return f" (did you mean {' or '.join(f'`{p}`' for p in picks)}?)" if picks else ""
+
+
+def coerce(key: Key, value: Any, problems: list[str]) -> Any:
+    """A YAML value or a command-line string checked against its key and converted; problems are appended."""
+    if value is None:
+        return None
+    if key.kind in ("list", "str_or_list") and isinstance(value, list):
+        return [str(item) for item in value]
+    if key.kind == "list":
+        return [str(value)]
+    if key.kind in ("dict", "any"):
+        return value
+    if isinstance(value, (list, dict)):
+        problems.append(f"{key.name}: expected {_expected(key)}, got {type(value).__name__} {value!r}")
+        return value
+    if key.kind == "choice":
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        if text not in key.choices:
+            shown = ", ".join(key.choices) if len(key.choices) <= 12 else ", ".join(key.choices[:12]) + ", ..."
+            problems.append(f"{key.name}: {value!r} is not one of {shown}{did_you_mean(text, key.choices)}")
+        return text
+    if key.kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if str(value).strip().lower() in TRUE | FALSE:
+            return str(value).strip().lower() in TRUE
+        problems.append(f"{key.name}: expected a boolean (true/false), got {value!r}")
+        return value
+    if key.kind in ("int", "float"):
+        if isinstance(value, bool):
+            problems.append(f"{key.name}: expected {_expected(key)}, got boolean {value!r}")
+            return value
+        try:
+            number = float(value) if key.kind == "float" else int(str(value))
+        except (TypeError, ValueError):
+            problems.append(f"{key.name}: expected {_expected(key)}, got {value!r}")
+            return value
+        return number
+    return str(value)
+
+
+def _expected(key: Key) -> str:
+    return {"bool": "a boolean (true/false)", "int": "an int", "float": "a float"}.get(key.kind, "a string")
+
+
+def check_keys(merged: dict[str, Any], overrides: dict[str, Any], path: Path,
+               problems: list[str]) -> dict[str, Any]:
+    """Every key known and every value of its type: the checked values. Imports nothing heavy."""
+    keys = config.recipe_keys()
+    values = {}
+    for name, value in merged.items():
+        if config.looks_secret(name):
+            where = ("on the command line (it ends up in shell history and logs)" if name in overrides else
+                     f"in {path} (recipe files get copied, shared and logged)")
+            problems.append(f"{'--' if name in overrides else ''}{name}: secrets don't belong {where}; export it in "
+                            "the environment instead (e.g. HF_TOKEN, WANDB_API_KEY)")
+            continue
+        if name not in keys:
+            origin = "on the command line" if name in overrides else f"in {path}"
+            problems.append(f"unknown key `{name}` {origin}{did_you_mean(name, keys)}; keys are fields of "
+                            "ModelArguments, DataArguments, TrackingArguments, RunArguments or "
+                            "transformers.TrainingArguments (`--help` lists them)")
+            continue
+        if isinstance(value, BareFlag) and keys[name].kind != "bool":
+            problems.append(f"--{name}: no value given; write `--{name} VALUE` (a shell variable that is empty or "
+                            "unset gives none)")
+            continue
+        values[name] = coerce(keys[name], value, problems)
+    return values
+
+
+Hardware = Callable[[config.ModelArguments, dict[str, Any]], dict[str, Any]]
+
+
+def read_checked(argv: list[str], data_needed: bool = True) -> tuple[Path, dict[str, Any], dict[str, Any],
+                                                                     dict[type, Any]]:
+    """Everything `load_recipe` checks that needs no torch: the files (the dataset's only when `data_needed`),
+    every key and value, and the combinations of the toolkit's own keys. Returns (recipe path, merged keys,
+    checked values, the toolkit's groups)."""
+    if not argv or argv[0].startswith("--"):
+        raise UsageError("usage: finetune/run.py RECIPE.yaml [--key value ...]; the recipe path comes first (see "
+                         "recipes/)")
+    path = Path(argv[0])
+    overrides, problems = parse_cli_overrides(argv[1:])
+    merged = overlay(read_recipe_file(path), overrides)
+    merged.setdefault("output_dir", str(Path("outputs") / path.stem))
+    values = check_keys(merged, overrides, path, problems)
+    if problems:
+        raise UsageError(problems)
+    problems += config.range_problems(values) + config.path_variable_problems(values)
+    problems += config.dataset_problems(values) if data_needed else []
+    output_dir = str(values.get("output_dir", ""))
+    problems += [p for p in [config.output_dir_problem(output_dir), output_dir.strip() and config.protected_problem(
+        Path(output_dir), values.get("model_name_or_path") or "", values.get("dataset") or "")] if p]
+    groups = {}
+    for cls in config.GROUPS:
+        try:
+            groups[cls] = cls(**{k: v for k, v in values.items() if k in config.group_fields(cls)})
+        except UsageError as error:
+            problems += error.problems
+    if problems:
+        raise UsageError(problems)
+    return path, merged, values, groups
+
+
+def load_recipe(argv: list[str], hardware: Hardware | None = None, data_needed: bool = True) -> Recipe:
+    """Parse `RECIPE.yaml [--key value ...]` into a validated Recipe.
+
+    `hardware`, given the model arguments and the Trainer's keys, returns TrainingArguments defaults that follow
+    the machine (the runner passes `finetune.model.load.hardware_defaults`); keys the recipe sets keep their value.
+    `data_needed=False`: a local dataset may be gone (a finished run's recipe, for commands that don't train).
+    Raises UsageError listing every problem found: unknown keys (with a suggestion), wrong types, values outside
+    their choices, impossible combinations and missing local files. Nothing is written and no model is loaded.
+    """
+    path, merged, values, groups = read_checked(argv, data_needed)
+    ours = set().union(*(config.group_fields(cls) for cls in config.GROUPS))
+    training_values = {k: v for k, v in values.items() if k not in ours}
+    if "gradient_checkpointing_kwargs" in training_values:
+        training_values.setdefault("activation_checkpointing_kwargs", None)
+    machine = hardware(groups[config.ModelArguments], training_values) if hardware else {}
+    defaults = {**config.TOOLKIT_DEFAULTS, **machine}
+    if {"bf16", "fp16"} & set(values):  # the recipe chose its precision: no automatic autocast on top
+        defaults = {key: value for key, value in defaults.items() if key not in ("bf16", "fp16")}
+    for key, value in defaults.items():
+        training_values.setdefault(key, value)
+    from transformers import TrainingArguments
+
+    try:
+        training = TrainingArguments(**training_values)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"training arguments: {str(exc).strip().splitlines()[0]}") from None
+    model, data, tracking, run = (groups[cls] for cls in config.GROUPS)
+    return Recipe(model=model, data=data, tracking=tracking, run=run, training=training, source=merged, path=path)
+
+
+def recipe_yaml(recipe: Recipe, absolute: bool = False) -> str:
+    """The recipe as YAML: every key with its effective value (see Recipe.resolved); loads back with load_recipe.
+    `absolute`: local paths made absolute (`config.absolute_paths`), as a run's recipe.yaml records them."""
+    header = f"# Resolved from {recipe.path} with command-line overrides; every key with its effective value.\n"
+    values = config.absolute_paths(recipe.resolved()) if absolute else recipe.resolved()
+    return header + yaml.safe_dump(values, sort_keys=False, default_flow_style=False)
+
+
+
+GROUP_TITLES = {"model": "Model", "quantization": "Quantization (bitsandbytes)", "lora": "LoRA (peft)",
+                "data": "Data", "tracking": "Tracking (W&B defaults; WANDB_* variables win)",
+                "run": "Run (output directory, resuming, non-finite losses)",
+                "trainer": "Trainer (transformers.TrainingArguments; the toolkit's defaults where it sets them)"}
+USAGE = """usage: finetune/run.py RECIPE.yaml [--key value ...] [--print_config] [--dry_run]
+
+Train as RECIPE.yaml says; any key below overrides it: `--key value`, `--key=value`, `--flag` (true), `--key v1 v2`.
+  --print_config   print the resolved recipe (every key with its effective value) and exit
+  --dry_run        load and tokenize the data, show two examples with the loss-bearing text in [[ ]], token
+                   lengths and the detected format, and exit without training
+  --help           this list
+"""
+
+
+def help_text(width: int = 118) -> str:
+    """Every recipe key, by group, with its default and a one-line description. Imports nothing heavy."""
+    import textwrap
+
+    keys = config.recipe_keys()
+    lines = [USAGE]
+    for group, title in GROUP_TITLES.items():
+        lines.append(f"{title}:")
+        for key in (k for k in keys.values() if k.group == group):
+            default = config.TOOLKIT_DEFAULTS.get(key.name, key.default)
+            choices = f" {{{', '.join(key.choices)}}}" if key.choices and len(key.choices) <= 8 else ""
+            head = f"  --{key.name} (default {default!r}){choices}"
+            summary = textwrap.shorten(key.help, 2 * (width - 6), placeholder=" ...") if key.help else ""
+            lines.append(head)
+            if summary:
+                lines += textwrap.wrap(summary, width, initial_indent="      ", subsequent_indent="      ")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""The Trainer, with the few hooks the toolkit needs inside a training step.
+
+- `CountingCollator` counts each batch's samples and tokens on the host and attaches them as plain ints;
+  `FinetuneTrainer.training_step` hands them to the metrics callback before the forward pass.
+- With `on_nonfinite_loss: skip`, a micro-batch whose loss is not finite contributes a zero gradient.
+- A checkpoint is never written from non-finite weights (the guard stops training instead).
+- Eval batches may use their own collator (`eval_collator`): padded, when training batches are flattened.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import Trainer
+
+from finetune.training.metrics import MetricsCallback, batch_counts
+from finetune.training.resilience import NonFiniteGuard, PreemptionCallback, ResumedSettings, disk_full_said
+
+logger = logging.getLogger("finetune")
+
+COUNTS_KEY = "finetune_counts"  # batch key carrying (samples, input tokens, target tokens) as host ints
+
+
+class CountingCollator:
+    """Wraps a collator; adds the batch's (samples, input tokens, target tokens), counted on the host."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        batch[COUNTS_KEY] = batch_counts(features)
+        return batch
+
+
+def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, flatten: bool,
+                  callbacks: list) -> FinetuneTrainer:
+    """The Trainer for a recipe: counting collators (padding-free training batches when `flatten`, padded eval
+    batches), the toolkit's callbacks after the Trainer's own flow callback (which decides when to log, evaluate
+    and save), then `callbacks`. Metrics write their numbers into each log before any logger reads it
+    (`FinetuneTrainer.log`)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from finetune.data.load import IGNORE_INDEX
+    from finetune.data.padding_free import FlatteningCollator
+
+    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    preemption, metrics = PreemptionCallback(), MetricsCallback()
+    guard = NonFiniteGuard(recipe.run.on_nonfinite_loss)
+    # The preemption callback may ask for a save at a step's end; the metrics callback, after it, sees every
+    # save and evaluation that follows and stops its clock for them.
+    trainer = FinetuneTrainer(model=model, args=recipe.training, train_dataset=train_dataset,
+                              eval_dataset=eval_dataset, processing_class=tokenizer,
+                              data_collator=CountingCollator(FlatteningCollator() if flatten else padded),
+                              callbacks=[ResumedSettings(), preemption, metrics, guard, *callbacks])
+    trainer.eval_collator = CountingCollator(padded)
+    trainer.metrics, trainer.preemption, trainer.guard, trainer.recipe = metrics, preemption, guard, recipe
+    return trainer
+
+
+class FinetuneTrainer(Trainer):
+    """transformers.Trainer plus host-side counting, the skip mode for non-finite losses and a checkpoint guard."""
+
+    metrics: MetricsCallback | None = None
+    preemption: PreemptionCallback | None = None
+    guard: NonFiniteGuard | None = None
+    eval_collator = None  # None: eval batches are collated like training batches
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.metrics is not None:
+            self.metrics.add_to_log(logs)
+        super().log(logs, start_time)
+
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from a checkpoint of the last step (the run stopped while writing its results): nothing is left
+        # to train. The Trainer's epoch loop would take one more step before checking, past max_steps.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def fit(self, resume_from: Path | None) -> None:
+        """Train, from a checkpoint when given (its metrics totals restored); SIGTERM/SIGUSR1 stop at a step
+        boundary with a checkpoint (`preemption.stopped_at`)."""
+        if resume_from is not None:
+            self.metrics.restore(resume_from)
+            if self.is_world_process_zero():
+                logger.info("resuming from %s (step %s)", resume_from, resume_from.name.rsplit("-", 1)[-1])
+        self.preemption.install()
+        try:
+            self.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        finally:
+            self.preemption.uninstall()
+
+    @property
+    def stopped_early(self) -> bool:
+        """Preempted, or stopped on a non-finite loss (see finetune.training.resilience.end_early)."""
+        return self.guard.problem is not None or self.preemption.stopped_at is not None
+
+    def summary(self) -> dict:
+        """The run summary (finetune.training.metrics), with the batches skip mode dropped, if any."""
+        from finetune.training import rundir
+
+        out = self.metrics.summary(self, self.recipe.model, rundir.saved_weights(Path(self.args.output_dir),
+                                                                                 self.recipe.model.use_lora))
+        if self.guard.skipped_batches:
+            out["train/skipped_batches"] = self.guard.skipped_batches
+        return out
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return self._with_eval_collator(super().get_eval_dataloader, eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        return self._with_eval_collator(super().get_test_dataloader, test_dataset)
+
+    def _with_eval_collator(self, build, dataset):
+        if self.eval_collator is None:
+            return build(dataset)
+        train_collator, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return build(dataset)  # the DataLoader keeps the collator it was built with
+        finally:
+            self.data_collator = train_collator
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        counts = inputs.pop(COUNTS_KEY, None)
+        if counts is not None and self.metrics is not None:
+            self.metrics.add(counts)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.metrics is not None:
+            self.metrics.add_loss(loss)  # on the device: no sync
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs.pop(COUNTS_KEY, None)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if self.guard is None or self.guard.mode != "skip" or not model.training:
+            return result
+        import torch
+
+        loss = result[0] if return_outputs else result
+        if bool(torch.isfinite(loss.detach()).all()):  # a device sync per micro-batch: the price of skip mode
+            return result
+        self.guard.skipped_batches += 1
+        # A loss built from the trainable weights alone: finite, and its gradient is exactly zero.
+        zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+        return (zero, result[1]) if return_outputs else zero
+
+    def _save_checkpoint(self, model, trial):
+        from finetune.training import rundir
+
+        if self.guard is not None and not self.guard.weights_are_finite(self.model):
+            self.guard.stop(self.control, f"non-finite weights at step {self.state.global_step}: this "
+                                          "checkpoint was not written")
+            return
+        checkpoint = rundir.checkpoint_dir(Path(self.args.output_dir), self.state.global_step)
+        with disk_full_said(checkpoint.parent, checkpoint.name, partial=self.is_world_process_zero()):
+            super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every rank has written its part (its RNG state, its shards)
+        if self.is_world_process_zero():
+            rundir.seal_checkpoint(rundir.checkpoint_dir(Path(self.args.output_dir), self.state.global_step))
+            rundir.drop_previous_run(Path(self.args.output_dir))  # the run an overwrite replaced, now superseded
