@@ -91,7 +91,7 @@ MUTANTS = [
            (METRICS + "test_training_clock_stops_for_evaluations_and_saves_and_continues",)),
 
     # A resumed run refuses settings it cannot change.
-    Mutant("resume-learning-rate-changeable", "finetune/training/resilience.py",
+    Mutant("resume-learning-rate-changeable", "finetune/training/rundir.py",
            '"gradient_accumulation_steps", "learning_rate", "lr_scheduler_type",',
            '"gradient_accumulation_steps", "lr_scheduler_type",',
            ("tests/test_run_safety.py::test_resume_refuses_settings_it_cannot_change_and_applies_the_others",)),
@@ -240,7 +240,7 @@ MUTANTS = [
            ("tests/test_run_safety.py::test_resume_refuses_a_dataset_replaced_in_place",)),
     # The output directory's refusals come before torch loads.
     Mutant("directory-checks-after-torch", "finetune/run.py",
-           "            rundir.check_output_dir(values)", "            pass",
+           "        rundir.check_output_dir(values)", "        pass",
            ("tests/test_run_safety.py::test_a_run_that_would_be_refused_is_refused_before_torch_loads",)),
     # A full disk is one line and exit code 74.
     Mutant("disk-full-traceback", "finetune/training/resilience.py",
