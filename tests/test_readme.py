@@ -28,10 +28,15 @@ RUN_AS_WRITTEN = [
 ]
 
 
-def readme_commands() -> list[str]:
-    """Each command of the README's ```bash blocks: continuation lines joined, comments dropped."""
+DOCS = sorted((REPO / "docs").glob("*.md"))
+
+
+def readme_commands(pages: list = (REPO / "README.md",)) -> list[str]:
+    """Each command of the ```bash blocks of `pages` (the README by default): continuation lines joined, comments
+    dropped."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.DOTALL):
+    blocks = [block for page in pages for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.DOTALL)]
+    for block in blocks:
         for command in block.replace("\\\n", " ").splitlines():
             command = re.sub(r"\s+#.*$", "", command).strip()
             if command and not command.startswith("#"):
@@ -44,8 +49,9 @@ def make_targets() -> set[str]:
 
 
 def test_every_command_names_what_exists():
-    commands = readme_commands()
-    assert ACTIVATE in commands and len(commands) > 30
+    """In the README and every page of docs/."""
+    commands = readme_commands([REPO / "README.md", *DOCS])
+    assert ACTIVATE in commands and len(commands) > 60
     targets = make_targets()
     for command in commands:
         words = [word for word in shlex.split(command) if not re.fullmatch(r"[A-Z_]+=.*", word)]
@@ -99,3 +105,13 @@ def test_offline_commands_run_as_written(checkout, command):
     result = shell(checkout, f"{ACTIVATE} && {command}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip(), command
+
+
+def test_the_readme_is_a_front_door_to_the_manual():
+    """Under 250 lines; every page of docs/ one link away; every link between them lands on a file."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) < 250
+    assert DOCS and all(f"(docs/{page.name})" in readme for page in DOCS)
+    for page in [REPO / "README.md", *DOCS]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name}: {target}"
