@@ -159,7 +159,7 @@ def train(recipe: Recipe):
 
         # 7. Save the adapter (or the full model), the tokenizer and the eval split; then every rank leaves the
         #    process group together, so that the main process's W&B upload can take as long as it needs.
-        with resilience.disk_full_said(output_dir, "the model"):
+        with resilience.disk_full_said(output_dir, "the model", overwrite=recipe.run.overwrite_output_dir):
             trainer.save_model(str(output_dir))
             if args.process_index == 0:
                 rundir.save_eval_split(output_dir, eval_set)  # what `finetune bench` prompts with, data or not
@@ -168,7 +168,7 @@ def train(recipe: Recipe):
         # 8. Summarise: the same numbers in summary.json, the W&B summary and on the console.
         if args.process_index == 0:
             summary = trainer.summary()
-            with resilience.disk_full_said(output_dir, rundir.SUMMARY):
+            with resilience.disk_full_said(output_dir, rundir.SUMMARY, overwrite=recipe.run.overwrite_output_dir):
                 rundir.write_json(output_dir / rundir.SUMMARY, summary)
             tracking.finish(attempt.run, plan, recipe, output_dir, summary)
             metrics.report(trainer, output_dir, summary)

@@ -548,6 +548,34 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_rerun_resumes(llama_dir
     assert json.loads((out / rundir.SUMMARY).read_text())["final/total_steps"] == 4
 
 
+def test_after_an_overwrite_the_resume_hint_says_to_drop_the_flag(llama_dir, text_data, tmp_path, monkeypatch,
+                                                                  caplog):
+    """The same command would start over again and lose the checkpoint: the hint says so."""
+    from finetune.commands import launch
+    from finetune.training.resilience import PreemptionCallback
+
+    original = PreemptionCallback.on_step_end
+
+    def stop_at_step_2(self, args, state, control, **kwargs):
+        if state.global_step == 2 and self.received is None:
+            self.received = "SIGTERM"  # as if it had arrived during step 2
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(PreemptionCallback, "on_step_end", stop_at_step_2)
+    out = tmp_path / "out"
+    assert main(args(llama_dir, text_data, out, steps=6, overwrite_output_dir="true")) == errors.PREEMPTED
+    assert (f"stopped by SIGTERM at step 2, checkpoint saved in {out}; run the command again without "
+            "--overwrite_output_dir to resume (with it, the run starts over") in caplog.text
+    assert main(args(llama_dir, text_data, out, steps=6)) == errors.OK  # as the hint says: resumed, not restarted
+    assert [segment["from_step"] for segment in rundir.segments(out)] == [0, 2]
+    assert json.loads((out / rundir.SUMMARY).read_text())["final/total_steps"] == 6
+    said = {("--overwrite_output_dir", "true"): True, ("--overwrite_output_dir",): True,
+            ("--overwrite_output_dir=true",): True, ("--overwrite_output_dir", "false"): False, (): False,
+            ("--overwrite_output_dir", "--max_steps", "5"): True}
+    for tokens, expected in said.items():
+        assert launch.overwrites(["accelerate", "launch", "-m", "finetune.run", "r.yaml", *tokens]) is expected
+
+
 # 9. Rerunning a saved recipe.
 
 def test_rerunning_a_finished_runs_recipe_refuses_like_any_rerun(llama_dir, text_data, tmp_path, capsys):

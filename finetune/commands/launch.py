@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from finetune.training.ranks import CONFIG, EXIT_STATUS, die_with_parent
+from finetune.training.rundir import rerun_hint
 
 ACCELERATE = "--accelerate-launch"  # `-m finetune.commands.launch --accelerate-launch ARGS`: accelerate_launch
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -191,9 +192,20 @@ def run(command: list[str]) -> int:
         if code > 128:  # a training process killed by a signal it can't handle (the kernel's OOM killer: SIGKILL)
             print(f"error: the training process was killed by {signal.Signals(code - 128).name}"
                   f"{' (the out-of-memory killer sends it; see dmesg)' if code - 128 == signal.SIGKILL else ''}, "
-                  "without saving; run the same command again to resume from the last checkpoint",
+                  f"without saving; {rerun_hint(overwrites(command))} from the last checkpoint",
                   file=sys.stderr, flush=True)
         return code
+
+
+def overwrites(command: list[str]) -> bool:
+    """Whether a training command line says --overwrite_output_dir (true): run again, it starts over."""
+    for i, token in enumerate(command):
+        value = token.split("=", 1)[1] if token.startswith("--overwrite_output_dir=") else (
+            (command[i + 1] if i + 1 < len(command) and not command[i + 1].startswith("--") else "true")
+            if token == "--overwrite_output_dir" else None)
+        if value is not None and value.lower() in ("true", "1", "yes"):
+            return True
+    return False
 
 
 def _ignore_forwarded() -> None:

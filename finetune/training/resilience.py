@@ -66,7 +66,7 @@ def disk_full(error: BaseException, directory: Path) -> bool:
 
 
 @contextlib.contextmanager
-def disk_full_said(output_dir: Path, what: str, partial: bool = False):
+def disk_full_said(output_dir: Path, what: str, partial: bool = False, overwrite: bool = False):
     """Turn a full disk while writing `what` into `output_dir` into DiskFull, saying how to go on. With `partial`,
     `what` is a directory left half written, removed first: the space it holds is needed."""
     try:
@@ -77,9 +77,9 @@ def disk_full_said(output_dir: Path, what: str, partial: bool = False):
         if partial:
             shutil.rmtree(output_dir / what, ignore_errors=True)
         last = next((p.name for _, p in rundir.checkpoints(output_dir) if not rundir.checkpoint_problem(p)), None)
+        go_on = f"{rundir.rerun_hint(overwrite)} from {last}" if last else "run the same command again"
         raise DiskFull(f"no space left on device while writing {what} into {output_dir}"
-                       f"{' (removed, unfinished)' if partial else ''}; free some space and run the same command "
-                       f"again{f' to resume from {last}' if last else ''}") from None
+                       f"{' (removed, unfinished)' if partial else ''}; free some space and {go_on}") from None
 
 
 def stop_before_training() -> None:
@@ -237,8 +237,9 @@ def end_early(trainer, run, output_dir: Path):
                   f"such batches; or {start_over}" if good else f"No checkpoint was written: {start_over}")
         raise TrainingDiverged(f"training stopped: {trainer.guard.problem}. {advice}")
     if trainer.is_world_process_zero():
-        logger.warning("stopped by %s at step %d, checkpoint saved in %s; run the same command again to resume",
-                       trainer.preemption.received, trainer.preemption.stopped_at, output_dir)
+        hint = rundir.rerun_hint(trainer.recipe.run.overwrite_output_dir)
+        logger.warning("stopped by %s at step %d, checkpoint saved in %s; %s", trainer.preemption.received,
+                       trainer.preemption.stopped_at, output_dir, hint)
     if run is not None:
         tracking.survive(run.mark_preempting)
         tracking.survive(run.finish, exit_code=errors.PREEMPTED)

@@ -331,6 +331,14 @@ def changed_settings(now: dict[str, Any], run_dir: Path) -> dict[str, tuple]:
     return changed
 
 
+def rerun_hint(overwrite: bool) -> str:
+    """How to go on from the last checkpoint: the same command, unless that command starts over."""
+    if overwrite:
+        return ("run the command again without --overwrite_output_dir to resume (with it, the run starts over and "
+                "the checkpoint is lost)")
+    return "run the same command again to resume"
+
+
 def refuse_occupied(output_dir: Path, overwrite: bool, auto_resume: bool) -> None:
     """Raise UsageError when a run may not write into `output_dir` as asked: files no run wrote (`foreign_problem`),
     a finished run (without `overwrite`), checkpoints with auto_resume off."""

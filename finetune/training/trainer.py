@@ -66,6 +66,7 @@ class FinetuneTrainer(Trainer):
     preemption: PreemptionCallback | None = None
     guard: NonFiniteGuard | None = None
     eval_collator = None  # None: eval batches are collated like training batches
+    recipe = None  # the Recipe it trains (build_trainer)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.metrics is not None:
@@ -159,7 +160,8 @@ class FinetuneTrainer(Trainer):
                                           "checkpoint was not written")
             return
         checkpoint = rundir.checkpoint_dir(Path(self.args.output_dir), self.state.global_step)
-        with disk_full_said(checkpoint.parent, checkpoint.name, partial=self.is_world_process_zero()):
+        with disk_full_said(checkpoint.parent, checkpoint.name, partial=self.is_world_process_zero(),
+                            overwrite=self.recipe is not None and self.recipe.run.overwrite_output_dir):
             super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()  # every rank has written its part (its RNG state, its shards)
         if self.is_world_process_zero():
