@@ -190,6 +190,10 @@ def test_merge_writes_only_where_nothing_is_lost(trained_runs, llama_dir, data_f
         assert main([str(run), "--out", str(merged)]) == 0
     assert (merged / "model.safetensors").is_file()
     assert sorted(p.name for p in merged.parent.iterdir()) == ["merged"]
+    (merged / "notes.txt").write_text("mine")  # a user's file in an earlier merge: that merge is not replaced
+    assert main([str(run), "--out", str(merged)]) == 2
+    assert "holds files no merge wrote (notes.txt)" in capsys.readouterr().err
+    assert (merged / "notes.txt").read_text() == "mine" and (merged / "model.safetensors").is_file()
 
 
 def test_a_finished_run_is_served_from_anywhere_without_its_training_data(llama_dir, data_files, tmp_path,

@@ -35,12 +35,27 @@ def destination_problem(destination: Path, output_dir: Path, recipe) -> str | No
         return problem
     if destination.exists() and not destination.is_dir():
         return f"--out: {destination} is a file; give a new directory"
-    if destination.is_dir() and not (destination / rundir.MERGED_MARKER).is_file():
-        foreign = sorted(path.name for path in destination.iterdir())
+    if destination.is_dir():
+        foreign = sorted(set(path.name for path in destination.iterdir()) - merged_files(destination))
         if foreign:
             return (f"--out: {destination} holds files no merge wrote ({rundir.shown(foreign)}); give a new or "
-                    "empty directory")
+                    "empty directory, or an earlier merge's")
     return None
+
+
+def merged_files(directory: Path) -> set[str]:
+    """The files an earlier merge wrote into `directory` (listed in its marker), the marker included; {} when none
+    did. A marker of an earlier version lists nothing: the model's and tokenizer's usual files count as the merge's."""
+    import fnmatch
+
+    marker = directory / rundir.MERGED_MARKER
+    if not marker.is_file():
+        return set()
+    listed = (rundir.read_json(marker) or {}).get("files")
+    if listed is None:
+        listed = [path.name for path in directory.iterdir()
+                  if any(fnmatch.fnmatch(path.name, pattern) for pattern in rundir.WRITTEN_BY_RUN)]
+    return {*listed, rundir.MERGED_MARKER}
 
 
 def merge(output_dir: Path, destination: Path) -> Path:
@@ -72,7 +87,8 @@ def merge(output_dir: Path, destination: Path) -> Path:
     try:
         merged.save_pretrained(staging)
         load_tokenizer(recipe.model).save_pretrained(staging)
-        (staging / rundir.MERGED_MARKER).write_text(f"{output_dir.resolve()}\n")
+        rundir.write_json(staging / rundir.MERGED_MARKER, {"run": str(output_dir.resolve()),
+                                                          "files": sorted(p.name for p in staging.iterdir())})
         replaced = destination.parent / f".{destination.name}.replaced-{os.getpid()}"
         if destination.exists():  # empty, or an earlier merge (destination_problem)
             os.replace(destination, replaced)
