@@ -157,6 +157,13 @@ def test_a_run_that_would_be_refused_is_refused_before_torch_loads(llama_dir, te
     assert "these settings differ from it: learning_rate (0.01 -> 0.5)" in line
     assert "model_name_or_path directory" in refused_without_torch(
         args(llama_dir, text_data, llama_dir / "sub"), tmp_path)
+    checkpoint = ["--resume_from_checkpoint", str(out / "checkpoint-2")]
+    assert "one continues a run, the other starts over; give one of them" in refused_without_torch(
+        args(llama_dir, text_data, out, overwrite_output_dir="true") + checkpoint, tmp_path)
+    (out / rundir.SUMMARY).write_text("{}")
+    assert "already holds a finished run (summary.json), which resuming into it would replace" in \
+        refused_without_torch(args(llama_dir, text_data, out, steps=8) + checkpoint, tmp_path)
+    (out / rundir.SUMMARY).unlink()
     claim = rundir.Claim(out)
     claim.acquire()
     try:

@@ -406,6 +406,7 @@ def test_resumed_offline_training_is_a_new_run_told_apart(tmp_path, llama_dir, d
         paths = {entry.path for entry in artifact.manifest.contents}
         assert "adapter_model.safetensors" in paths
         assert not any(p.startswith(("optimizer", "scheduler", "rng_state", "training_args")) for p in paths)
+    (tmp_path / "out" / "summary.json").unlink()  # as if it had stopped after its checkpoint
     second, _ = run_cli(tmp_path, llama_dir, data_files["text"], {"WANDB_MODE": "offline", "WANDB_NAME": "n"},
                         "--max_steps", "5", "--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-3"))
     assert second.returncode == 0, second.stderr[-3000:]

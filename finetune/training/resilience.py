@@ -115,6 +115,7 @@ def plan_resume(recipe: Recipe) -> tuple[Path | None, dict[str, tuple]]:
     output_dir = Path(args.output_dir)
     explicit = args.resume_from_checkpoint
     if explicit:
+        rundir.refuse_explicit_resume(output_dir, recipe.run.overwrite_output_dir)
         path = Path(explicit)
         problem = rundir.checkpoint_problem(path) if path.is_dir() else "no such directory"
         if problem:

@@ -357,6 +357,18 @@ def refuse_occupied(output_dir: Path, overwrite: bool, auto_resume: bool) -> Non
                          "continue")
 
 
+def refuse_explicit_resume(output_dir: Path, overwrite: bool) -> None:
+    """resume_from_checkpoint continues a run into output_dir: refused with overwrite_output_dir (which starts over)
+    and into a finished run (which it would replace)."""
+    if overwrite:
+        raise UsageError("resume_from_checkpoint and overwrite_output_dir: one continues a run, the other starts "
+                         "over; give one of them")
+    if is_finished(output_dir):
+        raise UsageError(f"output_dir: {output_dir} already holds a finished run ({SUMMARY}), which resuming into it "
+                         "would replace; give another output_dir, or --overwrite_output_dir true without "
+                         "resume_from_checkpoint to start over")
+
+
 def check_output_dir(values: dict[str, Any]) -> None:
     """Before anything heavy loads, from the recipe's own keys (`recipe.read_checked`): raise UsageError when its
     output_dir is in use by a running training, may not be written as asked (`refuse_occupied`), or holds a run to
@@ -367,6 +379,7 @@ def check_output_dir(values: dict[str, Any]) -> None:
     if holder:
         raise UsageError(in_use(output_dir, holder))
     if values.get("resume_from_checkpoint"):
+        refuse_explicit_resume(output_dir, bool(values.get("overwrite_output_dir")))
         return
     refuse_occupied(output_dir, bool(values.get("overwrite_output_dir")), values.get("auto_resume", True))
     if not values.get("overwrite_output_dir") and any((path / "trainer_state.json").is_file()
