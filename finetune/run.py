@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.training import resilience
 
     resilience.stop_before_training()
-    ranks.follow_launcher()
     code = errors.OK
     try:
+        ranks.follow_launcher()  # a launcher already gone: SIGTERM now, an Interrupted below
         recipe = load_recipe(argv, hardware=hardware_defaults)
         if flags:
             return ranks.report_exit(inspect(recipe, flags))
@@ -142,7 +142,8 @@ def train(recipe: Recipe):
             if recipe.run.overwrite_output_dir and not resume_from:
                 attempt.replace_previous()  # kept aside until this run has a checkpoint or has finished
             segment = resilience.segment(resume_from, changed, recipe.data.dataset)
-            rundir.prepare(output_dir, recipe_text, segment)
+            with resilience.disk_full_said(output_dir, rundir.RECIPE):
+                rundir.prepare(output_dir, recipe_text, segment)
             attempt.run = tracking.start(plan, tracking.run_config(recipe), output_dir)
 
         # 5. Train; SIGTERM, SIGINT and SIGUSR1 end it at a step boundary with a checkpoint.

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from finetune import errors
 from finetune.embedded.tiny import write_jsonl
+from finetune.errors import UsageError
 from finetune.run import main
 from finetune.training import rundir
 from tests.conftest import REPO, accelerate_launch, recipe_argv, subprocess_env
@@ -191,6 +192,30 @@ def test_the_launcher_refuses_the_same_before_any_process_starts(llama_dir, text
     assert launch.main(args(llama_dir, text_data, tmp_path / "new", report_to="wandb")) == errors.USAGE
     assert "WANDB_PROJECT: 'team/proj' contains '/'" in capsys.readouterr().err
     assert started == []
+
+
+def test_follow_up_commands_see_the_finished_run_not_a_half_replaced_one(llama_dir, text_data, tmp_path, caplog):
+    """What chat, bench, eval and merge read (rundir.trained_recipe): a run an interrupted overwrite set aside is
+    put back first; a run still training is refused, naming its holder."""
+    from finetune.training import resilience
+
+    out = tmp_path / "out"
+    assert main(args(llama_dir, text_data, out, steps=2)) == errors.OK
+    before = tree_digest(out)
+    attempt = resilience.Attempt(out, main=True).__enter__()  # an overwrite, killed before its first checkpoint
+    attempt.replace_previous()
+    rundir.prepare(out, "# Resolved from a recipe\n", resilience.segment(None, {}))
+    attempt.claim.release()
+    assert rundir.trained_recipe(out).training.max_steps == 2
+    assert "put back the run that an interrupted --overwrite_output_dir was replacing" in caplog.text
+    assert tree_digest(out) == before
+    claim = rundir.Claim(out)
+    claim.acquire()
+    try:
+        with pytest.raises(UsageError, match=f"{out} is in use by a running training \\(pid {os.getpid()} on "):
+            rundir.trained_recipe(out)
+    finally:
+        claim.release()
 
 
 # 3. Two runs into one directory.

@@ -273,12 +273,8 @@ class Attempt:
                 problem = error
         if ranks.agree(problem is not None):  # every rank stops, not only the one that found the problem
             raise problem or UsageError(f"output_dir: {self.output_dir} could not be claimed (see the main process)")
-        if self.main and (self.output_dir / rundir.PREVIOUS).is_dir():  # an overwrite that was killed
-            if rundir.checkpoints(self.output_dir) or rundir.is_finished(self.output_dir):
-                rundir.drop_previous_run(self.output_dir)
-            elif rundir.restore_previous_run(self.output_dir):
-                logger.warning("%s: put back the run that an interrupted --overwrite_output_dir was replacing",
-                               self.output_dir)
+        if self.main:
+            rundir.recover_interrupted_overwrite(self.output_dir)
         if self.main:
             self.before = {name: (self.output_dir / name).read_bytes() if (self.output_dir / name).is_file()
                            else None for name in self.RESTORED}

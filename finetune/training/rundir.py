@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 RECIPE = "recipe.yaml"
 SUMMARY = "summary.json"
@@ -45,8 +48,12 @@ TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state"
 def write_text(path: Path, text: str) -> None:
     """Write `text` to `path` atomically (a temporary file in the same directory, renamed into place)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk, a read-only directory, Ctrl-C: no half file left behind
+        raise
 
 
 def save_eval_split(output_dir: Path, split) -> None:
@@ -199,6 +206,18 @@ def drop_previous_run(output_dir: Path) -> None:
     shutil.rmtree(output_dir / PREVIOUS, ignore_errors=True)
 
 
+def recover_interrupted_overwrite(output_dir: Path) -> None:
+    """A run set aside by an --overwrite_output_dir replacement that was killed (PREVIOUS left behind): dropped when
+    the replacement got as far as a checkpoint or its end, else put back, and said. Call it holding the directory
+    (or with nobody holding it)."""
+    if not (output_dir / PREVIOUS).is_dir():
+        return
+    if checkpoints(output_dir) or is_finished(output_dir):
+        drop_previous_run(output_dir)
+    elif restore_previous_run(output_dir):
+        logger.warning("%s: put back the run that an interrupted --overwrite_output_dir was replacing", output_dir)
+
+
 def foreign_problem(directory: Path, option: str, overwrite: bool) -> str | None:
     """Why a run can't write into `directory` given its files no finetune run wrote, or None. Without
     `overwrite`, any such file refuses; with it, a run writes beside them, never over one (README.md, config.json,
@@ -231,6 +250,10 @@ def trained_recipe(output_dir: Path):
     from finetune import logs
     from finetune.recipe.load import load_recipe
 
+    holder = lock_holder(output_dir)
+    if holder:
+        raise UsageError(f"{output_dir} is in use by a running training ({holder}); wait for it to finish")
+    recover_interrupted_overwrite(output_dir)  # as the next training command would
     if not (output_dir / RECIPE).is_file():
         raise UsageError(f"{output_dir}: no {RECIPE}; give the output_dir of a finished training run")
     if not logs.verbose():
