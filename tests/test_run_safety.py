@@ -552,20 +552,6 @@ def test_a_second_ctrl_c_stops_at_once(monkeypatch):
     assert exits == [130]
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 256 KiB file system (tmpfs): room for a run's recipe and history, not for a checkpoint. Needs root, as
-    CI has; elsewhere the test is skipped, saying so."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if made.returncode != 0:
-        pytest.skip(f"can't mount a small tmpfs here ({made.stderr.strip()}); CI runs as root, where it can")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_rerun_resumes(llama_dir, text_data, small_disk, capsys):
     out = small_disk / "out"
     code = main(args(llama_dir, text_data, out, steps=4, save_steps=2))

@@ -200,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.setup()
     try:
+        for option, least in (("samples", 1), ("max_new_tokens", 1), ("warmup", 0), ("show", 0)):
+            if getattr(args, option) < least:
+                raise UsageError(f"--{option}: must be at least {least}, got {getattr(args, option)}")
+        if rundir.unwritable(args.output_dir):
+            raise UsageError(f"{rundir.unwritable(args.output_dir)} is not writable; bench.json goes into the run's "
+                             "directory")
         result = run_benchmark(args.output_dir, args.samples, args.max_new_tokens, args.warmup, args.show)
         rundir.write_json(args.output_dir / rundir.BENCH, result)
         log_to_wandb(args.output_dir, result)

@@ -131,6 +131,8 @@ def destination_problem(out: Path) -> str | None:
     never a run's directory, nor one holding other files (a model's, a dataset's, anyone's)."""
     if out.exists() and not out.is_dir():
         return f"--out: {out} is a file; give a directory"
+    if rundir.unwritable(out):
+        return f"--out: {rundir.unwritable(out)} is not writable; give a directory you can write to"
     if not out.is_dir():
         return None
     if (out / rundir.RECIPE).is_file() or (out / rundir.MARKER).exists():

@@ -317,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"{args.target}: no {rundir.SUMMARY}; the training has not finished")
             if args.out is not None:
                 raise UsageError(f"--out: {args.target} is a run; its results go to {args.target / rundir.EVAL}")
+            if rundir.unwritable(args.target):
+                raise UsageError(f"{rundir.unwritable(args.target)} is not writable; eval.json goes into the run's "
+                                 "directory")
             defaults, out, base = default_tasks(recipe.model.model_name_or_path, recipe.data.dataset), args.target, None
         else:
             base = str(args.target)
@@ -366,6 +369,8 @@ def out_problem(out: Path, model: Path) -> str | None:
         return problem
     if out.exists() and not out.is_dir():
         return f"--out: {out} is a file; give a directory"
+    if rundir.unwritable(out):
+        return f"--out: {rundir.unwritable(out)} is not writable; give a directory you can write to"
     others = sorted(path.name for path in out.iterdir() if path.name != rundir.EVAL) if out.is_dir() else []
     if others:
         return (f"--out: {out} holds files no evaluation wrote ({rundir.shown(others)}); give a new or empty "

@@ -35,6 +35,8 @@ def destination_problem(destination: Path, output_dir: Path, recipe) -> str | No
         return problem
     if destination.exists() and not destination.is_dir():
         return f"--out: {destination} is a file; give a new directory"
+    if rundir.unwritable(destination.parent):
+        return f"--out: {rundir.unwritable(destination.parent)} is not writable; give a directory you can write to"
     if destination.is_dir():
         foreign = sorted(set(path.name for path in destination.iterdir()) - merged_files(destination))
         if foreign:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from finetune import errors
 from finetune.errors import UsageError
 from finetune.recipe.keys import Recipe
 from finetune.tracking import wandb_run as tracking
@@ -52,12 +53,7 @@ class DiskFull(Exception):
 def disk_full(error: BaseException, directory: Path) -> bool:
     """Whether `error`, raised while writing into `directory`, is the disk or quota filling up. torch.save says
     only "unexpected pos ..." then, so a directory with almost nothing free counts too."""
-    import errno
-
-    chain = [error, error.__cause__, error.__context__]
-    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain):
-        return True
-    if any(text in str(error) for text in ("No space left on device", "Disk quota exceeded")):
+    if errors.says_disk_full(error):
         return True
     try:
         return shutil.disk_usage(directory).free < 16 * 2**20

@@ -81,6 +81,15 @@ def saved_eval_split(output_dir: Path):
     return load_from_disk(str(output_dir / EVAL_SPLIT))
 
 
+def unwritable(directory: Path) -> Path | None:
+    """What keeps anything from being written into `directory` (or it from being created): itself or its nearest
+    existing parent, when that is not writable (permissions, a read-only file system); None when it can be."""
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        return existing
+    return None
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
