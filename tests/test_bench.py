@@ -134,6 +134,8 @@ def test_compare_writes_only_where_nothing_is_lost(trained_runs, llama_dir, tmp_
         (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert line.startswith(f"error: --out: {out} ") and message in line
     assert {path: path.read_bytes() for path in before} == before
+    assert compare.main([*runs, runs[0] + "/", "--out", str(tmp_path / "twice")]) == 2
+    assert capsys.readouterr().err == f"error: {runs[0]}: given twice; name each run once\n"
     out = tmp_path / "comparison"
     for _ in range(2):  # an earlier comparison is replaced
         assert compare.main([*runs, "--out", str(out)]) == 0

@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                                           "lm_eval/<task>/<metric> (default: exact match, else eval perplexity)")
     args = parser.parse_args(argv)
     try:
+        twice = sorted({str(d) for d in args.runs if sum(d.resolve() == e.resolve() for e in args.runs) > 1})
+        if twice:
+            raise UsageError(f"{', '.join(twice)}: given twice; name each run once")
         rows = [read_run(directory) for directory in args.runs]
         if args.wandb_project:
             rows += read_wandb_project(args.wandb_project)

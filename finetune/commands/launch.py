@@ -187,6 +187,8 @@ def run(command: list[str]) -> int:
         if status.is_file():
             return int(status.read_text())
         if delivered:  # the run was stopped by the signal before it could say so (while it was starting)
+            print(f"error: stopped by {signal.Signals(delivered[-1]).name} before training began; nothing was saved",
+                  file=sys.stderr, flush=True)
             return 128 + delivered[-1]
         code = process.returncode if process.returncode >= 0 else 128 - process.returncode
         if code > 128:  # a training process killed by a signal it can't handle (the kernel's OOM killer: SIGKILL)

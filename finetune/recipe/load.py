@@ -225,8 +225,9 @@ def read_checked(argv: list[str], data_needed: bool = True) -> tuple[Path, dict[
     values = check_keys(merged, overrides, path, problems)
     if problems:
         raise UsageError(problems)
-    problems += config.range_problems(values) + config.path_variable_problems(values)
-    problems += config.dataset_problems(values) if data_needed else []
+    variables = config.path_variable_problems(values)
+    problems += config.range_problems(values) + variables
+    problems += config.dataset_problems(values) if data_needed and not variables else []
     output_dir = str(values.get("output_dir", ""))
     problems += [p for p in [config.output_dir_problem(output_dir), output_dir.strip() and config.protected_problem(
         Path(output_dir), values.get("model_name_or_path") or "", values.get("dataset") or "")] if p]

@@ -391,7 +391,8 @@ def resolve(recipe: Recipe, env: Mapping[str, str] = os.environ, resuming: bool 
         if mode == "offline":
             logger.info("W&B can't resume an offline run: this resumed training logs to a new offline run, "
                         "named %s-resumed and tagged `resumed`, after run %s", name, saved.get("id"))
-            name, tags = f"{name}-resumed", sorted({*tags, "resumed"})
+            name = name if name.endswith("-resumed") else f"{name}-resumed"  # once, however often it resumes
+            tags = sorted({*tags, "resumed"})
         else:
             run_id, resume = saved.get("id"), resume or "allow"
     init = {
