@@ -60,7 +60,7 @@ def test_chat_on_a_merged_model_and_on_a_directory_that_is_neither(chat_run, tmp
     assert via_merged.returncode == 0 and via_merged.stdout == via_adapter.stdout
     bad = finetune("chat", str(tmp_path))
     assert bad.returncode == errors.USAGE and bad.stderr.count("\n") == 1
-    assert bad.stderr.startswith(f"error: {tmp_path}: neither a finished training run")
+    assert bad.stderr.startswith(f"error: {tmp_path}: neither a training run (no recipe.yaml) nor a model directory")
 
 
 def test_sync_fails_in_one_line_without_a_login_or_a_network(tmp_path):

@@ -26,7 +26,6 @@ from finetune.data.eval_tasks import MAX_NEW_TOKENS
 from finetune.data.load import IGNORE_INDEX
 from finetune.errors import UsageError
 from finetune.training import rundir
-from finetune.training.metrics import GB, host_peak_rss_gb
 
 
 def prompts_and_references(dataset, tokenizer, count: int) -> list[tuple[list[int], str | None]]:
@@ -59,6 +58,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def size_on_disk_gb(paths: list[Path]) -> float:
+    from finetune.training.metrics import GB
+
     return sum(p.stat().st_size for path in paths for p in ([path] if path.is_file() else path.rglob("*"))
                if p.is_file()) / GB
 
@@ -111,6 +112,7 @@ def run_benchmark(output_dir: Path, samples: int, max_new_tokens: int, warmup: i
     import torch
 
     from finetune.data.load import load_splits
+    from finetune.training.metrics import GB, host_peak_rss_gb
     from finetune.training.rundir import load_for_inference
 
     recipe, tokenizer, model = load_for_inference(output_dir)

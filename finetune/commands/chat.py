@@ -21,19 +21,27 @@ from finetune.errors import UsageError
 from finetune.training import rundir
 
 
+def kind_problem(directory: Path) -> str | None:
+    """Why `directory` is neither a training run nor a model directory, or None; answered before anything loads."""
+    if (directory / rundir.RECIPE).is_file() or (directory / "config.json").is_file():
+        return None
+    return (f"{directory}: neither a training run (no {rundir.RECIPE}) nor a model directory (no config.json); "
+            "pass a run's output_dir or a merged model's directory")
+
+
 def load(directory: Path):
     """(tokenizer, model) of a finished training run or of a model directory (a merged model)."""
-    if rundir.is_finished(directory):
+    if (directory / rundir.RECIPE).is_file():
         from finetune.training.rundir import load_for_inference
 
         _, tokenizer, model = load_for_inference(directory)
         return tokenizer, model
-    if (directory / "config.json").is_file():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    problem = kind_problem(directory)
+    if problem:
+        raise UsageError(problem)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(directory), AutoModelForCausalLM.from_pretrained(directory).eval()
-    raise UsageError(f"{directory}: neither a finished training run (no {rundir.SUMMARY}) nor a model directory "
-                     "(no config.json); pass a run's output_dir or a merged model's directory")
+    return AutoTokenizer.from_pretrained(directory), AutoModelForCausalLM.from_pretrained(directory).eval()
 
 
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
@@ -97,10 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
     args = parser.parse_args(argv)
-    logs.setup()
     try:
         if args.max_new_tokens < 1 or args.temperature < 0:
             raise UsageError("--max_new_tokens must be at least 1 and --temperature at least 0")
+        problem = kind_problem(args.directory)
+        if problem:
+            raise UsageError(problem)
+        logs.setup()
         tokenizer, model = load(args.directory)
         if args.prompt is not None:
             messages = ([{"role": "system", "content": args.system}] if args.system else []) + \

@@ -312,14 +312,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size) > 0):
             raise UsageError(f"--batch_size: {args.batch_size!r} is neither a positive integer nor auto")
         if is_run(args.target):
-            recipe = rundir.trained_recipe(args.target)
-            if not rundir.is_finished(args.target):
-                raise UsageError(f"{args.target}: no {rundir.SUMMARY}; the training has not finished")
             if args.out is not None:
                 raise UsageError(f"--out: {args.target} is a run; its results go to {args.target / rundir.EVAL}")
             if rundir.unwritable(args.target):
                 raise UsageError(f"{rundir.unwritable(args.target)} is not writable; eval.json goes into the run's "
                                  "directory")
+            recipe = rundir.trained_recipe(args.target)
+            if not rundir.is_finished(args.target):
+                raise UsageError(f"{args.target}: no {rundir.SUMMARY}; the training has not finished")
             defaults, out, base = default_tasks(recipe.model.model_name_or_path, recipe.data.dataset), args.target, None
         else:
             base = str(args.target)

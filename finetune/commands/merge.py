@@ -23,14 +23,17 @@ from finetune.errors import UsageError
 from finetune.training import rundir
 
 
-def destination_problem(destination: Path, output_dir: Path, recipe) -> str | None:
-    """Why the merged model must not be written to `destination`, or None."""
+def destination_problem(destination: Path, output_dir: Path) -> str | None:
+    """Why the merged model must not be written to `destination`, or None. Reads the run's recipe.yaml as text:
+    answered before anything heavy loads."""
     from finetune.recipe.keys import protected_problem
 
     if destination.expanduser().resolve() == output_dir.resolve():
         return (f"--out: {destination} is the run's own directory; give a new directory (the default is "
                 f"{output_dir / 'merged'})")
-    problem = protected_problem(destination, recipe.model.model_name_or_path, recipe.data.dataset, option="--out")
+    keys = rundir.results(output_dir)[0]
+    problem = protected_problem(destination, str(keys.get("model_name_or_path") or ""), str(keys.get("dataset") or ""),
+                                option="--out")
     if problem:
         return problem
     if destination.exists() and not destination.is_dir():
@@ -63,13 +66,13 @@ def merged_files(directory: Path) -> set[str]:
 def merge(output_dir: Path, destination: Path) -> Path:
     """Dequantize the base (if quantized), merge the adapter, save model and tokenizer to `destination` (written
     beside it, then renamed into place; an earlier merge there is replaced)."""
+    problem = destination_problem(destination, output_dir)
+    if problem:
+        raise UsageError(problem)
     recipe = rundir.trained_recipe(output_dir)
     if not recipe.model.use_lora:
         raise UsageError(f"{output_dir}: a full fine-tuning run has nothing to merge; its model.safetensors loads "
                          "as it is")
-    problem = destination_problem(destination, output_dir, recipe)
-    if problem:
-        raise UsageError(problem)
     import dataclasses
     import os
     import shutil
