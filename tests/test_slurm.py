@@ -106,6 +106,9 @@ def wait_for_training(job: str, steps: int = 3, timeout: float = 300) -> None:
 def resumes_to_the_weights_of(cluster, job: str, out: Path, reference: dict) -> str:
     """Release the requeued job, let it finish; its weights must equal `reference`. Returns its log."""
     wait_for(cluster, job, ("PENDING",))
+    # slurmd refuses a job whose credential was made in the same second as the revocation of its last run's
+    # ("Job credential revoked": whole seconds compared): release it in a later second.
+    time.sleep(2)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     info = wait_for(cluster, job, ("COMPLETED", "FAILED", "CANCELLED"))
     log = log_of(job)
