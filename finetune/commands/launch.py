@@ -157,8 +157,8 @@ def run(command: list[str]) -> int:
                 interrupts.append(time.monotonic())
             if len(interrupts) > 1:  # a second Ctrl-C: everything, at once
                 if not killed:
-                    print("stopped at once (a second Ctrl-C), without saving; the last checkpoint is the one to "
-                          "resume from", file=sys.stderr, flush=True)
+                    print("stopped at once (a second Ctrl-C), without saving; a rerun resumes from the last "
+                          "checkpoint, if one was written", file=sys.stderr, flush=True)
                 killed.append(signum)
                 send([*descendants(process), process], signal.SIGKILL)
                 return

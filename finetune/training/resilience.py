@@ -159,7 +159,7 @@ class PreemptionCallback(TrainerCallback):
             logger.warning("%s received: saving a checkpoint at the end of this step, then stopping%s",
                            self.received, again)
         elif signum == signal.SIGINT:  # a second Ctrl-C: the user wants out now
-            logger.warning("stopped at once; the last checkpoint is the one to resume from")
+            logger.warning("stopped at once; a rerun resumes from the last checkpoint, if one was written")
             os._exit(130)
 
     def on_train_begin(self, args, state, control, **kwargs):
