@@ -351,23 +351,26 @@ def training_processes(out: Path) -> list:
     return found
 
 
-def until_training(process: subprocess.Popen, logs: int = 3) -> None:
+def training_through_train_sh(llama_dir, text_data, out: Path, tmp_path: Path, save_steps: int,
+                              **popen) -> subprocess.Popen:
+    """launch/train.sh on a long run into `out`, returned once it has logged three training steps."""
+    process = subprocess.Popen([str(REPO / "launch/train.sh"), *args(llama_dir, text_data, out, steps=400,
+                                                                     save_steps=save_steps)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               env=subprocess_env(WANDB_DISABLED="true"), **popen)
     logged = 0
     for line in process.stdout:
         logged += "'loss'" in line
-        if logged == logs:
-            return
+        if logged == 3:
+            break
+    return process
 
 
 @pytest.mark.slow
 def test_a_training_process_killed_by_sigkill_exits_137_saying_so(llama_dir, text_data, tmp_path):
     """What the out-of-memory killer does: SIGKILL to the training process, which can save nothing."""
     out = tmp_path / "out"
-    process = subprocess.Popen([str(REPO / "launch/train.sh"), *args(llama_dir, text_data, out, steps=400,
-                                                                     save_steps=2)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                               env=subprocess_env(WANDB_DISABLED="true"))
-    until_training(process)
+    process = training_through_train_sh(llama_dir, text_data, out, tmp_path, save_steps=2)
     (trainer,) = [p for p in training_processes(out) if "finetune.commands.launch" not in " ".join(p.cmdline())]
     trainer.kill()
     _, stderr = process.communicate(timeout=300)
@@ -380,11 +383,8 @@ def test_a_training_process_killed_by_sigkill_exits_137_saying_so(llama_dir, tex
 @pytest.mark.slow
 def test_kill_9_of_the_launchers_process_group_leaves_nothing_running(llama_dir, text_data, tmp_path):
     out = tmp_path / "out"
-    process = subprocess.Popen([str(REPO / "launch/train.sh"), *args(llama_dir, text_data, out, steps=400,
-                                                                     save_steps=1000)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                               env=subprocess_env(WANDB_DISABLED="true"), start_new_session=True)
-    until_training(process)
+    process = training_through_train_sh(llama_dir, text_data, out, tmp_path, save_steps=1000,
+                                        start_new_session=True)
     assert len(training_processes(out)) == 3  # the launcher, accelerate's, the training process
     os.killpg(process.pid, signal.SIGKILL)  # what a terminal's or a job runner's hard stop does
     process.communicate(timeout=60)

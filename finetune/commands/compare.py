@@ -129,19 +129,9 @@ OUTPUTS = ("comparison.md", "comparison.csv", "pareto.png")  # everything a comp
 def destination_problem(out: Path) -> str | None:
     """Why the comparison must not be written into `out`, or None: it is new, empty, or an earlier comparison's;
     never a run's directory, nor one holding other files (a model's, a dataset's, anyone's)."""
-    if out.exists() and not out.is_dir():
-        return f"--out: {out} is a file; give a directory"
-    if rundir.unwritable(out):
-        return f"--out: {rundir.unwritable(out)} is not writable; give a directory you can write to"
-    if not out.is_dir():
-        return None
     if (out / rundir.RECIPE).is_file() or (out / rundir.MARKER).exists():
         return f"--out: {out} is a training run's directory; give a directory of its own (default outputs/comparison)"
-    others = sorted(path.name for path in out.iterdir() if path.name not in OUTPUTS)
-    if others:
-        return (f"--out: {out} holds files no comparison wrote ({rundir.shown(others)}); give a new or empty "
-                "directory, or an earlier comparison's")
-    return None
+    return rundir.destination_problem(out, "comparison", OUTPUTS)
 
 
 def write_tables(rows: list[dict[str, Any]], out: Path) -> None:

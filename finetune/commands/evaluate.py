@@ -365,17 +365,7 @@ def out_problem(out: Path, model: Path) -> str | None:
     if out.exists() and is_run(out):
         return f"--out: {out} is a training run; give another directory for the base model's results"
     problem = protected_problem(out, str(model), "", option="--out")
-    if problem:
-        return problem
-    if out.exists() and not out.is_dir():
-        return f"--out: {out} is a file; give a directory"
-    if rundir.unwritable(out):
-        return f"--out: {rundir.unwritable(out)} is not writable; give a directory you can write to"
-    others = sorted(path.name for path in out.iterdir() if path.name != rundir.EVAL) if out.is_dir() else []
-    if others:
-        return (f"--out: {out} holds files no evaluation wrote ({rundir.shown(others)}); give a new or empty "
-                "directory")
-    return None
+    return problem or rundir.destination_problem(out, "evaluation", {rundir.EVAL})
 
 
 def base_model_problem(target: Path) -> str | None:

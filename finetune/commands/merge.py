@@ -36,16 +36,8 @@ def destination_problem(destination: Path, output_dir: Path) -> str | None:
                                 option="--out")
     if problem:
         return problem
-    if destination.exists() and not destination.is_dir():
-        return f"--out: {destination} is a file; give a new directory"
-    if rundir.unwritable(destination.parent):
-        return f"--out: {rundir.unwritable(destination.parent)} is not writable; give a directory you can write to"
-    if destination.is_dir():
-        foreign = sorted(set(path.name for path in destination.iterdir()) - merged_files(destination))
-        if foreign:
-            return (f"--out: {destination} holds files no merge wrote ({rundir.shown(foreign)}); give a new or "
-                    "empty directory, or an earlier merge's")
-    return None
+    # Written beside the destination and renamed into place: its parent is what must be writable.
+    return rundir.destination_problem(destination, "merge", merged_files(destination), writable=destination.parent)
 
 
 def merged_files(directory: Path) -> set[str]:

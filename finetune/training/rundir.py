@@ -246,6 +246,22 @@ def foreign_problem(directory: Path, option: str, overwrite: bool) -> str | None
     return None
 
 
+def destination_problem(out: Path, writer: str, ours, writable: Path | None = None) -> str | None:
+    """Why a follow-up command (`writer`: "merge", "comparison", "evaluation") must not write into `out` (its
+    --out), or None: new, empty, or holding only what it writes itself (`ours`, names it may replace). Never a
+    file, a place it can't write (`writable`, default `out`), or a directory holding other files."""
+    if out.exists() and not out.is_dir():
+        return f"--out: {out} is a file; give a directory"
+    blocked = unwritable(writable or out)
+    if blocked:
+        return f"--out: {blocked} is not writable; give a directory you can write to"
+    others = sorted({path.name for path in out.iterdir()} - set(ours)) if out.is_dir() else []
+    if others:
+        return (f"--out: {out} holds files no {writer} wrote ({shown(others)}); give a new or empty directory, or "
+                f"an earlier {writer}'s")
+    return None
+
+
 def shown(names: list[str], limit: int = 4) -> str:
     """`names` for a message: the first few, then "..."."""
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
