@@ -576,10 +576,18 @@ def content_digest(path: Path) -> str | None:
     if not path.exists():
         return None
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(f"{file.relative_to(path) if file != path else ''}\0{_sha256(file)}\0".encode())
-    return digest.hexdigest()
+    # One read per version of the data in a process: a resume asks before torch loads, again holding the
+    # directory, and for the segment it records.
+    stamp = tuple((str(file), file.stat().st_size, file.stat().st_mtime_ns) for file in files)
+    if stamp not in _digests:
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(f"{file.relative_to(path) if file != path else ''}\0{_sha256(file)}\0".encode())
+        _digests[stamp] = digest.hexdigest()
+    return _digests[stamp]
+
+
+_digests: dict[tuple, str] = {}  # content_digest's, by the files' paths, sizes and modification times
 
 
 def seal_checkpoint(checkpoint: Path) -> None:
