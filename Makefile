@@ -6,6 +6,7 @@
 #   make eval RUN=outputs/tiny                     # lm-evaluation-harness; TASKS=arc_easy,... for other runs
 #   make test
 #   make smollm2                                 # the real model (SmolLM2-135M-Instruct), then recipes/smollm2/
+#   make sweep SWEEP=recipes/sweeps/tiny_lr_rank.yaml   # a W&B sweep file: online, or here with W&B's engine
 #   make sync                                    # upload offline W&B runs
 
 VENV     ?= .venv
@@ -42,7 +43,7 @@ MATRIX_VARIANTS = "lora_fp32 $(RECIPE)" "lora_bf16 $(RECIPE) --dtype bfloat16" \
 endif
 MATRIX_QUALITY ?= lm_eval/$(MATRIX_TASKS)/exact_match
 
-.PHONY: install train test test-fast mutants download sync bench eval compare matrix smollm2 bench-callback bench-train bench-variants bench-lora bench-errors lint clean
+.PHONY: install train test test-fast mutants download sync sweep bench eval compare matrix smollm2 bench-callback bench-train bench-variants bench-lora bench-errors lint clean
 
 install: $(VENV)/.installed
 
@@ -72,6 +73,12 @@ download: install  # a recipe's hub model, tokenizer and dataset into the HF cac
 
 sync: install  # checks the W&B login and the network first: one line and exit 2 when either is missing
 	WANDB_DIR=$(WANDB_DIR) $(PYTHON) -m finetune sync $(RUNS)
+
+# A hyperparameter sweep from a W&B sweep file: on W&B's servers with credentials, else here with W&B's own engine;
+# each trial a normal run under outputs/sweeps/<name>/ (make sweep ARGS="--local --count 2"; see finetune/commands/sweep.py)
+SWEEP ?= recipes/sweeps/tiny_lr_rank.yaml
+sweep: install
+	$(PYTHON) -m finetune sweep $(SWEEP) $(ARGS)
 
 # Inference benchmark of one trained run: make bench RUN=outputs/qlora_int4
 bench: install

@@ -7,6 +7,7 @@
     finetune eval outputs/tiny --tasks tiny_tasks
     finetune compare outputs/matrix/* --out outputs/comparison
     finetune merge outputs/tiny
+    finetune sweep recipes/sweeps/tiny_lr_rank.yaml             # W&B sweep file; --local: here, offline
 
 Multi-process training goes through accelerate: `accelerate launch -m finetune.run RECIPE ...` (or the script
 path, `accelerate launch finetune/run.py RECIPE ...`).
@@ -33,6 +34,8 @@ COMMANDS = {  # command: (module with main(argv), one line)
                  "fetch a recipe's hub model and dataset into the HF cache, for offline training"),
     "sync": ("finetune.commands.sync", "upload offline W&B runs (checks the login and the network first)"),
     "merge": ("finetune.commands.merge", "merge an adapter into a standalone model"),
+    "sweep": ("finetune.commands.sweep",
+              "hyperparameter sweep from a W&B sweep file: on W&B's servers, or here (--local) with W&B's engine"),
 }
 
 

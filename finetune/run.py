@@ -111,7 +111,7 @@ def train(recipe: Recipe):
     from finetune.data import padding_free
     from finetune.model.load import load_model, load_tokenizer, prepare
     from finetune.tracking import wandb_run as tracking
-    from finetune.training import metrics, resilience
+    from finetune.training import metrics, resilience, sweep, trial
     from finetune.training.trainer import build_trainer
 
     args, output_dir = recipe.training, Path(recipe.training.output_dir)
@@ -144,11 +144,11 @@ def train(recipe: Recipe):
             segment = resilience.segment(resume_from, changed, recipe.data.dataset)
             with resilience.disk_full_said(output_dir, rundir.RECIPE):
                 rundir.prepare(output_dir, recipe_text, segment)
-            attempt.run = tracking.start(plan, tracking.run_config(recipe), output_dir)
+            attempt.run = tracking.start(plan, {**tracking.run_config(recipe), **sweep.trial_config()}, output_dir)
 
         # 5. Train; SIGTERM, SIGINT and SIGUSR1 end it at a step boundary with a checkpoint.
         trainer = build_trainer(recipe, model, tokenizer, train_set, eval_set, batches.flatten,
-                                callbacks=tracking.callbacks(attempt.run, plan, recipe))
+                                callbacks=tracking.callbacks(attempt.run, plan, recipe) + trial.callbacks())
         tracking.survive_service_loss(trainer.callback_handler.callbacks)
         trainer.fit(resume_from)
         if trainer.stopped_early:

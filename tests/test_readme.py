@@ -25,6 +25,7 @@ RUN_AS_WRITTEN = [
     "python finetune/run.py --help",
     "python finetune/run.py recipes/tiny.yaml --print_config",
     "python finetune/run.py recipes/tiny.yaml --dry_run",
+    "finetune sweep recipes/sweeps/tiny_lr_rank.yaml --check",
 ]
 
 

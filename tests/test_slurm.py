@@ -217,3 +217,49 @@ def test_a_job_that_fails_for_another_reason_is_not_requeued(cluster, llama_dir,
     info = wait_for(cluster, job, ("FAILED", "COMPLETED", "CANCELLED"))
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "2:0", "0")
     assert "error: unknown key `lora_rank`" in log_of(job)
+
+
+def test_a_sweep_array_runs_a_trial_a_task_and_a_requeued_task_resumes_its_trial(cluster, tmp_path):
+    """launch/sweep.sbatch: two array tasks on one offline sweep claim a trial each under the sweep's lock; the time
+    limit warning to one checkpoints its trial and requeues the task, which resumes the trial."""
+    from finetune.training import sweep as state_file
+    from tests.test_sweep import TINY, sweep_file
+
+    path = sweep_file(tmp_path / "s.yaml", method="grid", run_cap=None, early_terminate=None,
+                      parameters={"learning_rate": {"values": [1e-3, 3e-3]}},
+                      command=["${env}", "${interpreter}", "${program}", TINY, "--max_steps=400", "--eval_steps=200",
+                               "--save_steps=10", "--logging_steps=10", "--eval_size=50", "--disable_tqdm=true",
+                               "${args}"])
+    out = tmp_path / "sweep"
+    result = cluster.run("sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", "--array=0-1",
+                         str(REPO / "launch/sweep.sbatch"), str(path), "--out", str(out), cwd=REPO,
+                         env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.strip().split(";")[0]
+    tasks = [f"{job}_0", f"{job}_1"]
+    logs = [REPO / "logs" / f"finetune-sweep-{task}.out" for task in tasks]
+    try:
+        deadline = time.monotonic() + 300
+        while not any((out / "trial-001").glob("checkpoint-*")):
+            assert time.monotonic() < deadline, [log.read_text()[-2000:] for log in logs if log.is_file()]
+            time.sleep(0.5)
+        holder = next(task for task, log in zip(tasks, logs, strict=True)
+                      if log.is_file() and "== trial-001" in log.read_text())
+        cluster.run("scancel", "--batch", "--signal=USR1", holder)
+        wait_for(cluster, holder, ("PENDING",))
+        time.sleep(2)  # see resumes_to_the_weights_of
+        cluster.run("scontrol", "update", f"JobId={holder}", "StartTime=now")
+        infos = [wait_for(cluster, task, ("COMPLETED", "FAILED", "CANCELLED")) for task in tasks]
+        text = {task: log.read_text() for task, log in zip(tasks, logs, strict=True)}
+        assert [info["JobState"] for info in infos] == ["COMPLETED", "COMPLETED"], text
+        assert f"requeueing task {holder}, which resumes the trial" in text[holder]
+        assert "== trial-001 of 2 (resuming)" in text[holder]
+        trials = state_file.read(out)["trials"]
+        assert sorted(t["params"]["learning_rate"] for t in trials) == [1e-3, 3e-3]
+        assert [t["state"] for t in trials] == [state_file.FINISHED] * 2
+        segments = json.loads((out / "trial-001" / rundir.MARKER).read_text())["segments"]
+        assert len(segments) == 2 and all(json.loads((out / t["name"] / rundir.SUMMARY).read_text())
+                                          ["final/total_steps"] == 400 for t in trials)
+    finally:
+        for log in logs:
+            log.unlink(missing_ok=True)

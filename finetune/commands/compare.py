@@ -134,10 +134,11 @@ def destination_problem(out: Path) -> str | None:
     return rundir.destination_problem(out, "comparison", OUTPUTS)
 
 
-def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
+def write_tables(rows: list[dict[str, Any]], out: Path, extra: list[tuple[str, str, str]] = ()) -> None:
+    """comparison.md and comparison.csv: COLUMNS, then `extra` (key, header, format) columns, then harness scores."""
     import io
 
-    columns = COLUMNS + harness_columns(rows)
+    columns = COLUMNS[:2] + list(extra) + COLUMNS[2:] + harness_columns(rows)
     header = "| " + " | ".join(h for _, h, _ in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
     lines = [header, rule] + ["| " + " | ".join(cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
@@ -174,24 +175,27 @@ def quality_axis(rows: list[dict[str, Any]], requested: str | None = None) -> tu
     return "eval_perplexity", "eval perplexity (lower is better)", False
 
 
-def plot_pareto(rows: list[dict[str, Any]], path: Path, quality: str | None = None) -> Path:
-    """Three panels, quality (see quality_axis) against peak training memory, training tokens/s and inference
-    latency; frontier points joined and labelled. An untrained base scored by `finetune eval MODEL` (eval.json's
+def plot_pareto(rows: list[dict[str, Any]], path: Path, quality: str | None = None,
+                measure: tuple[str, str, bool] | None = None) -> Path:
+    """Up to three panels, quality (see quality_axis; or `measure`: row key, label, higher is better) against peak
+    training memory, training tokens/s and inference latency, each where the runs have it; frontier points joined
+    and labelled. An untrained base scored by `finetune eval MODEL` (eval.json's
     settings name a base_model) is a dotted line: the zero line the variants' gains start from."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    quality, quality_label, higher = quality_axis(rows, quality)
+    quality, quality_label, higher = measure or quality_axis(rows, quality)
     on_gpu = all(r.get("peak_vram_gb") is not None for r in rows if r.get("train_input_tokens_per_second"))
     memory = ("peak_vram_gb", "peak training GPU memory (GB)", False) if on_gpu else \
         ("peak_ram_gb", "peak training host memory (GB)", False)
     panels = [memory, ("train_input_tokens_per_second", "training input tokens/s", True),
               ("latency_ms_p50", "inference latency p50 (ms)", False)]
+    panels = [panel for panel in panels if any(r.get(panel[0]) is not None for r in rows)] or panels[:1]
     bases = [r for r in rows if r.get("untrained") and r.get(quality) is not None]
-    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5))
-    for axis, (cost, cost_label, more_is_better) in zip(axes, panels, strict=True):
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
+    for axis, (cost, cost_label, more_is_better) in zip(axes[0], panels, strict=True):
         usable = [r for r in rows if r.get(cost) is not None and r.get(quality) is not None]
         points = [(-r[cost] if more_is_better else r[cost], r[quality] if higher else -r[quality]) for r in usable]
         front = set(pareto_front(points))

@@ -12,6 +12,7 @@ imported (a typo costs about a second); the dataclasses then check their combina
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ from finetune.recipe.keys import Key, Recipe
 # choice made by the layers below, instead of clashing with it.
 EXCLUSIVE_KEYS = [("eval_split", "eval_fraction", "eval_size")]
 TRUE, FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
+# A sweep trial's output directory, which no recipe names: `finetune sweep` gives each trial its own (this variable),
+# and under `wandb agent` (WANDB_SWEEP_ID, WANDB_RUN_ID) each trial writes to <output_dir>/sweep-<id>/<run id>.
+SWEEP_TRIAL = "FINETUNE_SWEEP_TRIAL"
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -119,13 +123,34 @@ def parse_cli_overrides(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
         if token.startswith("--") and len(token) > 2:
             flush()
             name, eq, value = token[2:].partition("=")
-            key, values = name.replace("-", "_"), ([value] if eq else [])
+            key, values = name.replace("-", "_"), ([_listed(value)] if eq else [])
         elif key is None:
             problems.append(f"unexpected argument {token!r}: write overrides as `--key value` after the recipe path")
         else:
             values.append(token)
     flush()
     return overrides, problems
+
+
+def _listed(value: str):
+    """`--key=[a, b]`, as `wandb agent` writes a list value (Python's repr), as a list; any other value as is."""
+    if value.startswith("[") and value.endswith("]"):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        if isinstance(parsed, list):
+            return [str(item) for item in parsed]
+    return value
+
+
+def sweep_output_dir(output_dir: str, env=os.environ) -> str:
+    """Where a recipe with `output_dir` writes when it runs as a sweep trial (see SWEEP_TRIAL); else output_dir."""
+    if env.get(SWEEP_TRIAL):
+        return env[SWEEP_TRIAL]
+    if env.get("WANDB_SWEEP_ID") and env.get("WANDB_RUN_ID"):
+        return str(Path(output_dir) / f"sweep-{env['WANDB_SWEEP_ID']}" / env["WANDB_RUN_ID"])
+    return output_dir
 
 
 def did_you_mean(word: str, options) -> str:
@@ -222,6 +247,7 @@ def read_checked(argv: list[str], data_needed: bool = True) -> tuple[Path, dict[
     overrides, problems = parse_cli_overrides(argv[1:])
     merged = overlay(read_recipe_file(path), overrides)
     merged.setdefault("output_dir", str(Path("outputs") / path.stem))
+    merged["output_dir"] = sweep_output_dir(str(merged["output_dir"]))
     values = check_keys(merged, overrides, path, problems)
     if problems:
         raise UsageError(problems)
