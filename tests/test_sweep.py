@@ -228,27 +228,30 @@ def wait_for(condition, timeout: float, process: subprocess.Popen) -> None:
     while not condition():
         assert process.poll() is None, process.communicate()[1][-4000:]
         assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.5)
+        time.sleep(0.05)
 
 
 @pytest.mark.slow
 def test_offline_bayes_sweep_with_hyperband_interrupted_and_finished(tmp_path):
-    """Four bayes trials on the tiny recipe with hyperband (eta 2) at every evaluation: Ctrl-C during the second
-    trial checkpoints it (exit 75); the same command then resumes it, runs the rest, stops at least one trial early,
-    and writes the table, the plot and best.yaml, which trains the best trial again to the same loss."""
+    """Four bayes trials on the tiny recipe with hyperband (eta 3, a first band at the third evaluation): Ctrl-C
+    during the second trial checkpoints it (exit 75); the same command then resumes it, runs the rest, stops at
+    least one trial early, and writes the table, the plot and best.yaml, which trains the best trial again to the
+    same loss."""
     from tests.wandb_file import load_run, offline_runs
 
-    path, out, wandb_dir = sweep_file(tmp_path / "s.yaml"), tmp_path / "sweep", tmp_path / "wb"
+    path = sweep_file(tmp_path / "s.yaml", early_terminate={"type": "hyperband", "min_iter": 2, "eta": 3})
+    out, wandb_dir = tmp_path / "sweep", tmp_path / "wb"
+
     command = [sys.executable, "-m", "finetune", "sweep", str(path), "--local", "--out", str(out)]
     env = subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(wandb_dir), WANDB_PROJECT="sweeps")
     driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)
 
-    def second_trial_checkpointed():
+    def second_trial_training():  # its evaluation at step 0 recorded; hyperband's first decision is at step 20
         trials = state_file.read(out)["trials"]
-        return len(trials) == 2 and any((out / "trial-002").glob("checkpoint-*"))
+        return len(trials) == 2 and trials[1]["history"]
 
-    wait_for(second_trial_checkpointed, 300, driver)
+    wait_for(second_trial_training, 300, driver)
     os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
     _, err = driver.communicate(timeout=120)
     assert driver.returncode == 75, err[-3000:]
@@ -262,7 +265,7 @@ def test_offline_bayes_sweep_with_hyperband_interrupted_and_finished(tmp_path):
     assert "== trial-001" not in result.stderr and "== trial-002 of 4 (resuming)" in result.stderr
     assert (out / "trial-001" / "summary.json").stat().st_mtime_ns == first_summary  # not run again
     segments = json.loads((out / "trial-002" / ".finetune-run").read_text())["segments"]
-    assert len(segments) == 2 and segments[1]["resumed_from"].endswith("checkpoint-10"), segments
+    assert len(segments) == 2 and 0 < segments[1]["from_step"] < 30, segments
 
     trials = state_file.read(out)["trials"]
     assert [t["name"] for t in trials] == ["trial-001", "trial-002", "trial-003", "trial-004"]
@@ -284,6 +287,13 @@ def test_offline_bayes_sweep_with_hyperband_interrupted_and_finished(tmp_path):
         configs = [r.config for r in runs if r.config["sweep_trial"] == trial["name"]]
         assert configs and all(c["learning_rate"] == trial["params"]["learning_rate"] and c["sweep"] == "t"
                                 for c in configs)
+
+    # The metric names a sweep file may use are the ones runs log: at log steps, and in the summary (CUDA's aside).
+    logged = {key for r in runs for row in r.history for key in row if not key.startswith("_")}
+    assert logged - {"train/global_step"} <= set(sweep_command.STEP_METRICS)
+    assert set(sweep_command.STEP_METRICS) - set(sweep_command.CUDA_ONLY) <= logged
+    numbers = {key for key, value in summary.items() if isinstance(value, (int, float)) and not key.startswith("run/")}
+    assert numbers == set(sweep_command.SUMMARY_METRICS) - set(sweep_command.CUDA_ONLY)
 
     finished = [t for t in trials if t["state"] == state_file.FINISHED]
     best = min(finished, key=lambda t: t["result"])

@@ -135,13 +135,15 @@ def destination_problem(out: Path) -> str | None:
 
 
 def write_tables(rows: list[dict[str, Any]], out: Path, extra: list[tuple[str, str, str]] = ()) -> None:
-    """comparison.md and comparison.csv: COLUMNS, then `extra` (key, header, format) columns, then harness scores."""
+    """comparison.md and comparison.csv: COLUMNS, with `extra` (key, header, format) columns after the first two,
+    then harness scores; the Markdown table leaves out the columns no run has."""
     import io
 
     columns = COLUMNS[:2] + list(extra) + COLUMNS[2:] + harness_columns(rows)
-    header = "| " + " | ".join(h for _, h, _ in columns) + " |"
-    rule = "|" + "|".join("---" for _ in columns) + "|"
-    lines = [header, rule] + ["| " + " | ".join(cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
+    shown = [c for c in columns if any(cell(r, c[0], c[2]) != "-" for r in rows)]  # the CSV keeps every column
+    header = "| " + " | ".join(h for _, h, _ in shown) + " |"
+    rule = "|" + "|".join("---" for _ in shown) + "|"
+    lines = [header, rule] + ["| " + " | ".join(cell(r, k, f) for k, _, f in shown) + " |" for r in rows]
     rundir.write_text(out / "comparison.md", "\n".join(lines) + "\n")
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=[k for k, _, _ in columns])
@@ -176,7 +178,7 @@ def quality_axis(rows: list[dict[str, Any]], requested: str | None = None) -> tu
 
 
 def plot_pareto(rows: list[dict[str, Any]], path: Path, quality: str | None = None,
-                measure: tuple[str, str, bool] | None = None) -> Path:
+                measure: tuple[str, str, bool] | None = None, what: str = "Fine-tuning variants") -> Path:
     """Up to three panels, quality (see quality_axis; or `measure`: row key, label, higher is better) against peak
     training memory, training tokens/s and inference latency, each where the runs have it; frontier points joined
     and labelled. An untrained base scored by `finetune eval MODEL` (eval.json's
@@ -222,7 +224,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, quality: str | None = No
             axis.invert_yaxis()  # better quality is up in every panel
         axis.grid(alpha=0.3)
         axis.set_title(f"quality vs {cost_label.split(' (')[0]}")
-    figure.suptitle("Fine-tuning variants: red points are on the Pareto frontier (nothing beats them on both axes)")
+    figure.suptitle(f"{what}: red points are on the Pareto frontier (nothing beats them on both axes)")
     figure.tight_layout()
     partial = path.with_name(f".{path.name}.partial.png")
     figure.savefig(partial, dpi=120)

@@ -516,7 +516,7 @@ def write_report(sweep: Sweep, out: Path, trials: list[dict[str, Any]]) -> int:
     if sweep.metric and all(r.get(sweep.metric) is not None for r in rows):
         higher = sweep.goal == "maximize"
         quality = (sweep.metric, f"{sweep.metric} ({'higher' if higher else 'lower'} is better)", higher)
-    plot = compare.plot_pareto(rows, comparison / "pareto.png", measure=quality)
+    plot = compare.plot_pareto(rows, comparison / "pareto.png", measure=quality, what=f"Sweep {sweep.name}")
     print((comparison / "comparison.md").read_text())
     finished = [t for t in trials if t["state"] == state_file.FINISHED and t.get("result") is not None]
     lines = [f"table: {comparison / 'comparison.md'}, {comparison / 'comparison.csv'}", f"plot: {plot}"]

@@ -22,11 +22,18 @@ class SweepTrial(TrainerCallback):
 
     def __init__(self, trial_dir: Path, metric: str):
         self.trial_dir, self.metric = trial_dir, metric
+        self.resumed_at = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.resumed_at = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         value = rewrite_logs(logs or {}).get(self.metric)
         if not isinstance(value, (int, float)):
             return
+        if 0 < self.resumed_at == state.global_step:  # eval_on_start of a resumed trial: off the schedule, and
+            return  # hyperband counts a trial's evaluations
+
         stop = sweep.record(self.trial_dir, state.global_step, float(value)) if state.is_world_process_zero else False
         if args.world_size > 1:
             stop = agree(stop)
