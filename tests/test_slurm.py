@@ -227,7 +227,7 @@ def test_a_sweep_array_runs_a_trial_a_task_and_a_requeued_task_resumes_its_trial
 
     path = sweep_file(tmp_path / "s.yaml", method="grid", run_cap=None, early_terminate=None,
                       parameters={"learning_rate": {"values": [1e-3, 3e-3]}},
-                      command=["${env}", "${interpreter}", "${program}", TINY, "--max_steps=400", "--eval_steps=200",
+                      command=["${env}", "${interpreter}", "${program}", TINY, "--max_steps=150", "--eval_steps=200",
                                "--save_steps=10", "--logging_steps=10", "--eval_size=50", "--disable_tqdm=true",
                                "${args}"])
     out = tmp_path / "sweep"
@@ -259,7 +259,7 @@ def test_a_sweep_array_runs_a_trial_a_task_and_a_requeued_task_resumes_its_trial
         assert [t["state"] for t in trials] == [state_file.FINISHED] * 2
         segments = json.loads((out / "trial-001" / rundir.MARKER).read_text())["segments"]
         assert len(segments) == 2 and all(json.loads((out / t["name"] / rundir.SUMMARY).read_text())
-                                          ["final/total_steps"] == 400 for t in trials)
+                                          ["final/total_steps"] == 150 for t in trials)
     finally:
         for log in logs:
             log.unlink(missing_ok=True)
