@@ -68,6 +68,9 @@ BAD = {  # sweep file changes -> what the one line says
     "never-ends": ({"run_cap": None}, "a bayes search never ends on its own: set run_cap"),
     "bad-run-cap": ({"run_cap": 0}, "run_cap: 0 is not a positive whole number"),
     "custom": ({"method": "custom"}, "custom needs W&B's servers"),
+    "bare-value": ({"parameters": {"lora_r": 8}}, "lora_r: 8 is not a search space; write {value: 8}"),
+    "grid-over-a-range": ({"method": "grid", "parameters": {"learning_rate": {"min": 1e-5, "max": 1e-3}}},
+                          "Parameter learning_rate is a disallowed type with grid search"),
 }
 
 
@@ -85,14 +88,41 @@ def test_each_bad_sweep_file_is_refused_in_one_line_before_any_trial(case, tmp_p
     assert not out.exists()
 
 
-def test_the_command_line_refuses_a_missing_file_and_a_broken_one_without_a_traceback(tmp_path):
-    broken = tmp_path / "broken.yaml"
+def test_the_command_line_refuses_a_missing_file_a_broken_one_and_a_key_twice_without_a_traceback(tmp_path):
+    broken, twice = tmp_path / "broken.yaml", sweep_file(tmp_path / "twice.yaml")
     broken.write_text("method: [grid\n")
-    for path, expected in ((tmp_path / "nope.yaml", "no such file"), (broken, "invalid YAML at line 2")):
+    twice.write_text(twice.read_text() + "run_cap: 5\n")
+    for path, expected in ((tmp_path / "nope.yaml", "no such file"), (broken, "invalid YAML at line 2"),
+                           (twice, "`run_cap` is set twice")):
         result = subprocess.run([sys.executable, "-m", "finetune", "sweep", str(path), "--local"], cwd=REPO,
                                 capture_output=True, text=True, env=subprocess_env(), timeout=120)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
+
+
+def test_numbers_written_1e_5_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-5` as a string, which W&B's schema refuses as a range's end; recipes take it."""
+    path = sweep_file(tmp_path / "s.yaml")
+    path.write_text(path.read_text().replace("1.0e-06", "1e-6").replace("0.03", "3e-2"))
+    assert "min: 1e-6" in path.read_text()
+    assert sweep_command.load(path).config["parameters"]["learning_rate"] == {
+        "distribution": "log_uniform_values", "min": 1e-6, "max": 3e-2}
+
+
+def test_the_engine_proposes_the_same_trials_in_any_process_and_other_ones_for_another_seed():
+    import copy
+
+    config = {"method": "random", "parameters": {"learning_rate": {"distribution": "log_uniform_values",
+                                                                   "min": 1e-6, "max": 1e-2}}}
+    state = {"trials": [{"name": "trial-001", "params": {"learning_rate": 1e-3}, "state": state_file.FINISHED}]}
+    script = ("import json, sys; from finetune.training import sweep; "
+              "print(json.dumps(sweep.propose(*json.loads(sys.argv[1]))))")
+    fresh = subprocess.run([sys.executable, "-c", script, json.dumps([config, state, 0])], capture_output=True,
+                           text=True, cwd=REPO, check=True).stdout
+    here = [state_file.propose(config, copy.deepcopy(state), 0) for _ in range(2)]
+    assert here[0] == here[1] == json.loads(fresh)
+    others = [state_file.propose(config, copy.deepcopy(state), seed)["learning_rate"] for seed in (1, 2)]
+    assert len({here[0]["learning_rate"], *others}) == 3
 
 
 def test_a_sweep_directory_of_another_file_or_of_other_files_is_refused(tmp_path, capsys, monkeypatch):
@@ -116,6 +146,39 @@ def test_the_shipped_sweep_files_pass_every_check(name, monkeypatch):
         pytest.skip("the real model's assets are not here (make smollm2; make test makes them)")
     sweep = sweep_command.load(REPO / "recipes/sweeps" / name)
     assert sweep.metric == "eval/loss" and sweep.planned
+
+
+def test_out_and_seed_problems_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    path = sweep_file(tmp_path / "s.yaml")
+    (tmp_path / "afile").write_text("")
+    cases = [(tmp_path / "afile" / "sub", f"--out: {tmp_path / 'afile'} is a file"),
+             (Path("/proc/sweep"), "--out: can't create /proc/sweep")]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / state_file.SWEEP_FILE).write_text(path.read_text())
+    state_file.rundir.write_json(out / state_file.STATE, {"seed": 0, "trials": []})
+    for place, expected in cases:
+        assert sweep_command.main([str(path), "--local", "--out", str(place)]) == 2
+        assert expected in capsys.readouterr().err
+    assert sweep_command.main([str(path), "--local", "--out", str(out), "--seed", "1"]) == 2
+    assert f"--seed 1: the sweep in {out} started with --seed 0" in capsys.readouterr().err
+
+
+def test_a_signal_while_a_trial_starts_leaves_the_trial_to_resume(tmp_path, capsys, monkeypatch):
+    """SIGTERM to the sweep before the trial can handle it (still importing): the trial is killed by it, and stays
+    `running` for the next run to resume, instead of being marked failed."""
+    import threading
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sweep_command, "trial_command", lambda sweep, params: [sys.executable, "-c",
+                                                                                "import time; time.sleep(60)"])
+    threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+    out = tmp_path / "out"
+    assert sweep_command.main([str(sweep_file(tmp_path / "s.yaml")), "--local", "--out", str(out)]) == 143
+    assert "sweep stopped by SIGTERM with 0 trial(s) done; trial-001 resumes" in capsys.readouterr().err
+    (trial,) = state_file.read(out)["trials"]
+    assert trial["state"] == state_file.RUNNING and trial["exit_code"] == 143
 
 
 # The trials' command lines and arguments ----------------------------------------------------------------------------
@@ -255,8 +318,8 @@ def test_offline_bayes_sweep_with_hyperband_interrupted_and_finished(tmp_path):
     os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
     _, err = driver.communicate(timeout=120)
     assert driver.returncode == 75, err[-3000:]
-    assert "sweep stopped by SIGINT with 1 trial(s) done; trial-002 resumes from its last checkpoint; run the same " \
-           "command again to go on" in err
+    assert "sweep stopped by SIGINT with 1 trial(s) done; trial-002 resumes from its last checkpoint, if it wrote " \
+           "one; run the same command again to go on" in err
     first_summary = (out / "trial-001" / "summary.json").stat().st_mtime_ns
     assert state_file.read(out)["trials"][1]["state"] == state_file.RUNNING
 

@@ -9,7 +9,14 @@
 The file is a W&B sweep configuration (method, metric, parameters, early_terminate, run_cap) whose parameters are
 recipe keys and whose `command` runs one of the toolkit's launchers on a recipe, with `${args}`:
 
-    command: [${env}, ${interpreter}, ${program}, recipes/tiny.yaml, --max_steps, "60", ${args}]
+    program: finetune/run.py
+    command:
+      - ${env}
+      - ${interpreter}
+      - ${program}
+      - recipes/tiny.yaml
+      - --max_steps=60
+      - ${args}
 
 Each trial runs that command with the trial's values as `--key=value`, as `wandb agent` runs it. Here (offline,
 `--local`), W&B's engine (the `sweeps` package) proposes each trial from the finished ones; each trial is a normal
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -77,23 +85,57 @@ class Sweep:
 
     @property
     def planned(self) -> int | None:
-        """How many trials the sweep has in all: run_cap, else a grid's combinations; None: until stopped."""
+        """How many trials the sweep has in all: run_cap, else a grid's combinations (counted as W&B's grid counts
+        them); None: until stopped."""
         if self.run_cap is not None or self.config["method"] != "grid":
             return self.run_cap
-        return math.prod(len(spec.get("values", [0])) for spec in self.config["parameters"].values())
+        return math.prod(grid_size(spec) for spec in self.config["parameters"].values())
+
+
+def grid_size(spec: dict[str, Any]) -> int:
+    import numpy as np
+
+    if "values" in spec:
+        return len(spec["values"])
+    if spec.get("distribution") == "int_uniform":
+        return spec["max"] - spec["min"] + 1
+    if spec.get("distribution") == "q_uniform":
+        return len(np.arange(spec["min"], spec["max"], spec["q"]))
+    return 1  # a constant
 
 
 # Reading and checking the file ------------------------------------------------------------------------------------
 
+def _sweep_loader():
+    """The recipe loader (a key written twice refused), reading `1e-5` as the number YAML 1.2 and W&B's own
+    parser read (YAML 1.1, PyYAML's, reads a string, which W&B's schema refuses as a range's end)."""
+    import re
+
+    from finetune.recipe.load import _UniqueKeyLoader
+
+    class Loader(_UniqueKeyLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    return Loader
+
+
 def read_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"sweep file {path}: no such file; pass a W&B sweep file (see recipes/sweeps/)")
+    loader = _sweep_loader()(path.read_text())
+    loader.duplicates = []
     try:
-        config = yaml.safe_load(path.read_text())
+        config = loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise UsageError(f"sweep file {path}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise UsageError([f"sweep file {path}: {duplicate}" for duplicate in loader.duplicates])
     if not isinstance(config, dict):
         raise UsageError(f"sweep file {path}: expected a W&B sweep configuration (method, metric, parameters, "
                          f"command), got a {type(config).__name__}")
@@ -128,14 +170,16 @@ def parse_command(config: dict[str, Any], problems: list[str]) -> tuple[list[str
     """The command's macros kept, and the recipe it runs; problems appended."""
     command = config.get("command") or DEFAULT_COMMAND
     if not isinstance(command, list):
-        problems.append("command: give a list, e.g. [${env}, ${interpreter}, ${program}, recipes/tiny.yaml, ${args}]")
+        problems.append("command: give a list, one item a line: - ${env}, - ${interpreter}, - ${program}, "
+                        "- recipes/tiny.yaml, - ${args} (see recipes/sweeps/)")
         return [], None
     tokens = expanded(command, config.get("program"))
     found = split_command(tokens)
     if found is None:
         problems.append(f"command: `{' '.join(tokens)}` runs none of the toolkit's launchers; run finetune/run.py, "
                         "launch/train.sh or `-m finetune train|launch` on a recipe, e.g. program: finetune/run.py and "
-                        "command: [${env}, ${interpreter}, ${program}, recipes/tiny.yaml, ${args}]")
+                        "a command of ${env}, ${interpreter}, ${program}, recipes/tiny.yaml, ${args} (see "
+                        "recipes/sweeps/)")
         return [], None
     start, launcher = found
     if launcher.endswith((".py", ".sh")) and not Path(launcher).expanduser().is_file():
@@ -145,8 +189,7 @@ def parse_command(config: dict[str, Any], problems: list[str]) -> tuple[list[str
     rest = tokens[start:]
     recipe = rest[0] if rest and not rest[0].startswith(("${", "-")) else None
     if recipe is None or not recipe.endswith((".yaml", ".yml")):
-        problems.append(f"command: {launcher} needs a recipe right after it (a .yaml file), e.g. "
-                        f"[..., {launcher}, recipes/tiny.yaml, ${{args}}]")
+        problems.append(f"command: {launcher} needs a recipe right after it (a .yaml file), then ${{args}}")
         return [], None
     macros = [t for t in rest if t.startswith("${")]
     forms = [t for t in macros if t in ARGUMENT_FORMS]
@@ -252,13 +295,25 @@ def load(path: Path, count: int | None = None) -> Sweep:
     run_cap = config.get("run_cap")
     if run_cap is not None and (not isinstance(run_cap, int) or isinstance(run_cap, bool) or run_cap < 1):
         problems.append(f"run_cap: {run_cap!r} is not a positive whole number of trials")
-    engine_config = {key: value for key, value in config.items() if key != "run_cap"}  # W&B's servers know it
-    problems += [f"{line} (W&B's sweep schema)" for line in
-                 state_file.engine().schema_violations_from_proposed_config(engine_config)]
+    parameters = config.get("parameters")
+    for name, spec in (parameters.items() if isinstance(parameters, dict) else ()):
+        if not isinstance(spec, dict):
+            problems.append(f"parameters: {name}: {spec!r} is not a search space; write {{value: {spec!r}}} for one "
+                            "value, {values: [...]} for several, or {min: ..., max: ...} for a range")
     if problems:
         raise UsageError([f"sweep file {path}: {p}" for p in problems])
-    if config["method"] == "custom":
+    engine_config = {key: value for key, value in config.items() if key != "run_cap"}  # W&B's servers know it
+    violations = state_file.engine().schema_violations_from_proposed_config(engine_config)
+    problems += [f"{line} (W&B's sweep schema)" for line in dict.fromkeys(violations)]
+    if not problems and config["method"] == "custom":
         problems.append("method: custom needs W&B's servers to propose trials; use grid, random or bayes")
+    if not problems:
+        try:
+            state_file.propose(config, {"trials": []}, 0)  # what the engine refuses only when asked for a trial
+        except ValueError as error:
+            problems.append(f"{str(error).strip().splitlines()[0]} (W&B's sweep engine)")
+    if problems:
+        raise UsageError([f"sweep file {path}: {p}" for p in problems])
     if config["method"] in ("random", "bayes") and run_cap is None and count is None:
         problems.append(f"a {config['method']} search never ends on its own: set run_cap in the file, or pass "
                         "--count N (trials in this invocation)")
@@ -296,21 +351,26 @@ def trial_command(sweep: Sweep, params: dict[str, Any]) -> list[str]:
 
 # The sweep directory ---------------------------------------------------------------------------------------------
 
-def directory_problem(sweep: Sweep, out: Path) -> str | None:
-    """Why the sweep can't run in `out`: a file, someone else's directory, or a sweep started from another file."""
-    if out.exists() and not out.is_dir():
-        return f"--out: {out} is a file; give a directory for the sweep"
+def directory_problem(sweep: Sweep, out: Path, seed: int) -> str | None:
+    """Why the sweep can't run in `out`: a file, someone else's directory, or a sweep started from another file or
+    with another seed."""
+    for place in (out, *out.parents):
+        if place.exists() and not place.is_dir():
+            return f"--out: {place} is a file; give a directory for the sweep"
     if not out.is_dir() or not any(out.iterdir()):
         blocked = rundir.unwritable(out)
         return f"--out: {blocked} is not writable; give a writable place" if blocked else None
     started = out / state_file.SWEEP_FILE
     if not started.is_file():
         return f"--out: {out} holds files no sweep wrote; give another directory"
-    before = yaml.safe_load(started.read_text())
+    before = read_file(started)
     if before != sweep.config:
         changed = sorted(k for k in set(before) | set(sweep.config) if before.get(k) != sweep.config.get(k))
         return (f"--out: {out} holds a sweep started from another file ({', '.join(changed)} differ); give another "
                 "--out, or run that file to continue it")
+    before_seed = state_file.read(out).get("seed", seed)
+    if before_seed != seed:
+        return f"--seed {seed}: the sweep in {out} started with --seed {before_seed}; give that, or another --out"
     return None
 
 
@@ -360,6 +420,7 @@ def next_trial(sweep: Sweep, out: Path, seed: int) -> tuple[dict[str, Any], stat
     engine proposes. None when the sweep is done: grid exhausted, run_cap reached, or the metric's target met."""
     with state_file.locked(out) as state:
         state.setdefault("name", sweep.name)
+        state.setdefault("seed", seed)
         state["config"] = sweep.config
         for trial in state["trials"]:
             if trial["state"] == state_file.RUNNING:
@@ -383,8 +444,8 @@ def next_trial(sweep: Sweep, out: Path, seed: int) -> tuple[dict[str, Any], stat
         return trial, claim
 
 
-def finish_trial(sweep: Sweep, out: Path, name: str, code: int) -> dict[str, Any]:
-    """Record how a trial ended; returns it."""
+def finish_trial(sweep: Sweep, out: Path, name: str, code: int, interrupted: bool) -> dict[str, Any]:
+    """Record how a trial ended (`interrupted`: it stays `running`, for the next driver to resume); returns it."""
     with state_file.locked(out) as state:
         trial = next(t for t in state["trials"] if t["name"] == name)
         trial["exit_code"] = code
@@ -397,7 +458,7 @@ def finish_trial(sweep: Sweep, out: Path, name: str, code: int) -> dict[str, Any
             trial["result"] = result
             if trial["state"] == state_file.RUNNING:
                 trial["state"] = state_file.FINISHED
-        elif code not in INTERRUPTED:  # an interrupted trial stays `running`, for the next driver to resume
+        elif not interrupted:
             trial["state"] = state_file.FAILED
         return dict(trial)
 
@@ -411,10 +472,10 @@ def described(params: dict[str, Any]) -> str:
 
 def run_local(sweep: Sweep, out: Path, count: int | None, seed: int) -> int:
     """Run trials here until the sweep is done or `count` trials have run; then report. Returns the exit code."""
-    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
     if not (out / state_file.SWEEP_FILE).is_file():
         rundir.write_text(out / state_file.SWEEP_FILE, sweep.path.read_text())
-    ran, failures = 0, 0
+    ran, failures = 0, []
     with Stop() as stop:
         while (count is None or ran < count) and stop.signum is None:
             claimed = next_trial(sweep, out, seed)
@@ -423,22 +484,42 @@ def run_local(sweep: Sweep, out: Path, count: int | None, seed: int) -> int:
             trial, claim = claimed
             try:
                 code = run_trial(sweep, out, trial, stop)
-                ended = finish_trial(sweep, out, trial["name"], code)
+                # Stopped by a signal (the sweep's, or one that reached the trial first), or out of disk: the
+                # trial resumes later. A trial that ended otherwise, after a signal to the sweep, is no failure.
+                interrupted = code in INTERRUPTED or (stop.signum is not None and code != errors.OK)
+                ended = finish_trial(sweep, out, trial["name"], code, interrupted)
             finally:
                 claim.release()
             ran += 1
-            if code in INTERRUPTED or code == errors.USAGE:
+            if interrupted or code == errors.USAGE:
                 return stopped(out, trial["name"], code, stop.signum)
             print(outcome(sweep, ended), file=sys.stderr, flush=True)
-            failures = failures + 1 if ended["state"] == state_file.FAILED else 0
-            if failures >= MAX_FAILURES_IN_A_ROW:
-                print(f"error: {failures} trials failed in a row; the sweep stops (their logs say why); run the "
-                      "same command again to go on", file=sys.stderr)
-                report(sweep, out)
+            failures = failures + [ended] if ended["state"] == state_file.FAILED else []
+            if len(failures) >= MAX_FAILURES_IN_A_ROW:
+                shown = ", ".join(f"{t['name']} (exit {t['exit_code']})" for t in failures)
+                print(f"error: {shown} failed one after another, so the sweep stops; their output above says why. "
+                      "Correct the sweep file or the recipe, or run the same command again to try the next trials",
+                      file=sys.stderr)
                 return 1
         if stop.signum is not None:
             return stopped(out, None, 128 + stop.signum, stop.signum)
-    return report(sweep, out)
+    code = report(sweep, out)
+    trials = state_file.read(out)["trials"]
+    done = sum(t["state"] != state_file.RUNNING for t in trials)
+    if code == errors.OK and count is not None and ran >= count and next_trial_exists(sweep, trials):
+        print(f"sweep {sweep.name}: {done}{f' of {sweep.planned}' if sweep.planned else ''} trials done "
+              f"(--count {count}); run it again to go on", file=sys.stderr)
+    elif code == errors.OK:
+        print(f"sweep {sweep.name} done: {done} trials, {time.monotonic() - started:.0f} s in this run",
+              file=sys.stderr)
+    return code
+
+
+def next_trial_exists(sweep: Sweep, trials: list[dict[str, Any]]) -> bool:
+    """Whether the sweep would run another trial: an unfinished one, or one below run_cap or the grid's size."""
+    if any(t["state"] == state_file.RUNNING for t in trials):
+        return True
+    return sweep.planned is None or len(trials) < sweep.planned
 
 
 def run_trial(sweep: Sweep, out: Path, trial: dict[str, Any], stop: Stop) -> int:
@@ -446,7 +527,7 @@ def run_trial(sweep: Sweep, out: Path, trial: dict[str, Any], stop: Stop) -> int
     command = trial_command(sweep, trial["params"])
     resumed = " (resuming)" if trial_dir.is_dir() else ""
     of = f" of {sweep.planned}" if sweep.planned else ""
-    print(f"== {trial['name']}{of}{resumed}: {described(trial['params'])}\n   {' '.join(command)}", file=sys.stderr,
+    print(f"== {trial['name']}{of}{resumed}: {described(trial['params'])}\n   {shlex.join(command)}", file=sys.stderr,
           flush=True)
     # A session of its own: a Ctrl-C in the terminal reaches the trial once, through Stop. It dies with the sweep
     # (SIGTERM: it checkpoints), however the sweep ends.
@@ -456,7 +537,7 @@ def run_trial(sweep: Sweep, out: Path, trial: dict[str, Any], stop: Stop) -> int
         stop.forward(stop.signum)
     code = stop.child.wait()
     stop.child = None
-    return code
+    return 128 - code if code < 0 else code  # killed by a signal, as a shell reports it
 
 
 def stopped(out: Path, trial: str | None, code: int, signum: int | None) -> int:
@@ -466,7 +547,7 @@ def stopped(out: Path, trial: str | None, code: int, signum: int | None) -> int:
               file=sys.stderr)
         return code
     why = f"stopped by {signal.Signals(signum).name}" if signum else f"stopped ({trial} exited {code})"
-    where = f"; {trial} resumes from its last checkpoint" if trial else ""
+    where = f"; {trial} resumes from its last checkpoint, if it wrote one" if trial else ""
     print(f"error: sweep {why} with {done} trial(s) done{where}; run the same command again to go on",
           file=sys.stderr)
     return code
@@ -494,7 +575,10 @@ def report(sweep: Sweep, out: Path) -> int:
 def write_report(sweep: Sweep, out: Path, trials: list[dict[str, Any]]) -> int:
     from finetune.commands import compare
 
+    failed = [f"{t['name']} (exit {t['exit_code']})" for t in trials if t["state"] == state_file.FAILED]
     trials = [t for t in trials if t["state"] in (state_file.FINISHED, state_file.STOPPED)]
+    if failed:
+        print(f"failed trials, left out of the table: {', '.join(failed)}", file=sys.stderr)
     if not trials:
         print("error: no trial finished; nothing to compare", file=sys.stderr)
         return 1
@@ -595,7 +679,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--create_only", action="store_true",
                         help="online: create the sweep and print the `wandb agent` line, without running an agent")
     args = parser.parse_args(argv)
-    started = time.monotonic()
     try:
         if args.count is not None and args.count < 1:
             raise UsageError(f"--count: {args.count} is not a positive number of trials")
@@ -603,24 +686,26 @@ def main(argv: list[str] | None = None) -> int:
         reason = "--local" if args.local else online_reason()
         out = args.out or Path("outputs") / "sweeps" / sweep.name
         if reason is not None:
-            problem = directory_problem(sweep, out)
+            problem = directory_problem(sweep, out, args.seed)
             if problem:
                 raise UsageError(problem)
+            if not args.check:
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                except OSError as error:
+                    raise UsageError(f"--out: can't create {out} ({error.strerror}); give a writable place") from None
     except UsageError as error:
         return errors.report(error)
     if args.check:
         trials = f"{sweep.planned} trials" if sweep.planned else "trials until stopped (--count)"
         print(f"{sweep.path}: a {sweep.config['method']} sweep over {', '.join(sweep.config['parameters'])}, "
               f"{trials}, metric {sweep.metric or '-'} ({sweep.goal}); each trial runs\n  "
-              f"{' '.join(expanded(sweep.command, sweep.config.get('program')))}")
+              f"{shlex.join(expanded(sweep.command, sweep.config.get('program')))}")
         return errors.OK
     if reason is None:
         return run_online(sweep, args.count, args.create_only)
     print(f"sweep {sweep.name}: running here with W&B's sweep engine ({reason}); trials in {out}", file=sys.stderr)
-    code = run_local(sweep, out, args.count, args.seed)
-    if code == errors.OK:
-        print(f"sweep {sweep.name} done in {time.monotonic() - started:.0f} s", file=sys.stderr)
-    return code
+    return run_local(sweep, out, args.count, args.seed)
 
 
 if __name__ == "__main__":

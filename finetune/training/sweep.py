@@ -17,6 +17,8 @@ for the next one to resume.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import random
@@ -36,12 +38,21 @@ RUNNING, FINISHED, STOPPED, FAILED = "running", "finished", "stopped", "failed"
 ENGINE_STATE = {RUNNING: "running", FINISHED: "finished", STOPPED: "finished", FAILED: "failed"}
 
 
+@functools.cache
 def engine():
     """W&B's sweep engine (`pip install sweeps`, in requirements.txt). Its pydantic models warn on import about
-    their own config style; the warning says nothing to a user."""
+    their own config style; the warning says nothing to a user. Its first proposal of each method in a process
+    imports modules that draw random numbers: done here once, so that every proposal after a seed is the same."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import sweeps
+
+        parameters = {"x": {"min": 0.0, "max": 1.0}}
+        done = sweeps.SweepRun(state="finished", config={"x": {"value": 0.5}}, summaryMetrics={"m": 1.0},
+                               sampledHistory=[{"m": 1.0}])
+        for method in ("grid", "random", "bayes"):
+            sweeps.next_run({"method": method, "metric": {"name": "m", "goal": "minimize"},
+                             "parameters": {"x": {"values": [0.5]}} if method == "grid" else parameters}, [done])
     return sweeps
 
 
@@ -110,12 +121,14 @@ def runs(state: dict[str, Any], metric: str | None):
 
 def propose(config: dict[str, Any], state: dict[str, Any], seed: int) -> dict[str, Any] | None:
     """The next trial's parameters from W&B's engine (grid, random or bayes), or None when a grid is done. Seeded by
-    the sweep's seed and the number of trials so far: a sweep run again proposes what it proposed before."""
+    the sweep's seed and the number of trials so far: the same sweep proposes the same trials, interrupted or not,
+    and another seed other ones."""
     import numpy as np
 
     sweeps = engine()
-    random.seed(seed + len(state["trials"]))
-    np.random.seed(seed + len(state["trials"]))
+    draw = int(hashlib.sha256(f"{seed}:{len(state['trials'])}".encode()).hexdigest()[:8], 16)
+    random.seed(draw)
+    np.random.seed(draw)
     engine_config = {key: value for key, value in config.items() if key != "run_cap"}
     metric = (config.get("metric") or {}).get("name")
     proposal = sweeps.next_run(engine_config, runs(state, metric))
