@@ -7,6 +7,7 @@
     finetune eval outputs/tiny --tasks tiny_tasks
     finetune compare outputs/matrix/* --out outputs/comparison
     finetune merge outputs/tiny
+    finetune export outputs/smollm2-lora --gguf contacts.gguf    # GGUF for llama.cpp / Ollama; --type q8_0
     finetune sweep recipes/sweeps/tiny_lr_rank.yaml             # W&B sweep file; --local: here, offline
 
 Multi-process training goes through accelerate: `accelerate launch -m finetune.run RECIPE ...` (or the script
@@ -34,6 +35,7 @@ COMMANDS = {  # command: (module with main(argv), one line)
                  "fetch a recipe's hub model and dataset into the HF cache, for offline training"),
     "sync": ("finetune.commands.sync", "upload offline W&B runs (checks the login and the network first)"),
     "merge": ("finetune.commands.merge", "merge an adapter into a standalone model"),
+    "export": ("finetune.commands.export", "a finished run as one GGUF file, for llama.cpp, Ollama and LM Studio"),
     "sweep": ("finetune.commands.sweep",
               "hyperparameter sweep from a W&B sweep file: on W&B's servers, or here (--local) with W&B's engine"),
 }

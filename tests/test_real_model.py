@@ -139,3 +139,33 @@ def test_merge_of_a_gguf_run_gives_a_plain_model_with_its_logits(tuned, tmp_path
     with torch.no_grad():
         difference = (merged(**ids).logits - adapted(**ids).logits).abs().max().item()
     assert difference < 1e-3, difference
+
+
+@pytest.mark.parametrize("file_type", ["f16", "q8_0"])
+def test_the_tuned_run_as_gguf_reads_back_and_gives_the_tuned_answer(tuned, tmp_path, file_type):
+    """finetune export, read by transformers' GGUF loader: the run's tokenizer (same ids for every text, the same
+    chat template), logits within what the type costs (f16: 0.1 on logits of ~40; q8_0: measured 1.8, stated as
+    below 3), and the tuned answer itself."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.commands.export import export
+    from finetune.commands.merge import merged_model
+
+    trainer, _ = tuned
+    run = Path(trainer.args.output_dir)
+    path = export(run, tmp_path / f"contacts.{file_type}.gguf", file_type)
+    merged, tokenizer = merged_model(run)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    read = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    texts = ["Wilma Stone is 33 and lives in Zagreb.", "  1234567 digits, ünïcode 运行 🚀", "<|im_start|>user\nhi"]
+    assert [read(t)["input_ids"] for t in texts] == [tokenizer(t)["input_ids"] for t in texts]
+    assert read.chat_template == tokenizer.chat_template
+    prompt = [{"role": "user", "content": f"{smollm2.INSTRUCTION}\nWilma Stone is 33 and lives in Zagreb."}]
+    ids = read.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        difference = (model(**ids).logits - merged.float()(**ids).logits).abs().max().item()
+        answer = model.generate(**ids, max_new_tokens=40, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    assert difference < {"f16": 0.1, "q8_0": 3.0}[file_type], difference
+    assert json.loads(read.decode(answer, skip_special_tokens=True)) == {"name": "Wilma Stone", "age": 33,
+                                                                        "city": "Zagreb"}

@@ -55,6 +55,28 @@ def merged_files(directory: Path) -> set[str]:
     return {*listed, rundir.MERGED_MARKER}
 
 
+def merged_model(output_dir: Path):
+    """(model, tokenizer) of a finished run as one plain model: a LoRA run's adapter merged into its base, loaded
+    as it was trained (a 4-bit or 8-bit base dequantized first), in the recipe's dtype (fp32 when that is `auto`
+    on a CPU); a full run's own model."""
+    import dataclasses
+
+    from finetune.model.load import inference_dtype, load_model, load_tokenizer
+
+    recipe = rundir.trained_recipe(output_dir)
+    recipe.model = dataclasses.replace(recipe.model, dtype=inference_dtype(recipe.model.dtype))
+    if not recipe.model.use_lora:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(output_dir, dtype="auto"), load_tokenizer(recipe.model)
+    from peft import PeftModel
+
+    base = load_model(recipe.model, for_training=False)
+    if recipe.model.quantization != "none":
+        base = base.dequantize()  # bitsandbytes layers -> plain Linear holding the dequantized weights
+    return PeftModel.from_pretrained(base, str(output_dir)).merge_and_unload(), load_tokenizer(recipe.model)
+
+
 def merge(output_dir: Path, destination: Path) -> Path:
     """Dequantize the base (if quantized), merge the adapter, save model and tokenizer to `destination` (written
     beside it, then renamed into place; an earlier merge there is replaced)."""
@@ -65,25 +87,16 @@ def merge(output_dir: Path, destination: Path) -> Path:
     if not recipe.model.use_lora:
         raise UsageError(f"{output_dir}: a full fine-tuning run has nothing to merge; its model.safetensors loads "
                          "as it is")
-    import dataclasses
     import os
     import shutil
 
-    from peft import PeftModel
-
-    from finetune.model.load import inference_dtype, load_model, load_tokenizer
-
-    recipe.model = dataclasses.replace(recipe.model, dtype=inference_dtype(recipe.model.dtype))
-    base = load_model(recipe.model, for_training=False)
-    if recipe.model.quantization != "none":
-        base = base.dequantize()  # bitsandbytes layers -> plain Linear holding the dequantized weights
-    merged = PeftModel.from_pretrained(base, str(output_dir)).merge_and_unload()
+    merged, tokenizer = merged_model(output_dir)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = destination.parent / f".{destination.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         merged.save_pretrained(staging)
-        load_tokenizer(recipe.model).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
         rundir.write_json(staging / rundir.MERGED_MARKER, {"run": str(output_dir.resolve()),
                                                           "files": sorted(p.name for p in staging.iterdir())})
         replaced = destination.parent / f".{destination.name}.replaced-{os.getpid()}"
@@ -105,7 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", type=Path, help="a finished LoRA/QLoRA run's output_dir")
     parser.add_argument("--out", type=Path, default=None, help="where to save (default: OUTPUT_DIR/merged)")
+    parser.add_argument("--gguf", type=Path, help="write one GGUF file instead (finetune export)")
+    parser.add_argument("--type", default="f16", help="with --gguf: the weight type (finetune export --help)")
     args = parser.parse_args(argv)
+    if args.gguf is not None:
+        from finetune.commands import export
+
+        return export.main([str(args.output_dir), "--gguf", str(args.gguf), "--type", args.type])
     try:
         destination = merge(args.output_dir, args.out or args.output_dir / "merged")
     except UsageError as error:

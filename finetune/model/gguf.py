@@ -222,3 +222,168 @@ def convert(path: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
     record = {**read_info(path).as_dict(), "gguf_file": str(path.resolve())}
     (out / INFO).write_text(json.dumps(record, indent=2) + "\n")
+
+
+# Out: a model as a GGUF file for llama.cpp, Ollama and LM Studio ----------------------------------------------------
+
+# transformers' model_type -> llama.cpp's architecture. Mistral is llama-shaped in GGUF; SmolLM2 is a llama.
+EXPORT_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+# --type -> (the file type written in the header, the type of each 2-D weight). Norms and biases stay F32, as
+# llama.cpp's own converter keeps them; a Q8_0 weight needs rows in blocks of 32 values, else it is written F16.
+EXPORT_TYPES = {"f32": ("ALL_F32", "F32"), "f16": ("MOSTLY_F16", "F16"), "bf16": ("MOSTLY_BF16", "BF16"),
+                "q8_0": ("MOSTLY_Q8_0", "Q8_0")}
+
+
+def export_problem(config: dict, tokenizer_file: Path | None) -> str | None:
+    """Why a model with this config.json (and tokenizer.json, when it has one) can't be written as GGUF, or None.
+    Reads files only: answered before anything heavy loads."""
+    model_type = config.get("model_type")
+    if model_type not in EXPORT_ARCHITECTURES:
+        return (f"a {model_type} model has no GGUF export here; the llama-family architectures are exported "
+                f"({', '.join(sorted(EXPORT_ARCHITECTURES))})")
+    scaling = config.get("rope_scaling") or (config.get("rope_parameters") or {})
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        return f"rope scaling `{kind}` is not exported to GGUF here (only plain RoPE)"
+    if tokenizer_file is None or not tokenizer_file.is_file():
+        return "the model has no tokenizer.json (a fast tokenizer), which GGUF's tokenizer is written from"
+    model = json.loads(tokenizer_file.read_text()).get("model", {})
+    if model.get("type") != "BPE":
+        return (f"its {model.get('type')} tokenizer has no GGUF form here (byte-level BPE tokenizers are exported, "
+                "as llama.cpp and transformers read them)")
+    return None
+
+
+def pre_tokenizer_name(tokenizer, source: Path | None = None) -> str:
+    """llama.cpp's name (`tokenizer.ggml.pre`) for how `tokenizer` splits text before BPE: the source GGUF's, for a
+    model that came from one; else the name whose split pattern transformers' GGUF reader uses for this
+    tokenizer's; `gpt2` for GPT-2's own. Raises UsageError for a split no reader would rebuild."""
+    if source is not None and source.is_file():
+        import gguf
+
+        field = gguf.GGUFReader(source).fields.get("tokenizer.ggml.pre")
+        if field is not None:
+            return str(field.contents())
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    steps = state.get("pretokenizers", [state])
+    patterns = [step.get("pattern", {}).get("Regex") for step in steps if step.get("type") == "Split"]
+    if not patterns and [step.get("type") for step in steps] == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt2"
+    for name, split in GGUF_PRE_TOKENIZER_SPLITS.items():
+        if patterns == [split]:
+            return name
+    raise UsageError("its tokenizer splits text in a way no GGUF reader rebuilds (a pre-tokenizer without a "
+                     "llama.cpp name); export a model whose tokenizer is GPT-2's, Llama 3's, Qwen2's or one of a "
+                     "GGUF file")
+
+
+def llama_permute(weights, heads: int):
+    """Q and K rows reordered as llama.cpp's llama architecture applies RoPE (pairs of adjacent values, where
+    transformers rotates halves): the inverse of what GGUF readers undo."""
+    return (weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def write_gguf(model, tokenizer, path: Path, file_type: str, name: str, source: Path | None = None) -> Path:
+    """Write `model` (a plain transformers causal LM: merged, no LoRA, no quantization) and `tokenizer` (its chat
+    template included) to the GGUF file `path` with weights of `file_type` (EXPORT_TYPES). Written to a temporary
+    file beside `path` and renamed into place. `source`: the GGUF file the model came from (its tokenizer's name)."""
+    import gguf
+    import numpy as np
+
+    config = model.config
+    architecture = EXPORT_ARCHITECTURES[config.model_type]
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    header_type, weight_type = EXPORT_TYPES[file_type]
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    writer = gguf.GGUFWriter(partial, architecture)
+    try:
+        writer.add_name(name)
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(kv_heads)
+        writer.add_rope_dimension_count(head_dim)
+        if head_dim != config.hidden_size // heads:
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
+        rope = getattr(config, "rope_parameters", None) or {}
+        writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_file_type(gguf.LlamaFileType[header_type])
+        add_tokenizer(writer, tokenizer, config.vocab_size, pre_tokenizer_name(tokenizer, source))
+
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[architecture.upper()], config.num_hidden_layers)
+        tied = getattr(config, "tie_word_embeddings", False)
+        for key, tensor in model.state_dict().items():
+            if key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight"):
+                continue
+            gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise UsageError(f"{key}: a tensor GGUF's {architecture} architecture has no place for")
+            data = tensor.detach().float().cpu().numpy()
+            if architecture == "llama" and key.endswith(("q_proj.weight", "k_proj.weight")):
+                data = llama_permute(data, heads if "q_proj" in key else kv_heads)
+            kind = weight_type if data.ndim == 2 else "F32"
+            if kind == "Q8_0" and data.shape[-1] % 32:
+                kind = "F16"
+            if kind == "F16":
+                writer.add_tensor(gguf_name, data.astype(np.float16))
+            elif kind == "F32":
+                writer.add_tensor(gguf_name, data.astype(np.float32))
+            else:
+                qtype = gguf.GGMLQuantizationType[kind]
+                writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(partial, path)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)  # a full disk, Ctrl-C: no half file left behind
+        raise
+    return path
+
+
+def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str) -> None:
+    """A byte-level BPE tokenizer as llama.cpp's converter writes it (`gpt2`): every token in id order, padded to
+    the model's vocabulary, its type (special added tokens are control tokens, other added ones user-defined),
+    the merges, the special tokens, whether BOS is added, and the chat template."""
+    import gguf
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
+    added = {index: token for index, token in tokenizer.added_tokens_decoder.items()}
+    tokens, types = [], []
+    for index in range(vocab_size):
+        if index not in by_id:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif index in added:
+            tokens.append(by_id[index])
+            types.append(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[index])
+            types.append(gguf.TokenType.NORMAL)
+    merges = state["model"].get("merges", [])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([merge if isinstance(merge, str) else " ".join(merge) for merge in merges])
+    for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id), (tokenizer.eos_token_id,
+                          writer.add_eos_token_id), (tokenizer.unk_token_id, writer.add_unk_token_id),
+                          (tokenizer.pad_token_id, writer.add_pad_token_id)):
+        if token_id is not None:
+            add(token_id)
+    encoded = tokenizer("a")["input_ids"]
+    writer.add_add_bos_token(bool(encoded) and encoded[0] == tokenizer.bos_token_id)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)

@@ -247,7 +247,9 @@ def read_checked(argv: list[str], data_needed: bool = True) -> tuple[Path, dict[
     overrides, problems = parse_cli_overrides(argv[1:])
     merged = overlay(read_recipe_file(path), overrides)
     merged.setdefault("output_dir", str(Path("outputs") / path.stem))
-    merged["output_dir"] = sweep_output_dir(str(merged["output_dir"]))
+    trial_dir = sweep_output_dir(str(merged["output_dir"]))
+    if trial_dir != str(merged["output_dir"]):  # (a bare `--output_dir` stays one, to be reported as such)
+        merged["output_dir"] = trial_dir
     values = check_keys(merged, overrides, path, problems)
     if problems:
         raise UsageError(problems)
