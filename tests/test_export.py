@@ -12,6 +12,7 @@ import pytest
 
 from finetune.commands import export
 from finetune.embedded.tiny import CHAT_TEMPLATE, build_model_config
+from finetune.training import rundir
 from tests.conftest import REPO, subprocess_env, train_and_summarise
 
 TEXTS = ["Hello world", "  leading spaces, 12345 digits and 3.14", "ünïcode 运行 🚀 ok", "tab\tand\nnew lines\n\n",
@@ -114,6 +115,7 @@ def test_f16_and_q8_0_read_back_with_their_tokens_and_logits(run, tmp_path):
     assert (logits(model, ids) - logits(simulated, ids)).abs().max().item() < 1e-4
     assert (logits(model, ids) - exact).abs().max().item() > 0  # q8_0 is lossy: the comparison above is not vacuous
     assert q8_path.stat().st_size < 0.75 * f16_path.stat().st_size
+    assert not q8_path.with_name(q8_path.name + ".Modelfile").exists()  # not a ChatML template: Ollama reads the file's
     header = gguf.GGUFReader(q8_path)
     assert {t.tensor_type.name for t in header.tensors} == {"Q8_0", "F32"}
     assert str(header.fields["general.architecture"].contents()) == merged.config.model_type
@@ -123,8 +125,6 @@ def test_the_merged_adapter_is_in_the_file(run, tmp_path):
     """The exported weights are the merged ones, not the base's: the base's logits differ from the file's."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from finetune.training import rundir
 
     base = rundir.trained_recipe(run).model.model_name_or_path
     path = export.export(run, tmp_path / "m.gguf", "f32")
@@ -138,13 +138,24 @@ def test_the_merged_adapter_is_in_the_file(run, tmp_path):
     assert (logits(model, ids) - logits(original, ids)).abs().max().item() > 1e-3
 
 
-def test_what_cannot_be_exported_is_refused_in_one_line_and_nothing_is_written(run, llama_dir, data_files,
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory, data_files) -> Path:
+    return trained_run(tmp_path_factory, data_files, "llama")
+
+
+def test_what_cannot_be_exported_is_refused_in_one_line_and_nothing_is_written(llama_run, llama_dir, data_files,
                                                                                 tmp_path):
+    run = llama_run
     char_run = tmp_path / "char-run"
     train_and_summarise("lora_bf16", model_name_or_path=llama_dir, dataset=data_files["text"], output_dir=char_run,
                         dtype="float32", max_steps=1, eval_strategy="no", eval_size=0, save_strategy="no")
     (tmp_path / "taken.gguf").write_text("mine")
+    (tmp_path / "other.gguf.Modelfile").write_text("mine")
+    base = rundir.trained_recipe(run).model.model_name_or_path
     cases = [
+        ([str(run), "--gguf", str(run / "x.gguf")], "inside the run's own directory"),
+        ([str(run), "--gguf", str(Path(base) / "x.gguf")], "--gguf"),
+        ([str(run), "--gguf", str(tmp_path / "other.gguf")], "other.gguf.Modelfile already exists"),
         ([str(char_run), "--gguf", str(tmp_path / "a.gguf")], "its WordLevel tokenizer has no GGUF form"),
         ([str(run), "--gguf", str(tmp_path / "a.gguf"), "--type", "q4_k"], "--type: 'q4_k' is not one of"),
         ([str(run), "--gguf", str(tmp_path / "a.bin")], "should end in .gguf"),
@@ -152,10 +163,17 @@ def test_what_cannot_be_exported_is_refused_in_one_line_and_nothing_is_written(r
         ([str(tmp_path), "--gguf", str(tmp_path / "a.gguf")], "not a finished run"),
         ([str(run), "--gguf", "/proc/a.gguf"], "--gguf: /proc is not writable"),
     ]
+    before_run, before_base = sorted(p.name for p in run.iterdir()), sorted(p.name for p in Path(base).iterdir())
+    cases += [(["merge", str(run), "--type", "q8_0"], "--type: it sets the weight type of a GGUF file"),
+              (["merge", str(run), "--gguf", str(tmp_path / "a.gguf"), "--out", str(tmp_path / "m")],
+               "--out and --gguf: give one")]
     for argv, expected in cases:
-        result = subprocess.run([sys.executable, "-m", "finetune", "export", *argv], cwd=REPO, capture_output=True,
+        command = argv if argv[0] == "merge" else ["export", *argv]
+        result = subprocess.run([sys.executable, "-m", "finetune", *command], cwd=REPO, capture_output=True,
                                 text=True, env=subprocess_env(), timeout=120)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, (argv, result.stderr)
         assert result.stderr.startswith("error: ") and expected in result.stderr, (argv, result.stderr)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["char-run", "taken.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["char-run", "other.gguf.Modelfile", "taken.gguf"]
+    assert sorted(p.name for p in run.iterdir()) == before_run and sorted(p.name for p in Path(base).iterdir()) == \
+        before_base
     assert (tmp_path / "taken.gguf").read_text() == "mine"

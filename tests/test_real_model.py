@@ -167,5 +167,26 @@ def test_the_tuned_run_as_gguf_reads_back_and_gives_the_tuned_answer(tuned, tmp_
         difference = (model(**ids).logits - merged.float()(**ids).logits).abs().max().item()
         answer = model.generate(**ids, max_new_tokens=40, do_sample=False)[0, ids["input_ids"].shape[1]:]
     assert difference < {"f16": 0.1, "q8_0": 3.0}[file_type], difference
+    modelfile = path.with_name(path.name + ".Modelfile").read_text()  # Ollama: ChatML, its stop, the default system
+    assert f"FROM ./{path.name}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile
     assert json.loads(read.decode(answer, skip_special_tokens=True)) == {"name": "Wilma Stone", "age": 33,
                                                                         "city": "Zagreb"}
+
+
+def test_llama_cpp_itself_gives_the_tuned_answer_from_the_gguf(tuned, tmp_path):
+    """llama.cpp (llama-cpp-python), where the machine has it: the q8_0 export, its own chat template applied by
+    llama.cpp, answers as the tuned run does. Not in requirements.txt: `pip install llama-cpp-python` compiles
+    llama.cpp, 6 min 38 s on this 2-core machine."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
+                                                       "llama-cpp-python: it compiles llama.cpp, ~7 min on 2 cores)")
+    from finetune.commands.export import export
+
+    trainer, _ = tuned
+    path = export(Path(trainer.args.output_dir), tmp_path / "contacts.q8_0.gguf", "q8_0")
+    model = llama_cpp.Llama(model_path=str(path), n_ctx=512, verbose=False, seed=0)
+    prompt = f"{smollm2.INSTRUCTION}\nWilma Stone is 33 and lives in Zagreb."
+    reply = model.create_chat_completion(messages=[{"role": "user", "content": prompt}], temperature=0.0,
+                                         max_tokens=40)
+    assert json.loads(reply["choices"][0]["message"]["content"]) == {"name": "Wilma Stone", "age": 33,
+                                                                     "city": "Zagreb"}

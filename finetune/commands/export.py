@@ -24,6 +24,8 @@ from finetune.errors import UsageError
 from finetune.model import gguf
 from finetune.training import rundir
 
+MODELFILE = ".Modelfile"  # OUT.gguf.Modelfile: Ollama's, beside a ChatML model's file
+
 
 def check(output_dir: Path, out: Path, file_type: str) -> Path | None:
     """Everything that refuses the export before torch loads. Returns the GGUF file the run's base came from
@@ -40,13 +42,23 @@ def check(output_dir: Path, out: Path, file_type: str) -> Path | None:
         raise UsageError(f"--gguf: {out} should end in {gguf.SUFFIX}, as llama.cpp and Ollama expect")
     if out.exists():
         raise UsageError(f"--gguf: {out} already exists; give another path, or remove it first")
-    problem = protected_problem(out, str(keys.get("model_name_or_path") or ""), str(keys.get("dataset") or ""),
-                                option="--gguf")
+    modelfile = out.with_name(out.name + MODELFILE)
+    if modelfile.exists():
+        raise UsageError(f"--gguf: {modelfile} already exists (the export writes its Ollama Modelfile there); give "
+                         "another path, or remove it first")
+    place = out.parent.expanduser().resolve()
+    if place == output_dir.resolve() or output_dir.resolve() in place.parents:
+        raise UsageError(f"--gguf: {out.parent} is inside the run's own directory; write the file elsewhere")
+    problem = protected_problem(out.parent, str(keys.get("model_name_or_path") or ""),
+                                str(keys.get("dataset") or ""), option="--gguf")
     if problem:
         raise UsageError(problem)
     writable_problem(out)
     base = str(keys.get("model_name_or_path") or "")
     source = Path(base).expanduser() if gguf.is_gguf(base) else None
+    if source is not None and not source.is_file():
+        raise UsageError(f"{output_dir}: its base {base} is not here (relative paths are read from the working "
+                         f"directory, {Path.cwd()}); run the export where the run was trained")
     if keys.get("use_lora", True) is False:
         config_file = output_dir / "config.json"
     elif source is not None:
@@ -89,18 +101,27 @@ def export(output_dir: Path, out: Path, file_type: str = "f16") -> Path:
     from finetune.commands.merge import merged_model
 
     model, tokenizer = merged_model(output_dir)
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    gguf.write_gguf(model.eval(), tokenizer, out, file_type, name=output_dir.resolve().name, source=source)
-    modelfile = ollama_modelfile(tokenizer, out.name)
-    if modelfile:
-        rundir.write_text(out.with_name(out.name + ".Modelfile"), modelfile)
+    try:
+        modelfile = ollama_modelfile(tokenizer, out.name)
+        if modelfile:
+            rundir.write_text(out.with_name(out.name + MODELFILE), modelfile)
+        gguf.write_gguf(model.eval(), tokenizer, out, file_type, name=output_dir.resolve().name, source=source)
+    except BaseException:
+        out.with_name(out.name + MODELFILE).unlink(missing_ok=True)
+        for directory in made:  # the directories this export made, innermost first, if nothing else is in them
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
+        raise
     return out
 
 
 def ollama_modelfile(tokenizer, gguf_name: str) -> str | None:
     """An Ollama Modelfile for a ChatML model (`<|im_start|>role ... <|im_end|>`, as SmolLM2 and Qwen2 chat): its
-    template in Ollama's form, the stop token, and the system prompt the model's own template adds when a chat has
-    none (the run trained with it). None for other templates: Ollama reads the GGUF's template for those it knows."""
+    template in Ollama's form (Ollama passes a system message both as .System and among .Messages: it is written
+    once), the stop token, and the system prompt the model's own template adds when a chat has none (the run
+    trained with it). None for other templates: Ollama reads the GGUF's template for those it knows."""
     template = tokenizer.chat_template or ""
     if "<|im_start|>" not in template or "<|im_end|>" not in template:
         return None
@@ -112,7 +133,8 @@ def ollama_modelfile(tokenizer, gguf_name: str) -> str | None:
     system = prefix[prefix.index(start) + len(start):prefix.index("<|im_end|>")] if start in prefix else ""
     lines = [f"# Ollama: ollama create NAME -f {gguf_name}.Modelfile && ollama run NAME", f"FROM ./{gguf_name}",
              'TEMPLATE """{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
-             '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
+             '{{- range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+             '{{ end }}{{ end }}'
              '<|im_start|>assistant\n"""', 'PARAMETER stop "<|im_end|>"']
     if system:
         lines.append(f'SYSTEM """{system}"""')
@@ -125,14 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf", type=Path, required=True, help="the GGUF file to write (OUT.gguf)")
     parser.add_argument("--type", default="f16", help=f"weight type: {', '.join(gguf.EXPORT_TYPES)} (default f16)")
     args = parser.parse_args(argv)
+    from finetune import logs
+
+    logs.setup()
     try:
         path = export(args.output_dir, args.gguf, args.type)
     except UsageError as error:
         return errors.report(error)
     print(f"GGUF: {path} ({path.stat().st_size / 1e6:.1f} MB, {args.type})")
-    modelfile = path.with_name(path.name + ".Modelfile")
+    modelfile = path.with_name(path.name + MODELFILE)
     if modelfile.is_file():
-        print(f"Ollama: ollama create {path.stem.split('.')[0]} -f {modelfile}")
+        print(f"Ollama: ollama create {path.name.split('.')[0] or 'model'} -f {modelfile}")
     print(f"llama.cpp: llama-cli -m {path} -cnv")
     return errors.OK
 

@@ -119,12 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output_dir", type=Path, help="a finished LoRA/QLoRA run's output_dir")
     parser.add_argument("--out", type=Path, default=None, help="where to save (default: OUTPUT_DIR/merged)")
     parser.add_argument("--gguf", type=Path, help="write one GGUF file instead (finetune export)")
-    parser.add_argument("--type", default="f16", help="with --gguf: the weight type (finetune export --help)")
+    parser.add_argument("--type", help="with --gguf: the weight type, default f16 (finetune export --help)")
     args = parser.parse_args(argv)
+    if args.gguf is None and args.type is not None:
+        return errors.report(UsageError("--type: it sets the weight type of a GGUF file; give --gguf OUT.gguf too"))
+    if args.gguf is not None and args.out is not None:
+        return errors.report(UsageError("--out and --gguf: give one (a merged model's directory, or a GGUF file)"))
     if args.gguf is not None:
         from finetune.commands import export
 
-        return export.main([str(args.output_dir), "--gguf", str(args.gguf), "--type", args.type])
+        return export.main([str(args.output_dir), "--gguf", str(args.gguf), "--type", args.type or "f16"])
     try:
         destination = merge(args.output_dir, args.out or args.output_dir / "merged")
     except UsageError as error:

@@ -1,4 +1,5 @@
-"""A local GGUF file as a recipe's base model: `model_name_or_path: path/to/model.gguf`.
+"""GGUF in and out. In: a local GGUF file as a recipe's base model (`model_name_or_path: path/to/model.gguf`). Out:
+`write_gguf`, a trained model as one GGUF file (`finetune export`, finetune.commands.export).
 
     finetune train recipes/smollm2/lora.yaml --model_name_or_path ~/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
@@ -328,7 +329,8 @@ def write_gguf(model, tokenizer, path: Path, file_type: str, name: str, source: 
             if gguf_name is None:
                 raise UsageError(f"{key}: a tensor GGUF's {architecture} architecture has no place for")
             data = tensor.detach().float().cpu().numpy()
-            if architecture == "llama" and key.endswith(("q_proj.weight", "k_proj.weight")):
+            if architecture == "llama" and key.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias",
+                                                          "k_proj.bias")):
                 data = llama_permute(data, heads if "q_proj" in key else kv_heads)
             kind = weight_type if data.ndim == 2 else "F32"
             if kind == "Q8_0" and data.shape[-1] % 32:
