@@ -148,6 +148,17 @@ def test_the_shipped_sweep_files_pass_every_check(name, monkeypatch):
     assert sweep.metric == "eval/loss" and sweep.planned
 
 
+def test_check_shows_the_trials_command_and_runs_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "out"
+    assert sweep_command.main([str(sweep_file(tmp_path / "s.yaml")), "--local", "--check", "--out", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "a bayes sweep over learning_rate, lora_r, 4 trials, metric eval/loss (minimize)" in shown
+    assert shown.rstrip().endswith(f"{REPO / 'finetune/run.py'} {TINY} --max_steps=30 --eval_steps=10 "
+                                   "--save_steps=10 --logging_steps=10 --eval_size=100 --disable_tqdm=true ${args}")
+    assert not out.exists()
+
+
 def test_out_and_seed_problems_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     path = sweep_file(tmp_path / "s.yaml")

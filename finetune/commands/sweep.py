@@ -698,9 +698,10 @@ def main(argv: list[str] | None = None) -> int:
         return errors.report(error)
     if args.check:
         trials = f"{sweep.planned} trials" if sweep.planned else "trials until stopped (--count)"
+        tokens = expanded(sweep.command, sweep.config.get("program"))
+        line = " ".join(token if token.startswith("${") else shlex.quote(token) for token in tokens)
         print(f"{sweep.path}: a {sweep.config['method']} sweep over {', '.join(sweep.config['parameters'])}, "
-              f"{trials}, metric {sweep.metric or '-'} ({sweep.goal}); each trial runs\n  "
-              f"{shlex.join(expanded(sweep.command, sweep.config.get('program')))}")
+              f"{trials}, metric {sweep.metric or '-'} ({sweep.goal}); each trial runs\n  {line}")
         return errors.OK
     if reason is None:
         return run_online(sweep, args.count, args.create_only)
