@@ -166,7 +166,8 @@ def test_what_cannot_be_exported_is_refused_in_one_line_and_nothing_is_written(l
     before_run, before_base = sorted(p.name for p in run.iterdir()), sorted(p.name for p in Path(base).iterdir())
     cases += [(["merge", str(run), "--type", "q8_0"], "--type: it sets the weight type of a GGUF file"),
               (["merge", str(run), "--gguf", str(tmp_path / "a.gguf"), "--out", str(tmp_path / "m")],
-               "--out and --gguf: give one")]
+               "--out and --gguf: give one"),
+              (["merge", str(run), "--out", "/proc/m"], "--out: /proc is not writable")]  # root passes access()
     from finetune import cli
 
     capsys.readouterr()  # the training's output

@@ -81,18 +81,10 @@ def check(output_dir: Path, out: Path, file_type: str) -> Path | None:
 
 
 def writable_problem(out: Path) -> None:
-    """Raise UsageError unless a file can be created beside `out` (tried: permissions, a read-only or special file
-    system); its nearest existing parent stands for directories not made yet."""
-    import os
-    import tempfile
-
-    place = next(p for p in (out.parent, *out.parent.parents) if p.exists())
-    try:
-        handle, probe = tempfile.mkstemp(dir=place, prefix=".finetune-probe-")
-    except OSError as error:
-        raise UsageError(f"--gguf: {place} is not writable ({error.strerror}); give a writable place") from None
-    os.close(handle)
-    os.unlink(probe)
+    """Raise UsageError unless a file can be created beside `out`."""
+    blocked = rundir.unwritable(out.parent)
+    if blocked:
+        raise UsageError(f"--gguf: {blocked} is not writable; give a writable place")
 
 
 def export(output_dir: Path, out: Path, file_type: str = "f16") -> Path:

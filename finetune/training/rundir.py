@@ -83,10 +83,22 @@ def saved_eval_split(output_dir: Path):
 
 def unwritable(directory: Path) -> Path | None:
     """What keeps anything from being written into `directory` (or it from being created): itself or its nearest
-    existing parent, when that is not writable (permissions, a read-only file system); None when it can be."""
+    existing parent, when a file can't be made there (permissions, a read-only or special file system such as
+    /proc, where root's permission checks pass and writes still fail: so a file is made and removed); None when
+    it can be."""
+    import tempfile
+
     existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+    if existing is None or not existing.is_dir():
+        return None  # a file in the way: the callers say so themselves
+    if not os.access(existing, os.W_OK | os.X_OK):
         return existing
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".finetune-probe-")
+    except OSError:
+        return existing
+    os.close(handle)
+    os.unlink(probe)
     return None
 
 
