@@ -52,6 +52,8 @@ class Mutant:
 
 KBIT = "tests/test_kbit.py::"
 METRICS = "tests/test_metrics.py::"
+EXPORT = "tests/test_export.py::"
+SWEEP = "tests/test_sweep.py::"
 CHAT = "tests/test_chat_templates.py::test_loss_bearing_text_on_each_family"
 CHUNKED = "tests/test_chunked_loss.py::test_chunked_loss_and_gradients_equal_transformers"
 NORMS = ("tests/test_norms.py::test_equal_to_transformers",
@@ -266,6 +268,24 @@ MUTANTS = [
            'print(f"error: {problem}", file=sys.stderr)\n    return USAGE',
            'print(f"error: {problem}", file=sys.stderr)\n    return 1',
            BAD_INPUT),
+
+    # GGUF export: what transformers' reader (and llama.cpp) expect.
+    Mutant("gguf-no-qk-permutation", "finetune/model/gguf.py",
+           'data = llama_permute(data, heads if "q_proj" in key else kv_heads)', "data = data",
+           (EXPORT + "test_the_merged_adapter_is_in_the_file[llama]",)),
+    Mutant("gguf-special-tokens-as-normal", "finetune/model/gguf.py",
+           "types.append(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)",
+           "types.append(gguf.TokenType.NORMAL)",
+           (EXPORT + "test_f16_and_q8_0_read_back_with_their_tokens_and_logits[llama]",)),
+
+    # Sweeps: the same proposals in any process; hyperband applied.
+    Mutant("sweep-engine-not-warmed-up", "finetune/training/sweep.py",
+           'for method in ("grid", "random", "bayes"):', "for method in ():",
+           (SWEEP + "test_the_engine_proposes_the_same_trials_in_any_process_and_other_ones_for_another_seed",)),
+    Mutant("sweep-hyperband-ignored", "finetune/training/sweep.py",
+           "stop = any(run.name == name for run in engine().stop_runs(engine_config, runs(state, metric)))",
+           "stop = False",
+           (SWEEP + "test_hyperband_stops_a_trial_worse_than_the_others_at_a_band",)),
 ]
 
 

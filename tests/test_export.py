@@ -16,11 +16,12 @@ from finetune.training import rundir
 from tests.conftest import REPO, subprocess_env, train_and_summarise
 
 TEXTS = ["Hello world", "  leading spaces, 12345 digits and 3.14", "ünïcode 运行 🚀 ok", "tab\tand\nnew lines\n\n",
-         "<|im_start|>user\nhi<|im_end|>", "don't stop; it's fine!"]
+         "<|im_start|>user\nhi<|im_end|>", "<|tool|>{}", "don't stop; it's fine!"]
 
 
 def bpe_tokenizer():
-    """A byte-level BPE tokenizer (GPT-2's split, 400 tokens) trained on a few sentences, with ChatML specials."""
+    """A byte-level BPE tokenizer (GPT-2's split, 400 tokens) trained on a few sentences, with ChatML specials and
+    one special token that is none of BOS, EOS and padding (a GGUF reader learns it is special only from its type)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -30,7 +31,7 @@ def bpe_tokenizer():
     corpus = [" ".join(TEXTS), "the quick brown fox jumps over the lazy dog " * 3,
               "reverse the word abc and answer in json please"] * 20
     backend.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|tool|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                         pad_token="<|endoftext|>", unk_token=None)

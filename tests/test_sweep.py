@@ -164,7 +164,7 @@ def test_out_and_seed_problems_are_one_line(tmp_path, capsys, monkeypatch):
     path = sweep_file(tmp_path / "s.yaml")
     (tmp_path / "afile").write_text("")
     cases = [(tmp_path / "afile" / "sub", f"--out: {tmp_path / 'afile'} is a file"),
-             (Path("/proc/sweep"), "--out: can't create /proc/sweep")]
+             (Path("/proc/sweep"), "--out: /proc is not writable")]
     out = tmp_path / "out"
     out.mkdir()
     (out / state_file.SWEEP_FILE).write_text(path.read_text())
@@ -182,9 +182,17 @@ def test_a_signal_while_a_trial_starts_leaves_the_trial_to_resume(tmp_path, caps
     import threading
 
     monkeypatch.chdir(REPO)
-    monkeypatch.setattr(sweep_command, "trial_command", lambda sweep, params: [sys.executable, "-c",
-                                                                                "import time; time.sleep(60)"])
-    threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+    started = tmp_path / "started"
+    monkeypatch.setattr(sweep_command, "trial_command", lambda sweep, params: [
+        sys.executable, "-c", f"import pathlib, time; pathlib.Path({str(started)!r}).touch(); time.sleep(60)"])
+
+    def stop_when_the_trial_runs():
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_when_the_trial_runs, daemon=True).start()
     out = tmp_path / "out"
     assert sweep_command.main([str(sweep_file(tmp_path / "s.yaml")), "--local", "--out", str(out)]) == 143
     assert "sweep stopped by SIGTERM with 0 trial(s) done; trial-001 resumes" in capsys.readouterr().err
