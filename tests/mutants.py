@@ -283,7 +283,7 @@ MUTANTS = [
            'for method in ("grid", "random", "bayes"):', "for method in ():",
            (SWEEP + "test_the_engine_proposes_the_same_trials_in_any_process_and_other_ones_for_another_seed",)),
     Mutant("sweep-hyperband-ignored", "finetune/training/sweep.py",
-           "stop = any(run.name == name for run in engine().stop_runs(engine_config, runs(state, metric)))",
+           "stop = any(run.name == name for run in engine().stop_runs(for_engine(config), runs(state, metric)))",
            "stop = False",
            (SWEEP + "test_hyperband_stops_a_trial_worse_than_the_others_at_a_band",)),
 ]

@@ -51,9 +51,9 @@ def check(output_dir: Path, out: Path, file_type: str) -> Path | None:
         raise UsageError(f"--gguf: {out.parent} is inside the run's own directory; write the file elsewhere")
     problem = protected_problem(out.parent, str(keys.get("model_name_or_path") or ""),
                                 str(keys.get("dataset") or ""), option="--gguf")
-    if problem:
-        raise UsageError(problem)
-    writable_problem(out)
+    blocked = rundir.unwritable(out.parent)
+    if problem or blocked:
+        raise UsageError(problem or f"--gguf: {blocked} is not writable; give a writable place")
     base = str(keys.get("model_name_or_path") or "")
     source = Path(base).expanduser() if gguf.is_gguf(base) else None
     if source is not None and not source.is_file():
@@ -78,13 +78,6 @@ def check(output_dir: Path, out: Path, file_type: str) -> Path | None:
     if why:
         raise UsageError(f"{output_dir}: {why}")
     return source
-
-
-def writable_problem(out: Path) -> None:
-    """Raise UsageError unless a file can be created beside `out`."""
-    blocked = rundir.unwritable(out.parent)
-    if blocked:
-        raise UsageError(f"--gguf: {blocked} is not writable; give a writable place")
 
 
 def export(output_dir: Path, out: Path, file_type: str = "f16") -> Path:

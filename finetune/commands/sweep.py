@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -44,6 +45,7 @@ import yaml
 
 from finetune import errors
 from finetune.errors import UsageError
+from finetune.recipe.load import _UniqueKeyLoader, read_yaml
 from finetune.training import rundir
 from finetune.training import sweep as state_file
 from finetune.training.ranks import die_with_parent
@@ -106,36 +108,19 @@ def grid_size(spec: dict[str, Any]) -> int:
 
 # Reading and checking the file ------------------------------------------------------------------------------------
 
-def _sweep_loader():
-    """The recipe loader (a key written twice refused), reading `1e-5` as the number YAML 1.2 and W&B's own
-    parser read (YAML 1.1, PyYAML's, reads a string, which W&B's schema refuses as a range's end)."""
-    import re
+class _SweepLoader(_UniqueKeyLoader):
+    """The recipe loader (a key written twice refused), reading `1e-5` as the number YAML 1.2 and W&B's own parser
+    read (YAML 1.1, PyYAML's, reads a string, which W&B's schema refuses as a range's end)."""
 
-    from finetune.recipe.load import _UniqueKeyLoader
 
-    class Loader(_UniqueKeyLoader):
-        pass
-
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
-        r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
-    return Loader
+_SweepLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def read_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"sweep file {path}: no such file; pass a W&B sweep file (see recipes/sweeps/)")
-    loader = _sweep_loader()(path.read_text())
-    loader.duplicates = []
-    try:
-        config = loader.get_single_data()
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UsageError(f"sweep file {path}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
-    finally:
-        loader.dispose()
-    if loader.duplicates:
-        raise UsageError([f"sweep file {path}: {duplicate}" for duplicate in loader.duplicates])
+    config = read_yaml(path, "sweep file", _SweepLoader)
     if not isinstance(config, dict):
         raise UsageError(f"sweep file {path}: expected a W&B sweep configuration (method, metric, parameters, "
                          f"command), got a {type(config).__name__}")
@@ -302,8 +287,7 @@ def load(path: Path, count: int | None = None) -> Sweep:
                             "value, {values: [...]} for several, or {min: ..., max: ...} for a range")
     if problems:
         raise UsageError([f"sweep file {path}: {p}" for p in problems])
-    engine_config = {key: value for key, value in config.items() if key != "run_cap"}  # W&B's servers know it
-    violations = state_file.engine().schema_violations_from_proposed_config(engine_config)
+    violations = state_file.engine().schema_violations_from_proposed_config(state_file.for_engine(config))
     problems += [f"{line} (W&B's sweep schema)" for line in dict.fromkeys(violations)]
     if not problems and config["method"] == "custom":
         problems.append("method: custom needs W&B's servers to propose trials; use grid, random or bayes")

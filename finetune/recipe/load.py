@@ -48,6 +48,25 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def read_yaml(path: Path, what: str, loader_class: type[_UniqueKeyLoader] = _UniqueKeyLoader) -> Any:
+    """The YAML document in `path`. Raises UsageError (`{what} {path}: ...`) for YAML that doesn't parse (where
+    and why) and for each key written twice in one mapping."""
+    loader = loader_class(path.read_text())
+    loader.duplicates = []
+    try:
+        content = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UsageError(f"{what} {path}: invalid YAML{where}: {problem}") from None
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise UsageError([f"{what} {path}: {duplicate}" for duplicate in loader.duplicates])
+    return content
+
+
 def read_recipe_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Load one recipe file and the chain of recipes it extends, child keys winning.
 
@@ -60,19 +79,7 @@ def read_recipe_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]
         raise UsageError(f"recipe {path}: `extends` forms a cycle ({chain}); remove one of the links")
     if not path.is_file():
         raise UsageError(f"recipe {path}: no such file; pass the path of a YAML recipe (see recipes/)")
-    loader = _UniqueKeyLoader(path.read_text())
-    loader.duplicates = []
-    try:
-        content = loader.get_single_data()
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UsageError(f"recipe {path}: invalid YAML{where}: {problem}") from None
-    finally:
-        loader.dispose()
-    if loader.duplicates:
-        raise UsageError([f"recipe {path}: {duplicate}" for duplicate in loader.duplicates])
+    content = read_yaml(path, "recipe")
     if content is None:
         raise UsageError(f"recipe {path}: the file is empty; a recipe needs at least model_name_or_path and dataset "
                          "(or `extends: <recipe>`)")

@@ -119,6 +119,11 @@ def runs(state: dict[str, Any], metric: str | None):
     return made
 
 
+def for_engine(config: dict[str, Any]) -> dict[str, Any]:
+    """The sweep file as the engine's schema takes it: without run_cap, which only W&B's servers know."""
+    return {key: value for key, value in config.items() if key != "run_cap"}
+
+
 def propose(config: dict[str, Any], state: dict[str, Any], seed: int) -> dict[str, Any] | None:
     """The next trial's parameters from W&B's engine (grid, random or bayes), or None when a grid is done. Seeded by
     the sweep's seed and the number of trials so far: the same sweep proposes the same trials, interrupted or not,
@@ -129,9 +134,8 @@ def propose(config: dict[str, Any], state: dict[str, Any], seed: int) -> dict[st
     draw = int(hashlib.sha256(f"{seed}:{len(state['trials'])}".encode()).hexdigest()[:8], 16)
     random.seed(draw)
     np.random.seed(draw)
-    engine_config = {key: value for key, value in config.items() if key != "run_cap"}
     metric = (config.get("metric") or {}).get("name")
-    proposal = sweeps.next_run(engine_config, runs(state, metric))
+    proposal = sweeps.next_run(for_engine(config), runs(state, metric))
     if proposal is None:
         return None
     return {key: plain(entry["value"]) for key, entry in proposal.config.items()}
@@ -159,8 +163,7 @@ def record(trial_dir: Path, step: int, value: float) -> bool:
         if (config.get("early_terminate") or {}).get("type") != "hyperband" or trial["state"] != RUNNING:
             return False
         metric = config["metric"]["name"]
-        engine_config = {key: value for key, value in config.items() if key != "run_cap"}
-        stop = any(run.name == name for run in engine().stop_runs(engine_config, runs(state, metric)))
+        stop = any(run.name == name for run in engine().stop_runs(for_engine(config), runs(state, metric)))
         if stop:
             trial.update(state=STOPPED, stopped_at_step=step)
         return stop
