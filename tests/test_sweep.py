@@ -200,6 +200,24 @@ def test_a_signal_while_a_trial_starts_leaves_the_trial_to_resume(tmp_path, caps
     assert trial["state"] == state_file.RUNNING and trial["exit_code"] == 143
 
 
+def test_a_trial_whose_run_finished_is_finished_whatever_its_driver_saw(tmp_path, monkeypatch):
+    """A SIGTERM that lands while the trial writes its results leaves a finished run and a signal's exit code (or
+    a driver killed then): the next run records the trial as finished, with its result, and goes on."""
+    monkeypatch.chdir(REPO)
+    sweep = sweep_command.load(sweep_file(tmp_path / "s.yaml"))
+    out = tmp_path / "out"
+    (out / "trial-001").mkdir(parents=True)
+    state_file.rundir.write_json(out / "trial-001" / "summary.json", {"eval/loss": 3.25})
+    state_file.rundir.write_json(out / state_file.STATE, {"name": "t", "seed": 0, "trials": [
+        {"name": "trial-001", "params": {"learning_rate": 1e-3, "lora_r": 4}, "state": state_file.RUNNING,
+         "history": [[0, 5.0], [10, 3.25]], "exit_code": 143}]})
+    trial, claim = sweep_command.next_trial(sweep, out, 0)
+    claim.release()
+    assert trial["name"] == "trial-002"
+    first = state_file.read(out)["trials"][0]
+    assert (first["state"], first["result"]) == (state_file.FINISHED, 3.25)
+
+
 # The trials' command lines and arguments ----------------------------------------------------------------------------
 
 def test_trial_command_lines_are_what_wandb_agent_runs(tmp_path, monkeypatch):

@@ -409,8 +409,11 @@ def next_trial(sweep: Sweep, out: Path, seed: int) -> tuple[dict[str, Any], stat
         for trial in state["trials"]:
             if trial["state"] == state_file.RUNNING:
                 claim = state_file.Claim(out, trial["name"])
-                if claim.take():
+                if not claim.take():
+                    continue
+                if not settled(sweep, out, trial):  # else its driver stopped after the run had finished
                     return trial, claim
+                claim.release()
         if sweep.run_cap is not None and len(state["trials"]) >= sweep.run_cap:
             return None
         target = (sweep.config.get("metric") or {}).get("target")
@@ -433,18 +436,23 @@ def finish_trial(sweep: Sweep, out: Path, name: str, code: int, interrupted: boo
     with state_file.locked(out) as state:
         trial = next(t for t in state["trials"] if t["name"] == name)
         trial["exit_code"] = code
-        if code == errors.OK:
-            summary = rundir.read_json(out / name / rundir.SUMMARY) or {}
-            history = trial.get("history", [])
-            result = summary.get(sweep.metric) if sweep.metric else None
-            if result is None and history:
-                result = history[-1][1]
-            trial["result"] = result
-            if trial["state"] == state_file.RUNNING:
-                trial["state"] = state_file.FINISHED
-        elif not interrupted:
+        if not settled(sweep, out, trial) and not interrupted:
             trial["state"] = state_file.FAILED
         return dict(trial)
+
+
+def settled(sweep: Sweep, out: Path, trial: dict[str, Any]) -> bool:
+    """Record the result of a trial whose run finished (its summary written: a signal that came while the run
+    wrote its results may still have changed its exit code); False when it did not finish."""
+    if not rundir.is_finished(out / trial["name"]):
+        return False
+    summary = rundir.read_json(out / trial["name"] / rundir.SUMMARY) or {}
+    history = trial.get("history", [])
+    result = summary.get(sweep.metric) if sweep.metric else None
+    trial["result"] = history[-1][1] if result is None and history else result
+    if trial["state"] == state_file.RUNNING:
+        trial["state"] = state_file.FINISHED
+    return True
 
 
 INTERRUPTED = (errors.PREEMPTED, errors.DISK_FULL, 128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGUSR1)
@@ -468,9 +476,11 @@ def run_local(sweep: Sweep, out: Path, count: int | None, seed: int) -> int:
             trial, claim = claimed
             try:
                 code = run_trial(sweep, out, trial, stop)
-                # Stopped by a signal (the sweep's, or one that reached the trial first), or out of disk: the
-                # trial resumes later. A trial that ended otherwise, after a signal to the sweep, is no failure.
-                interrupted = code in INTERRUPTED or (stop.signum is not None and code != errors.OK)
+                # Stopped by a signal (the sweep's, or one that reached the trial first), or out of disk, before
+                # its run finished: the trial resumes later. A trial that ended otherwise, after a signal to the
+                # sweep, is no failure; one whose run finished is finished, whatever its exit code.
+                interrupted = not rundir.is_finished(out / trial["name"]) and (
+                    code in INTERRUPTED or (stop.signum is not None and code != errors.OK))
                 ended = finish_trial(sweep, out, trial["name"], code, interrupted)
             finally:
                 claim.release()
