@@ -83,6 +83,7 @@ def check(argv: list[str], flags: list[str] = ()) -> None:
     if not flags:
         tracking.check(values)  # WANDB_* and wandb_* values W&B would refuse
         rundir.check_output_dir(values)  # in use, occupied, or resumed with changed fixed settings
+        rundir.check_init_from(values)  # the run it starts from is there and finished
 
 
 def inspect(recipe: Recipe, flags: list[str]) -> int:
@@ -111,10 +112,10 @@ def train(recipe: Recipe):
     from finetune.data import padding_free
     from finetune.model.load import load_model, load_tokenizer, prepare
     from finetune.tracking import wandb_run as tracking
-    from finetune.training import metrics, resilience, sweep, trial
+    from finetune.training import metrics, preference, resilience, sweep, trial
     from finetune.training.trainer import build_trainer
 
-    args, output_dir = recipe.training, Path(recipe.training.output_dir)
+    args, output_dir, objective = recipe.training, Path(recipe.training.output_dir), recipe.objective
     # As given (tracking sets the Trainer's report_to and run_name below), local paths absolute: the run's
     # follow-up commands (chat, eval, bench, merge) then work from any directory.
     recipe_text = recipe_yaml(recipe, absolute=True)
@@ -129,13 +130,20 @@ def train(recipe: Recipe):
         # 2. Data; the embedded models and data are written on first use, a GGUF base converted once.
         prepare(recipe)
         tokenizer = load_tokenizer(recipe.model)
-        train_set, eval_set, _ = data.load_splits(recipe.data, tokenizer, args.seed, args.main_process_first)
+        train_set, eval_set, _ = data.load_splits(recipe.data, tokenizer, args.seed, args.main_process_first,
+                                                  objective.objective, objective.max_prompt_length)
 
-        # 3. The model, quantized and/or wrapped with LoRA; seeded first, so that the adapter initialisation is the
-        #    same on every run of the recipe. Padding-free batches decide its attention.
-        batches = padding_free.plan(recipe.model, recipe.data)
+        # 3. The model, quantized and/or wrapped with LoRA (a new adapter, or init_from's trained on); seeded first,
+        #    so that the adapter initialisation is the same on every run of the recipe. Padding-free batches decide
+        #    its attention; preference batches are padded (TRL's losses score each answer in its own row).
+        batches = padding_free.plan(recipe.model, recipe.data) if not objective.preference else \
+            padding_free.Plan(False, recipe.model.attn_implementation)
         set_seed(args.seed)
-        model = load_model(recipe.model, attention=batches.attention)
+        adapter = objective.init_from if objective.init_from and recipe.model.use_lora else None
+        model = load_model(recipe.model, attention=batches.attention, adapter=adapter, loss_head=not objective.preference)
+        # Held-out preference accuracy of the model training starts from (its checkpoint, if resumed, loads later).
+        start_accuracy = preference.preference_accuracy(model, eval_set, tokenizer.pad_token_id) \
+            if args.process_index == 0 and preference.has_pairs(eval_set) else None
 
         # 4. The run directory (recipe, history) and the W&B run: one of each per job, on the main process.
         if args.process_index == 0:
@@ -169,6 +177,12 @@ def train(recipe: Recipe):
         # 8. Summarise: the same numbers in summary.json, the W&B summary and on the console.
         if args.process_index == 0:
             summary = trainer.summary()
+            if start_accuracy is not None:
+                end = preference.preference_accuracy(trainer.model, eval_set, tokenizer.pad_token_id)
+                summary.update({"eval/preference_accuracy_start": start_accuracy["accuracy"],
+                                "eval/preference_accuracy": end["accuracy"], "eval/preference_pairs": end["pairs"]})
+            if objective.init_from:
+                summary["run/init_from"] = str(Path(objective.init_from).expanduser().absolute())
             with resilience.disk_full_said(output_dir, rundir.SUMMARY, overwrite=recipe.run.overwrite_output_dir):
                 rundir.write_json(output_dir / rundir.SUMMARY, summary)
             tracking.finish(attempt.run, plan, recipe, output_dir, summary)

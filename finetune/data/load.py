@@ -6,6 +6,8 @@ Formats (`dataset_format`, or `auto` to pick from the columns):
 - `messages`: a `messages` (or ShareGPT `conversations`) column of {role, content} turns, rendered with the
   tokenizer's chat template; loss on the assistant turns.
 - `prompt_completion`: `prompt` and `completion` columns, concatenated; loss on the completion.
+- `preference` (`prompt`, `chosen`, `rejected`) and `unpaired_preference` (`prompt`, `completion`, `label`): for
+  `objective: dpo` and `kto`, tokenized into a prompt and its answers by `finetune.data.preference`.
 
 Labels are found in character space: the rendered text is tokenized once with offsets, and a token is trained on
 when it covers any character of a trainable span (so a token that straddles the boundary, like " Paris" after a
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from finetune.data import chat_templates as chat
+from finetune.data import preference
 from finetune.errors import UsageError
 from finetune.recipe.keys import DATA_FILE_EXTENSIONS, DataArguments, is_local_path
 
@@ -41,9 +44,13 @@ ALPACA_PROMPT = (
 FORMAT_COLUMNS = {
     "messages": [("messages",), ("conversations",)],
     "alpaca": [("instruction", "output")],
+    "preference": [preference.PAIR_COLUMNS],
+    "unpaired_preference": [preference.UNPAIRED_COLUMNS],
     "prompt_completion": [("prompt", "completion")],
     "text": [("text",)],
 }
+PREFERENCE_FORMATS = ("preference", "unpaired_preference")
+OBJECTIVE_FORMATS = {"dpo": ("preference",), "kto": PREFERENCE_FORMATS}  # sft: every other format
 ROLE_ALIASES = {"model": "assistant", "bot": "assistant", "gpt": "assistant", "ai": "assistant", "human": "user"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "tool": "tool"}
@@ -62,7 +69,8 @@ def detect_format(columns: list[str]) -> str:
         return fmt
     raise UsageError([
         f"dataset: can't tell the format from the columns {sorted(columns)}; expected `messages`, "
-        "`instruction`+`output` (alpaca), `prompt`+`completion` or `text`, or set dataset_format"
+        "`instruction`+`output` (alpaca), `prompt`+`completion`, `text`, or for preference tuning "
+        "`prompt`+`chosen`+`rejected` or `prompt`+`completion`+`label`; or set dataset_format"
     ])
 
 
@@ -84,7 +92,11 @@ def alpaca_prompt(example: dict[str, Any]) -> str:
 
 
 def normalise_messages(example: dict[str, Any]) -> list[dict[str, str]]:
-    turns = example.get("messages") or example.get("conversations") or []
+    return normalise_turns(example.get("messages") or example.get("conversations") or [])
+
+
+def normalise_turns(turns: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """{role, content} messages from turns in either form ({role, content} or ShareGPT's {from, value})."""
     messages = []
     for turn in turns:
         if turn.get("role") is not None:
@@ -106,6 +118,9 @@ def row_problem(example: dict[str, Any], fmt: str, roles: set[str] | None = None
     """What is wrong with one raw example for its format, in words a user can act on; None when it is usable.
     `roles`: those the chat template renders; None leaves roles unchecked (before the tokenizer is known)."""
     present = sorted(k for k, v in example.items() if v is not None and k != ROW)
+    if fmt in PREFERENCE_FORMATS:
+        return preference.row_problem(example, fmt, lambda turns, column: turns_problem(turns, column, roles),
+                                      ", ".join(present))
     if fmt in FIELDS:
         required, optional = FIELDS[fmt]
         for name in required + optional:
@@ -120,26 +135,34 @@ def row_problem(example: dict[str, Any], fmt: str, roles: set[str] | None = None
     if not turns:
         return (f"`messages` is missing, null or empty (the row has {', '.join(present) or 'nothing'}; "
                 "one format per file)")
+    return turns_problem(turns, column, roles)
+
+
+def turns_problem(turns, column: str, roles: set[str] | None) -> str | None:
+    """What is wrong with a list of {role, content} (or ShareGPT {from, value}) turns in `column`, or None."""
     if not isinstance(turns, list):
         return f"`{column}` must be a list of turns, got {type(turns).__name__}"
+    if not turns:
+        return f"`{column}` is an empty list of turns"
+    where = "message" if column in ("messages", "conversations") else f"`{column}` turn"
     for number, turn in enumerate(turns, 1):
         if not isinstance(turn, dict):
-            return f"message {number} must be an object with role and content, got {type(turn).__name__}"
+            return f"{where} {number} must be an object with role and content, got {type(turn).__name__}"
         role = turn.get("role", turn.get("from"))
         content = turn.get("content", turn.get("value"))
         role = SHAREGPT_ROLES.get(role, role) if "role" not in turn else role
         if role is None:
-            return f"message {number} has no `role`"
+            return f"{where} {number} has no `role`"
         if content is None:
-            return f"message {number} ({role}) has no `content`"
+            return f"{where} {number} ({role}) has no `content`"
         if not isinstance(content, str):
-            return f"message {number} ({role}): `content` must be text, got {type(content).__name__} {content!r:.40}"
+            return f"{where} {number} ({role}): `content` must be text, got {type(content).__name__} {content!r:.40}"
         if roles is not None and role not in roles:
             from finetune.recipe.load import did_you_mean
 
             alias = ROLE_ALIASES.get(str(role).lower())
             hint = f" (did you mean `{alias}`?)" if alias in roles else did_you_mean(str(role), roles)
-            return (f"message {number}: role {role!r} is not one this chat template renders "
+            return (f"{where} {number}: role {role!r} is not one this chat template renders "
                     f"({', '.join(sorted(roles))}){hint}")
     return None
 
@@ -422,11 +445,14 @@ def with_row_numbers(split):
 
 def _tokenize_row(example: dict[str, Any], dataset: str, roles: set[str] | None = None, split: str = "train",
                   dataset_config: str | None = None, **kwargs) -> dict[str, Any]:
-    """tokenize_example after the row's own check; a problem in one row is bad input that names the file and the
-    row (its 1-based place in that file: for JSON Lines, the n-th non-empty line; see `row_place`)."""
+    """tokenize_example (or for preference rows preference.tokenize_row) after the row's own check; a problem in one
+    row is bad input that names the file and the row (its 1-based place in that file: for JSON Lines, the n-th
+    non-empty line; see `row_place`)."""
     problem = row_problem(example, kwargs["fmt"], roles or {"system", "user", "assistant"})
     if problem is None:
         try:
+            if kwargs["fmt"] in PREFERENCE_FORMATS:
+                return preference.tokenize_row(example, normalise=normalise_turns, **kwargs)
             return tokenize_example(example, **kwargs)
         except chat.ConversationError as error:
             problem = str(error)
@@ -440,17 +466,24 @@ class Splits(NamedTuple):
     format: str  # the dataset format, detected or given
 
 
-def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_first: Callable) -> Splits:
-    """Load, format-check, shuffle, split and tokenize: the train split, the eval split (or None) and the format."""
-    train, evaluation, fmt = raw_splits(data_args, tokenizer, seed, main_process_first)
+def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_first: Callable, objective: str = "sft",
+                max_prompt_length: int | None = None) -> Splits:
+    """Load, format-check, shuffle, split and tokenize: the train split, the eval split (or None) and the format.
+    For a preference objective the rows become prompt and answer ids (`finetune.data.preference`), cut to
+    `max_prompt_length`."""
+    train, evaluation, fmt = raw_splits(data_args, tokenizer, seed, main_process_first, objective)
+    if objective == "kto" and fmt == "preference":  # each pair: a desirable and an undesirable answer
+        train, evaluation, fmt = preference.unpair(train), evaluation and preference.unpair(evaluation), \
+            "unpaired_preference"
+    options = ({"max_prompt_length": max_prompt_length} if fmt in PREFERENCE_FORMATS else
+               {"train_on_prompt": data_args.train_on_prompt})
 
     def tokenize(split, name: str):
         with main_process_first(desc="tokenizing"):
             tokenized = split.map(
                 _tokenize_row,
-                fn_kwargs={"fmt": fmt, "tokenizer": tokenizer, "max_length": data_args.max_length,
-                           "train_on_prompt": data_args.train_on_prompt, "dataset": data_args.dataset,
-                           "dataset_config": data_args.dataset_config, "split": name,
+                fn_kwargs={"fmt": fmt, "tokenizer": tokenizer, "max_length": data_args.max_length, **options,
+                           "dataset": data_args.dataset, "dataset_config": data_args.dataset_config, "split": name,
                            "roles": template_roles(tokenizer)},
                 remove_columns=split.column_names,
                 desc="tokenizing",
@@ -459,6 +492,8 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
         for note, count in notes.items():
             logger.warning("%d of %d examples: %s", count, len(tokenized), note)
         tokenized = tokenized.remove_columns("note")
+        if fmt in PREFERENCE_FORMATS:
+            return drop_unfitting(tokenized, data_args)
         before = len(tokenized)
         # An example with no answer tokens has nothing to learn from: its prompt fills max_length, or it has no
         # answer at all (a conversation without an assistant turn, an empty answer).
@@ -489,7 +524,35 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
                   tokenize(evaluation, held_out_from) if evaluation is not None else None, fmt)
 
 
-def raw_splits(data_args: DataArguments, tokenizer, seed: int, main_process_first: Callable):
+def drop_unfitting(tokenized, data_args: DataArguments):
+    """Preference rows whose prompt leaves no room for an answer within max_length dropped, and said so; UsageError
+    when none is left."""
+    fits = tokenized["fits"]
+    tokenized = tokenized.remove_columns("fits")
+    if all(fits):
+        return tokenized
+    if not any(fits):
+        raise UsageError(f"dataset {data_args.dataset}: no prompt leaves room for an answer within "
+                         f"max_length={data_args.max_length}; raise max_length or set max_prompt_length")
+    logger.warning("dropped %d of %d examples whose prompt fills max_length=%d (set max_prompt_length to keep them, "
+                   "their prompts cut)", fits.count(False), len(fits), data_args.max_length)
+    return tokenized.select([i for i, fit in enumerate(fits) if fit])
+
+
+def format_problem(fmt: str, objective: str, columns: list[str]) -> str | None:
+    """Why a dataset format can't train an objective (preference rows need dpo or kto, and the reverse)."""
+    wanted = OBJECTIVE_FORMATS.get(objective)
+    if wanted is None and fmt in PREFERENCE_FORMATS:
+        return (f"dataset: its rows are {fmt.replace('_', ' ')} data (columns {', '.join(sorted(columns))}); train "
+                f"them with objective: {'dpo (or kto)' if fmt == 'preference' else 'kto'}")
+    if wanted is not None and fmt not in wanted:
+        needs = " or ".join("+".join(FORMAT_COLUMNS[name][0]) for name in wanted)
+        return (f"objective: {objective} needs {needs} rows; the dataset is {fmt} data (columns "
+                f"{', '.join(sorted(columns))})")
+    return None
+
+
+def raw_splits(data_args: DataArguments, tokenizer, seed: int, main_process_first: Callable, objective: str = "sft"):
     """Load, format-check, shuffle and split, untokenized: (train, eval or None, format). The examples a run
     held out, as rows of the dataset (for benchmarks built on them, finetune.commands.evaluate)."""
     with main_process_first(desc="loading the dataset"):
@@ -506,10 +569,13 @@ def raw_splits(data_args: DataArguments, tokenizer, seed: int, main_process_firs
         logger.info("dataset format: %s (detected from columns %s)", fmt, ", ".join(columns))
     else:
         check_format(fmt, columns)
-    if fmt == "messages" and not getattr(tokenizer, "chat_template", None):
-        raise UsageError("dataset_format: messages needs a tokenizer with a chat template, and this model's "
-                           "tokenizer has none; use a chat/instruct model or convert the data to alpaca or "
-                           "prompt_completion")
+    problem = format_problem(fmt, objective, columns)
+    if problem:
+        raise UsageError(problem)
+    conversational = fmt == "messages" or (fmt in PREFERENCE_FORMATS and isinstance(train[0]["prompt"], list))
+    if conversational and not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"dataset_format: {fmt} rows as turns need a tokenizer with a chat template, and this "
+                         "model's tokenizer has none; use a chat/instruct model or give the rows as text")
 
     train = train.shuffle(seed=seed)
     evaluation = None

@@ -3,7 +3,12 @@
 `make train` (recipes/tiny.yaml) trains on these so a fresh clone shows the whole pipeline on a CPU in minutes,
 with no download. Everything here is deterministic: the same seed gives byte-identical weights and data.
 
-    python -m finetune.embedded.tiny            # writes assets/tiny/{model,tasks.jsonl}
+    python -m finetune.embedded.tiny            # writes assets/tiny/{model,tasks.jsonl,preferences.jsonl,feedback.jsonl}
+
+For preference tuning (recipes/tiny_dpo.yaml, recipes/tiny_kto.yaml), the same tasks with a right and a wrong
+answer: `preferences.jsonl` holds conversational pairs (prompt/chosen/rejected), `feedback.jsonl` text rows with one
+answer each, labelled desirable or not (prompt/completion/label). A wrong answer is another task's answer for the
+same word, the mistake a model that confuses the instructions makes.
 
 The model starts from random weights, so the eval loss on the answers begins above 5 and falls to about 2.6
 as the adapters learn the six string tasks below (answers are made of random letters, so some of it stays).
@@ -111,6 +116,32 @@ def make_task_examples(count: int = 3000, seed: int = 0) -> list[dict]:
     return examples
 
 
+def wrong_answer(rng: random.Random, instruction: str, word: str) -> str:
+    """Another task's answer for `word` that differs from the right one (a task confused with another)."""
+    right = dict(TASKS)[instruction](word)
+    wrong = [solve(word) for other, solve in TASKS if other != instruction and solve(word) != right]
+    return rng.choice(wrong) if wrong else right[::-1] + right[:1]
+
+
+def make_preference_examples(count: int = 1200, seed: int = 1) -> tuple[list[dict], list[dict]]:
+    """(conversational pairs: prompt/chosen/rejected, text rows: prompt/completion/label) of the six tasks, each
+    with a right answer and a wrong one (wrong_answer); the text rows alternate between right and wrong."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    pairs, rows = [], []
+    for number in range(count):
+        word = "".join(rng.choice(letters) for _ in range(rng.randint(3, 7)))
+        instruction, solve = rng.choice(TASKS)
+        right, wrong = solve(word), wrong_answer(rng, instruction, word)
+        pairs.append({"prompt": [{"role": "user", "content": f"{instruction} {word}"}],
+                      "chosen": [{"role": "assistant", "content": right}],
+                      "rejected": [{"role": "assistant", "content": wrong}]})
+        desirable = number % 2 == 0
+        rows.append({"prompt": f"{instruction} {word}\nAnswer: ", "completion": right if desirable else wrong,
+                     "label": desirable})
+    return pairs, rows
+
+
 def write_jsonl(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
@@ -141,6 +172,11 @@ def ensure_assets(directory: Path = ASSETS_DIR) -> Path:
                 os.replace(staging, model_dir)
     if not data_file.is_file():
         write_jsonl(make_task_examples(), data_file)
+    pairs_file, feedback_file = directory / "preferences.jsonl", directory / "feedback.jsonl"
+    if not pairs_file.is_file() or not feedback_file.is_file():
+        pairs, rows = make_preference_examples()
+        write_jsonl(rows, feedback_file)
+        write_jsonl(pairs, pairs_file)
     return directory
 
 
@@ -149,7 +185,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ASSETS_DIR, help="where to write model/ and tasks.jsonl")
     args = parser.parse_args()
     directory = ensure_assets(args.out)
-    print(f"tiny model: {directory / 'model'}\ntask data:  {directory / 'tasks.jsonl'}")
+    print(f"tiny model: {directory / 'model'}\ntask data:  {directory / 'tasks.jsonl'}\n"
+          f"preference data: {directory / 'preferences.jsonl'} (pairs), {directory / 'feedback.jsonl'} (labelled)")
 
 
 if __name__ == "__main__":

@@ -190,17 +190,20 @@ def device_map(model_args: ModelArguments):
     return {"": "cpu"}
 
 
-def load_model(model_args: ModelArguments, for_training: bool = True, attention: str | None = None):
-    """Load the base model, prepare it for k-bit training if quantized, and wrap it with LoRA when asked.
+def load_model(model_args: ModelArguments, for_training: bool = True, attention: str | None = None,
+               adapter: str | None = None, loss_head: bool = True):
+    """Load the base model, prepare it for k-bit training if quantized, and wrap it with LoRA when asked: a new
+    adapter, or the trained one in `adapter` (a LoRA run's output_dir, `init_from`), trained on.
 
     With `for_training=False`, only the base model as the recipe describes it (quantized or not), for inference.
     `attention` overrides the recipe's attn_implementation (the padding-free plan, `finetune.data.padding_free.plan`).
-    Raises UsageError when the model can't be loaded from `model_name_or_path`.
+    `loss_head=False` leaves the output head to the trainer (TRL's preference trainers compute log-probabilities
+    through their own chunked head). Raises UsageError when the model can't be loaded from `model_name_or_path`.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    if for_training and model_args.use_lora:
+    if for_training and model_args.use_lora and adapter is None:
         check_target_modules(model_args)
     dtype = report_dtype(model_args) if for_training else dtype_choice(model_args.dtype)[0]
     try:
@@ -228,7 +231,12 @@ def load_model(model_args: ModelArguments, for_training: bool = True, attention:
     if model_args.quantization != "none":
         prepare_kbit_for_training(model)
 
-    if model_args.use_lora:
+    if model_args.use_lora and adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        logger.info("LoRA adapter of %s loaded, trained on from here", adapter)
+    elif model_args.use_lora:
         from peft import LoraConfig, get_peft_model
 
         targets = model_args.lora_target_modules
@@ -243,13 +251,14 @@ def load_model(model_args: ModelArguments, for_training: bool = True, attention:
             model = get_peft_model(model, config)
         except ValueError as exc:
             raise UsageError([f"lora_target_modules: {str(exc).splitlines()[0]}"]) from None
+    if model_args.use_lora:
         from finetune.kernels import lora_layers
 
         lora_layers.speed_up(model)
     from finetune.kernels import norms
 
     norms.speed_up(model)
-    if model_args.chunked_loss:
+    if model_args.chunked_loss and loss_head:
         from finetune.kernels import chunked_loss
 
         chunked_loss.install(model)  # after peft, which may have put an adapter on the head

@@ -114,7 +114,8 @@ class DataArguments:
 
     dataset: str = field(
         default=None, metadata={"help": "A local .json/.jsonl/.csv/.parquet file or a hub dataset name."})
-    dataset_format: Literal["auto", "text", "alpaca", "messages", "prompt_completion"] = field(
+    dataset_format: Literal["auto", "text", "alpaca", "messages", "prompt_completion", "preference",
+                            "unpaired_preference"] = field(
         default="auto", metadata={"help": "auto picks from the columns and logs what it picked."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -184,7 +185,77 @@ class RunArguments:
                                           "batch's gradient (costs a device sync per micro-batch)."})
 
 
-GROUPS = (ModelArguments, DataArguments, TrackingArguments, RunArguments)
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
+              "sigmoid_norm")  # TRL's DPOTrainer loss_type values the toolkit offers (each one loss over pairs)
+KTO_LOSSES = ("kto", "apo_zero_unpaired")
+PREFERENCE_KEYS = {  # key: the objectives it applies to
+    "init_from": ("sft", "dpo", "kto"), "beta": ("dpo", "kto"), "loss_type": ("dpo", "kto"),
+    "max_prompt_length": ("dpo", "kto"), "precompute_ref_log_probs": ("dpo", "kto"),
+    "desirable_weight": ("kto",), "undesirable_weight": ("kto",),
+}
+
+
+@dataclass
+class ObjectiveArguments:
+    """What training optimises: supervised answers (sft), or preferences between answers (dpo, kto) through TRL."""
+
+    objective: Literal["sft", "dpo", "kto"] = field(
+        default="sft", metadata={"help": "sft: the loss on the answers; dpo: pairs of a chosen and a rejected answer "
+                                         "(prompt/chosen/rejected rows); kto: single answers labelled desirable or "
+                                         "not (prompt/completion/label rows). dpo and kto run TRL's trainers."})
+    init_from: str | None = field(
+        default=None, metadata={"help": "A finished run's output_dir to start from: its base model and its LoRA "
+                                        "adapter (trained on), or its fully trained weights. For dpo and kto it is "
+                                        "also the reference model."})
+    beta: float = field(
+        default=0.1, metadata={"help": "dpo, kto: how far the model may move from the reference; higher keeps it "
+                                       "closer. 0.1 is the papers' usual value."})
+    loss_type: str | None = field(
+        default=None, metadata={"help": f"dpo: {' | '.join(DPO_LOSSES)} (default sigmoid, the DPO paper's); kto: "
+                                        f"{' | '.join(KTO_LOSSES)} (default kto). TRL's names."})
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "dpo, kto: prompts longer than this many tokens keep their end (where the "
+                                        "answer begins); max_length still bounds prompt plus answer."})
+    precompute_ref_log_probs: bool | None = field(
+        default=None, metadata={"help": "dpo, kto: the reference model's log-probabilities computed once before "
+                                        "training instead of at every step. Default: true for full fine-tuning "
+                                        "(no second copy of the model in memory), false with LoRA (the reference is "
+                                        "the model with its adapter switched off, no copy either)."})
+    desirable_weight: float = field(
+        default=1.0, metadata={"help": "kto: weight of the desirable examples' loss (raise it when they are fewer)."})
+    undesirable_weight: float = field(
+        default=1.0, metadata={"help": "kto: weight of the undesirable examples' loss."})
+
+    def __post_init__(self):
+        problems = []
+        for name, objectives in PREFERENCE_KEYS.items():
+            if self.objective not in objectives and getattr(self, name) != _default(ObjectiveArguments, name):
+                problems.append(f"{name}: only applies to objective: {' or '.join(objectives)} (this recipe has "
+                                f"objective: {self.objective})")
+        if self.beta <= 0:
+            problems.append(f"beta: must be more than 0, got {self.beta}")
+        losses = DPO_LOSSES if self.objective == "dpo" else KTO_LOSSES
+        if self.loss_type is not None and self.objective in ("dpo", "kto") and self.loss_type not in losses:
+            from finetune.recipe.load import did_you_mean
+
+            problems.append(f"loss_type: {self.loss_type!r} is not a {self.objective} loss"
+                            f"{did_you_mean(self.loss_type, losses)}; choose one of {', '.join(losses)}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            problems.append(f"max_prompt_length: must be a positive integer, got {self.max_prompt_length}")
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}: must be more than 0, got {getattr(self, name)}")
+        _raise(problems)
+        if self.loss_type is None and self.objective in ("dpo", "kto"):
+            self.loss_type = "sigmoid" if self.objective == "dpo" else "kto"
+
+    @property
+    def preference(self) -> bool:
+        """Whether the objective learns from preferences (TRL's trainers) rather than from answers alone."""
+        return self.objective != "sft"
+
+
+GROUPS = (ModelArguments, DataArguments, TrackingArguments, RunArguments, ObjectiveArguments)
 
 # Values the Trainer's arguments take without complaint but that cannot train: (lowest, whether it is allowed).
 RANGES = {
@@ -280,6 +351,7 @@ class Recipe:
     training: Any  # transformers.TrainingArguments, imported only once the keys are known to be right
     source: dict[str, Any]  # merged keys as written in the recipe and on the command line
     path: Path | None = None
+    objective: ObjectiveArguments = field(default_factory=ObjectiveArguments)
 
     def __post_init__(self):
         problems = []
@@ -297,7 +369,7 @@ class Recipe:
     def resolved(self) -> dict[str, Any]:
         """Every key with its effective value, secrets removed; loads back with `finetune.recipe.load.load_recipe`."""
         out: dict[str, Any] = {}
-        for group in (self.model, self.data, self.tracking, self.run):
+        for group in (self.model, self.data, self.tracking, self.run, self.objective):
             out.update(dataclasses.asdict(group))
         # Deprecated aliases mirror their new names; writing both would warn when the file is loaded back.
         current = {f.name for f in dataclasses.fields(self.training)
@@ -397,7 +469,7 @@ class Key:
 
 
 GROUP_NAMES = {"ModelArguments": "model", "DataArguments": "data", "TrackingArguments": "tracking",
-               "RunArguments": "run", "TrainingArguments": "trainer"}
+               "RunArguments": "run", "ObjectiveArguments": "objective", "TrainingArguments": "trainer"}
 
 
 def _kind(annotation) -> tuple[str, tuple[str, ...]]:

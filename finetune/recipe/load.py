@@ -172,8 +172,8 @@ def did_you_mean(word: str, options) -> str:
 
 def coerce(key: Key, value: Any, problems: list[str]) -> Any:
     """A YAML value or a command-line string checked against its key and converted; problems are appended."""
-    if value is None:
-        return None
+    if value is None or (key.optional and isinstance(value, str) and value.strip() in ("null", "~")):
+        return None  # `--key null` on the command line unsets a key, as `key: null` does in YAML
     if key.kind in ("list", "str_or_list") and isinstance(value, list):
         return [str(item) for item in value]
     if key.kind == "list":
@@ -228,7 +228,7 @@ def check_keys(merged: dict[str, Any], overrides: dict[str, Any], path: Path,
         if name not in keys:
             origin = "on the command line" if name in overrides else f"in {path}"
             problems.append(f"unknown key `{name}` {origin}{did_you_mean(name, keys)}; keys are fields of "
-                            "ModelArguments, DataArguments, TrackingArguments, RunArguments or "
+                            "ModelArguments, DataArguments, TrackingArguments, RunArguments, ObjectiveArguments or "
                             "transformers.TrainingArguments (`--help` lists them)")
             continue
         if isinstance(value, BareFlag) and keys[name].kind != "bool":
@@ -260,6 +260,8 @@ def read_checked(argv: list[str], data_needed: bool = True) -> tuple[Path, dict[
     values = check_keys(merged, overrides, path, problems)
     if problems:
         raise UsageError(problems)
+    if data_needed:  # a finished run's recipe.yaml holds what init_from decided; that run may be gone since
+        started_from(values, problems)
     variables = config.path_variable_problems(values)
     problems += config.range_problems(values) + variables
     problems += config.dataset_problems(values) if data_needed and not variables else []
@@ -275,6 +277,44 @@ def read_checked(argv: list[str], data_needed: bool = True) -> tuple[Path, dict[
     if problems:
         raise UsageError(problems)
     return path, merged, values, groups
+
+
+# What a run started from (init_from) decides: its base model and, for a LoRA run, the adapter's shape.
+INIT_FROM_KEYS = ("model_name_or_path", "use_lora", "lora_r", "lora_alpha", "lora_target_modules")
+
+
+def started_from(values: dict[str, Any], problems: list[str]) -> None:
+    """With `init_from`, fill in from that run's recipe what it decides (INIT_FROM_KEYS; for a fully trained run,
+    model_name_or_path is the run's directory, which holds its weights); a recipe value that differs from it is a
+    problem, as the adapter or weights train on as they were made. Whether the run finished is checked later
+    (finetune.training.rundir.check_init_from)."""
+    run = values.get("init_from")
+    if not run:
+        return
+    directory = Path(run).expanduser()
+    recipe_file = directory / "recipe.yaml"  # finetune.training.rundir.RECIPE
+    if not recipe_file.is_file():
+        what = "no such directory" if not directory.is_dir() else "not a training run's output_dir (no recipe.yaml)"
+        problems.append(f"init_from: {run} is {what}{config.relative_note(directory)}; give the output_dir of a "
+                        "finished training run")
+        return
+    trained = read_yaml(recipe_file, "init_from's recipe") or {}
+    wanted = ({key: trained.get(key) for key in INIT_FROM_KEYS} if trained.get("use_lora") else
+              {"model_name_or_path": str(directory.absolute())})
+    for key, value in wanted.items():
+        if key not in values:
+            values[key] = value
+        elif values[key] != value and not (key == "model_name_or_path" and is_same_path(values[key], value)):
+            hint = (" (to train every weight of it, merge it first with `finetune merge` and give the merged "
+                    "directory as model_name_or_path)" if key == "use_lora" else
+                    " (a fully trained run's weights are the base)" if not trained.get("use_lora") else "")
+            problems.append(f"{key}: {values[key]!r} differs from the init_from run's {value!r} ({run}){hint}; "
+                            f"leave {key} out of the recipe or match it")
+
+
+def is_same_path(a: Any, b: Any) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and config.is_local_path(a) and \
+        Path(a).expanduser().absolute() == Path(b).expanduser().absolute()
 
 
 def load_recipe(argv: list[str], hardware: Hardware | None = None, data_needed: bool = True) -> Recipe:
@@ -303,8 +343,9 @@ def load_recipe(argv: list[str], hardware: Hardware | None = None, data_needed: 
         training = TrainingArguments(**training_values)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"training arguments: {str(exc).strip().splitlines()[0]}") from None
-    model, data, tracking, run = (groups[cls] for cls in config.GROUPS)
-    return Recipe(model=model, data=data, tracking=tracking, run=run, training=training, source=merged, path=path)
+    model, data, tracking, run, objective = (groups[cls] for cls in config.GROUPS)
+    return Recipe(model=model, data=data, tracking=tracking, run=run, training=training, source=merged, path=path,
+                  objective=objective)
 
 
 def recipe_yaml(recipe: Recipe, absolute: bool = False) -> str:
@@ -319,6 +360,7 @@ def recipe_yaml(recipe: Recipe, absolute: bool = False) -> str:
 GROUP_TITLES = {"model": "Model", "quantization": "Quantization (bitsandbytes)", "lora": "LoRA (peft)",
                 "data": "Data", "tracking": "Tracking (W&B defaults; WANDB_* variables win)",
                 "run": "Run (output directory, resuming, non-finite losses)",
+                "objective": "Objective (sft, or preference tuning with TRL: dpo, kto)",
                 "trainer": "Trainer (transformers.TrainingArguments; the toolkit's defaults where it sets them)"}
 USAGE = """usage: finetune/run.py RECIPE.yaml [--key value ...] [--print_config] [--dry_run]
 

@@ -65,10 +65,20 @@ def matmul_parameters(model, total_params: int) -> int:
     return total_params - embedding.numel() + (embedding.numel() if tied else 0)
 
 
-def training_flops(model, total_params: int, input_tokens: float, samples: float, lora: bool) -> float:
-    """Training FLOPs over `input_tokens` tokens in `samples` examples, whose mean length is the attention context."""
+def forward_flops_per_token(matmul_params: int, layers: int, hidden_size: int, context: float) -> float:
+    """Forward-only FLOPs per token (a reference model's, or a pass without gradients): 2 x matmul params + attention's
+    4 x layers x hidden x context."""
+    return 2 * matmul_params + 4 * layers * hidden_size * context
+
+
+def training_flops(model, total_params: int, input_tokens: float, samples: float, lora: bool,
+                   extra_forwards: int = 0, sequences_per_sample: int = 1) -> float:
+    """Training FLOPs over `input_tokens` tokens in `samples` examples of `sequences_per_sample` sequences each (a
+    preference pair has two), whose mean length is the attention context; plus `extra_forwards` forward-only
+    passes over as many tokens (a preference objective's reference model, `finetune.training.metrics`)."""
     config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    context = input_tokens / samples if samples else 0.0
-    return input_tokens * flops_per_token(matmul_parameters(model, total_params), text_config.num_hidden_layers,
-                                          text_config.hidden_size, context, lora)
+    sequences = samples * sequences_per_sample
+    context = input_tokens / sequences if sequences else 0.0
+    shape = (matmul_parameters(model, total_params), text_config.num_hidden_layers, text_config.hidden_size, context)
+    return input_tokens * (flops_per_token(*shape, lora) + extra_forwards * forward_flops_per_token(*shape))

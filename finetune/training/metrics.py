@@ -137,7 +137,8 @@ class MetricsCallback(TrainerCallback, ExportableState):
     summary covers the whole training, not just the part after the restart.
     """
 
-    def __init__(self):
+    def __init__(self, objective: str = "sft"):
+        self.objective = objective  # sft: the loss is a token cross-entropy, so it has a perplexity
         self.interval = Totals()  # this rank, since the last close (log step or checkpoint)
         self.interval_loss = None  # this rank's summed step losses since the last close: a device tensor, no sync
         self.unlogged = Totals()  # all ranks, since the last log step
@@ -241,7 +242,8 @@ class MetricsCallback(TrainerCallback, ExportableState):
             self._close_interval()
             interval, now = self.unlogged, self.clock.read()
             seconds, self.unlogged, self.clock_at_last_log = now - self.clock_at_last_log, Totals(), now
-            logs["perplexity"] = perplexity(logs["loss"])
+            if self.objective == "sft":
+                logs["perplexity"] = perplexity(logs["loss"])
             logs["input_tokens_per_second"] = rate(interval.input_tokens, seconds)
             logs["samples_per_second"] = rate(interval.samples, seconds)
             peak = self._read_cuda_peak()
@@ -249,8 +251,9 @@ class MetricsCallback(TrainerCallback, ExportableState):
                 logs["peak_vram_gb"] = peak
         elif "eval_loss" in logs:
             self.eval_losses.append(logs["eval_loss"])
-            logs["eval_perplexity"] = perplexity(logs["eval_loss"])
-            logs["eval_best_perplexity"] = perplexity(min(self.eval_losses))
+            if self.objective == "sft":
+                logs["eval_perplexity"] = perplexity(logs["eval_loss"])
+                logs["eval_best_perplexity"] = perplexity(min(self.eval_losses))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.finished = True
@@ -289,7 +292,8 @@ class MetricsCallback(TrainerCallback, ExportableState):
 
         model, state, args = trainer.model, trainer.state, trainer.args
         trainable, total = count_parameters(model)
-        total_flops = training_flops(model, total, self.totals.input_tokens, self.totals.samples, model_args.use_lora)
+        total_flops = training_flops(model, total, self.totals.input_tokens, self.totals.samples, model_args.use_lora,
+                                     *preference_forwards(trainer))
         base_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad),
                           next(model.parameters()).dtype)
         seconds = self.train_seconds
@@ -326,13 +330,46 @@ class MetricsCallback(TrainerCallback, ExportableState):
             out["model/saved_weights_mb"] = sum(p.stat().st_size for p in saved_weights) / MB
         if self.eval_losses:
             out["eval/loss"] = self.eval_losses[-1]
-            out["eval/perplexity"] = perplexity(self.eval_losses[-1])
-            out["eval/best_perplexity"] = perplexity(min(self.eval_losses))
+            if self.objective == "sft":
+                out["eval/perplexity"] = perplexity(self.eval_losses[-1])
+                out["eval/best_perplexity"] = perplexity(min(self.eval_losses))
+        out.update(preference_metrics(state.log_history))
         out["final/total_steps"] = state.global_step
         out["final/total_epochs"] = state.epoch
         out.update(launch_record())
         out["run/world_size"] = args.world_size
         return out
+
+
+PREFERENCE_METRICS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
+                      "logps/rejected", "kl")  # TRL's, per log step; the summary keeps the last of each
+
+
+def preference_metrics(log_history: list[dict]) -> dict[str, float]:
+    """The last logged value of each of TRL's preference metrics, training's and evaluation's, as summary keys
+    (`train/rewards/accuracies`, `eval/rewards/accuracies`, ...). Empty for a supervised run."""
+    out = {}
+    for entry in log_history:
+        for name in PREFERENCE_METRICS:
+            if name in entry:
+                out[f"train/{name}"] = entry[name]
+            if f"eval_{name}" in entry:
+                out[f"eval/{name}"] = entry[f"eval_{name}"]
+    return out
+
+
+def preference_forwards(trainer) -> tuple[int, int]:
+    """(forward passes per input token besides training's own, sequences per example) of a run's objective: DPO's
+    reference forward (none when precomputed) over both answers of a pair; KTO's reference forward, and its KL
+    term's forwards (policy and reference) over as many mismatched tokens. (0, 1) for supervised training."""
+    objective = getattr(getattr(trainer, "recipe", None), "objective", None)
+    if objective is None or not objective.preference:
+        return 0, 1
+    reference = 0 if trainer.args.precompute_ref_log_probs else 1
+    if objective.objective == "dpo":
+        return reference, 2
+    kl = getattr(trainer, "calculate_KL", False)
+    return reference + (1 + reference if kl else 0), 1
 
 
 # The console table: (summary key, label with its unit and basis, format). README "Metrics" explains each.
@@ -341,6 +378,10 @@ REPORT_ROWS = [
     ("eval/loss", "eval loss, last", "{:.4f}"),
     ("eval/perplexity", "eval perplexity, last", "{:.2f}"),
     ("eval/best_perplexity", "eval perplexity, best", "{:.2f}"),
+    ("eval/preference_accuracy_start", "preference accuracy, held out, at the start", "{:.1%}"),
+    ("eval/preference_accuracy", "preference accuracy, held out, at the end", "{:.1%}"),
+    ("eval/rewards/accuracies", "reward accuracy vs reference, eval", "{:.1%}"),
+    ("eval/rewards/margins", "reward margin vs reference, eval", "{:.3f}"),
     ("train/input_tokens_per_second", "input tokens/s, all ranks", "{:,.0f}"),
     ("train/samples_per_second", "samples/s, all ranks", "{:,.2f}"),
     ("train/input_tokens", "input tokens (no padding)", "{:,}"),
@@ -383,8 +424,16 @@ def report(trainer, output_dir: Path, summary: dict[str, Any]) -> None:
     evals = [(entry["step"], entry["eval_loss"]) for entry in trainer.state.log_history if "eval_loss" in entry]
     if len(evals) > 1 and evals[0][0] < evals[-1][0]:
         (first_step, first), (last_step, last) = evals[0], evals[-1]
-        logger.info("eval loss: %.4f (step %d) -> %.4f (step %d); perplexity %.2f -> %.2f", first, first_step,
-                    last, last_step, perplexity(first), perplexity(last))
+        if trainer.recipe.objective.preference:
+            logger.info("eval loss (%s): %.4f (step %d) -> %.4f (step %d)", trainer.recipe.objective.objective,
+                        first, first_step, last, last_step)
+        else:
+            logger.info("eval loss: %.4f (step %d) -> %.4f (step %d); perplexity %.2f -> %.2f", first, first_step,
+                        last, last_step, perplexity(first), perplexity(last))
+    if "eval/preference_accuracy" in summary:
+        logger.info("preference accuracy on %d held-out pairs: %.1f%% at the start -> %.1f%% at the end",
+                    summary["eval/preference_pairs"], 100 * summary["eval/preference_accuracy_start"],
+                    100 * summary["eval/preference_accuracy"])
     print(format_report(summary), file=sys.stderr)
     weights = rundir.saved_weights(output_dir, trainer.recipe.model.use_lora)
     written = [path.name for path in weights[:1]] + [rundir.RECIPE, rundir.SUMMARY] + \

@@ -447,6 +447,23 @@ def check_output_dir(values: dict[str, Any]) -> None:
         changed_settings(values, output_dir)
 
 
+def check_init_from(values: dict[str, Any]) -> None:
+    """Raise UsageError when the run a recipe starts from (`init_from`) is running or unfinished, or lacks the
+    weights it saved."""
+    if not values.get("init_from"):
+        return
+    run = Path(values["init_from"]).expanduser()
+    holder = lock_holder(run)
+    if holder:
+        raise UsageError(f"init_from: {run} is in use by a running training ({holder}); wait for it to finish")
+    if not is_finished(run):
+        raise UsageError(f"init_from: {run} has not finished training (no {SUMMARY}); finish it first (its own "
+                         "command again resumes it), or start from a finished run")
+    if not saved_weights(run, use_lora=(run / "adapter_config.json").is_file()):
+        raise UsageError(f"init_from: {run} holds no saved weights ({ADAPTER_WEIGHTS} or model.safetensors); give "
+                         "a finished run's output_dir")
+
+
 # Ownership and the lock ----------------------------------------------------------------------------------------
 
 MARKER = ".finetune-run"  # JSON: this directory belongs to a finetune run (and the history of its segments)

@@ -5,6 +5,10 @@
 - With `on_nonfinite_loss: skip`, a micro-batch whose loss is not finite contributes a zero gradient.
 - A checkpoint is never written from non-finite weights (the guard stops training instead).
 - Eval batches may use their own collator (`eval_collator`): padded, when training batches are flattened.
+
+The hooks live in `ToolkitHooks`, a mixin: `FinetuneTrainer` puts them on transformers' Trainer, and
+`preference_trainer` on TRL's DPOTrainer or KTOTrainer (`objective: dpo | kto`), which are Trainer subclasses, so a
+preference run has the same metrics, guards, checkpoints and resume as a supervised one.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ class CountingCollator:
         self.collator = collator
 
     def __call__(self, features):
+        from finetune.data import preference
+
         batch = self.collator(features)
-        batch[COUNTS_KEY] = batch_counts(features)
+        batch[COUNTS_KEY] = preference.counts(features) if "prompt_ids" in features[0] else batch_counts(features)
         return batch
 
 
@@ -45,22 +51,116 @@ def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, flatten
     from finetune.data.load import IGNORE_INDEX
     from finetune.data.padding_free import FlatteningCollator
 
-    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-    preemption, metrics = PreemptionCallback(), MetricsCallback()
+    preemption, metrics = PreemptionCallback(), MetricsCallback(recipe.objective.objective)
     guard = NonFiniteGuard(recipe.run.on_nonfinite_loss)
     # The preemption callback may ask for a save at a step's end; the metrics callback, after it, sees every
     # save and evaluation that follows and stops its clock for them.
-    trainer = FinetuneTrainer(model=model, args=recipe.training, train_dataset=train_dataset,
-                              eval_dataset=eval_dataset, processing_class=tokenizer,
-                              data_collator=CountingCollator(FlatteningCollator() if flatten else padded),
-                              callbacks=[ResumedSettings(), preemption, metrics, guard, *callbacks])
-    trainer.eval_collator = CountingCollator(padded)
+    ours = [ResumedSettings(), preemption, metrics, guard, *callbacks]
+    if recipe.objective.preference:
+        trainer = preference_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, ours)
+    else:
+        padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+        trainer = FinetuneTrainer(model=model, args=recipe.training, train_dataset=train_dataset,
+                                  eval_dataset=eval_dataset, processing_class=tokenizer,
+                                  data_collator=CountingCollator(FlatteningCollator() if flatten else padded),
+                                  callbacks=ours)
+        trainer.eval_collator = CountingCollator(padded)
     trainer.metrics, trainer.preemption, trainer.guard, trainer.recipe = metrics, preemption, guard, recipe
     return trainer
 
 
-class FinetuneTrainer(Trainer):
-    """transformers.Trainer plus host-side counting, the skip mode for non-finite losses and a checkpoint guard."""
+def preference_arguments(recipe):
+    """TRL's DPOConfig or KTOConfig for a recipe: the recipe's TrainingArguments, field for field, plus its
+    objective's keys. `max_length` is the data's (the rows are already cut to it, `finetune.data.preference`)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+    from trl import DPOConfig, KTOConfig
+
+    objective = recipe.objective
+    config = DPOConfig if objective.objective == "dpo" else KTOConfig
+    values = {spec.name: getattr(recipe.training, spec.name) for spec in dataclasses.fields(TrainingArguments)
+              if spec.init}
+    values.update(beta=objective.beta, loss_type=objective.loss_type, max_length=recipe.data.max_length,
+                  precompute_ref_log_probs=precomputed_reference(recipe))
+    if objective.objective == "kto":
+        values.update(desirable_weight=objective.desirable_weight, undesirable_weight=objective.undesirable_weight)
+        if objective.loss_type == "kto":  # its KL term pairs each row with its neighbours in a fixed order (the
+            values["train_sampling_strategy"] = "sequential"  # rows are shuffled once, by the seed, on loading)
+    return config(**values)
+
+
+def precomputed_reference(recipe) -> bool:
+    """Whether the reference model's log-probabilities are computed once before training: the recipe's choice, by
+    default for full fine-tuning only (else TRL would hold a second copy of the model as the reference)."""
+    chosen = recipe.objective.precompute_ref_log_probs
+    return (not recipe.model.use_lora) if chosen is None else chosen
+
+
+def preference_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, callbacks: list):
+    """TRL's DPOTrainer or KTOTrainer with the toolkit's hooks, on rows tokenized by `finetune.data.preference`.
+
+    The reference model is the one training starts from, never a second copy of it: with a new LoRA adapter, the
+    model with its adapters switched off; with a LoRA run as `init_from`, a frozen copy of that run's adapter (TRL's
+    "ref" adapter: the model the run starts from, its adapter included); for full fine-tuning, log-probabilities
+    precomputed before the first step (`precomputed_reference`). Adapters keep the dtype the toolkit gave them
+    (TRL turns a quantized model's adapters to bf16, which a CPU without native bf16 only emulates)."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+    objective = recipe.objective.objective
+    trainer_class = _preference_classes()[objective]
+    collator = (DataCollatorForPreference if objective == "dpo" else DataCollatorForUnpairedPreference)(
+        pad_token_id=tokenizer.pad_token_id, max_length=recipe.data.max_length)
+    adapter_dtypes = {name: param.dtype for name, param in model.named_parameters() if param.requires_grad}
+    trainer = trainer_class(model=model, args=preference_arguments(recipe), train_dataset=train_dataset,
+                            eval_dataset=eval_dataset, processing_class=tokenizer,
+                            data_collator=CountingCollator(collator), callbacks=callbacks)
+    for name, param in trainer.model.named_parameters():
+        if name in adapter_dtypes and param.dtype != adapter_dtypes[name]:
+            param.data = param.data.to(adapter_dtypes[name])
+    peft_config = getattr(trainer.model, "peft_config", {})
+    if "ref" in peft_config and not recipe.objective.init_from:
+        trainer.model.delete_adapter("ref")  # a new adapter: the reference is the base, adapters off
+    return trainer
+
+
+_CLASSES: dict = {}
+
+
+def _preference_classes() -> dict[str, type]:
+    """FinetuneDPOTrainer and FinetuneKTOTrainer, built once TRL is imported (it costs seconds)."""
+    if _CLASSES:
+        return _CLASSES
+    from trl import DPOTrainer, KTOTrainer
+
+    class FinetuneDPOTrainer(ToolkitHooks, DPOTrainer):
+        """TRL's DPOTrainer with the toolkit's hooks; its rows come tokenized (finetune.data.preference)."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    class FinetuneKTOTrainer(ToolkitHooks, KTOTrainer):
+        """TRL's KTOTrainer with the toolkit's hooks; its rows come tokenized (finetune.data.preference)."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if not self.calculate_KL:
+                return dataset
+            # TRL's KL estimate: each answer paired with another row's prompt, rotating the answers by one within
+            # each batch of per_device_train_batch_size rows (as KTOTrainer._prepare_dataset does).
+            def mismatched(rows):
+                return {"KL_completion_ids": rows["completion_ids"][-1:] + rows["completion_ids"][:-1]}
+
+            return dataset.map(mismatched, batched=True, batch_size=args.per_device_train_batch_size,
+                               desc=f"pairing answers with other prompts ({dataset_name}, for the KL term)")
+
+    _CLASSES.update(dpo=FinetuneDPOTrainer, kto=FinetuneKTOTrainer)
+    return _CLASSES
+
+
+class ToolkitHooks:
+    """Host-side counting, the skip mode for non-finite losses and a checkpoint guard, for any Trainer subclass
+    (listed before it in the bases)."""
 
     metrics: MetricsCallback | None = None
     preemption: PreemptionCallback | None = None
@@ -71,7 +171,7 @@ class FinetuneTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.metrics is not None:
             self.metrics.add_to_log(logs)
-        super().log(logs, start_time)
+        super().log(logs, start_time)  # TRL's trainers add their metrics (rewards, log-probabilities) there
 
     def _run_epoch(self, *args, **kwargs):
         # Resumed from a checkpoint of the last step (the run stopped while writing its results): nothing is left
@@ -167,3 +267,7 @@ class FinetuneTrainer(Trainer):
         if self.is_world_process_zero():
             rundir.seal_checkpoint(rundir.checkpoint_dir(Path(self.args.output_dir), self.state.global_step))
             rundir.drop_previous_run(Path(self.args.output_dir))  # the run an overwrite replaced, now superseded
+
+
+class FinetuneTrainer(ToolkitHooks, Trainer):
+    """transformers.Trainer with the toolkit's hooks."""
