@@ -98,8 +98,8 @@ def inspect(recipe: Recipe, flags: list[str]) -> int:
     if "--dry_run" in flags:
         prepare(recipe)
         tokenizer = load_tokenizer(recipe.model)
-        print(preview(load_splits(recipe.data, tokenizer, recipe.training.seed,
-                                  recipe.training.main_process_first), tokenizer))
+        print(preview(load_splits(recipe.data, tokenizer, recipe.training.seed, recipe.training.main_process_first,
+                                  recipe.objective.objective, recipe.objective.max_prompt_length), tokenizer))
     return errors.OK
 
 
@@ -140,7 +140,8 @@ def train(recipe: Recipe):
             padding_free.Plan(False, recipe.model.attn_implementation)
         set_seed(args.seed)
         adapter = objective.init_from if objective.init_from and recipe.model.use_lora else None
-        model = load_model(recipe.model, attention=batches.attention, adapter=adapter, loss_head=not objective.preference)
+        model = load_model(recipe.model, attention=batches.attention, adapter=adapter,
+                           loss_head=not objective.preference)
         # Held-out preference accuracy of the model training starts from (its checkpoint, if resumed, loads later).
         start_accuracy = preference.preference_accuracy(model, eval_set, tokenizer.pad_token_id) \
             if args.process_index == 0 and preference.has_pairs(eval_set) else None

@@ -53,6 +53,7 @@ class Mutant:
 KBIT = "tests/test_kbit.py::"
 METRICS = "tests/test_metrics.py::"
 EXPORT = "tests/test_export.py::"
+PREFERENCE = "tests/test_preference.py::"
 SWEEP = "tests/test_sweep.py::"
 CHAT = "tests/test_chat_templates.py::test_loss_bearing_text_on_each_family"
 CHUNKED = "tests/test_chunked_loss.py::test_chunked_loss_and_gradients_equal_transformers"
@@ -286,6 +287,20 @@ MUTANTS = [
            "stop = any(run.name == name for run in engine().stop_runs(for_engine(config), runs(state, metric)))",
            "stop = False",
            (SWEEP + "test_hyperband_stops_a_trial_worse_than_the_others_at_a_band",)),
+
+    # Preference tuning: the reference is the model training starts from; the split and the accuracy are right.
+    Mutant("dpo-reference-adapter-dropped", "finetune/training/trainer.py",
+           'if "ref" in peft_config and not recipe.objective.init_from:', 'if "ref" in peft_config:',
+           (PREFERENCE + "test_the_reference_is_the_model_training_starts_from",)),
+    Mutant("dpo-answer-starts-a-token-late", "finetune/data/preference.py",
+           "if b > a and b > start), len(ids))", "if b > a and a > start), len(ids))",
+           (PREFERENCE + "test_the_split_agrees_with_trls_own_tokenization[conversational]",)),
+    Mutant("preference-accuracy-counts-ties", "finetune/training/preference.py",
+           "if chosen > rejected)", "if chosen >= rejected)",
+           (PREFERENCE + "test_held_out_accuracy_scores_chosen_above_rejected",)),
+    Mutant("dpo-no-reference-forward-in-flops", "finetune/training/metrics.py",
+           "reference = 0 if trainer.args.precompute_ref_log_probs else 1", "reference = 0",
+           (PREFERENCE + "test_flops_count_the_reference_forward",)),
 ]
 
 

@@ -33,10 +33,17 @@ def prompts_and_references(dataset, tokenizer, count: int) -> list[tuple[list[in
 
     The prompt is everything before the first trained token; the reference is that first contiguous run of
     trained tokens, decoded without special tokens. Examples trained on every token (plain text) have no
-    reference: their first half is the prompt.
+    reference: their first half is the prompt. Preference rows (finetune.data.preference) have their prompt, and
+    their chosen (or desirable) answer as the reference.
     """
     pairs = []
     for row in dataset.select(range(min(count, len(dataset)))):
+        if "prompt_ids" in row:
+            answer = row.get("chosen_ids", row.get("completion_ids"))
+            good = row.get("label", True)
+            pairs.append((row["prompt_ids"], tokenizer.decode(answer, skip_special_tokens=True).strip()
+                          if good else None))
+            continue
         ids, labels = row["input_ids"], row["labels"]
         trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX and i > 0]
         if not trained or trained[0] <= 1:

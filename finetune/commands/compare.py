@@ -27,6 +27,8 @@ from finetune.training import rundir
 COLUMNS = [  # (key in a row, header, format)
     ("run", "run", "{}"),
     ("variant", "variant", "{}"),
+    ("objective", "objective", "{}"),
+    ("preference_accuracy", "preference accuracy (held out)", "{:.3f}"),
     ("trainable_params", "trainable params", "{:,}"),
     ("peak_vram_gb", "peak training VRAM (GB)", "{:.3f}"),
     ("peak_ram_gb", "peak training host RAM (GB)", "{:.3f}"),
@@ -70,7 +72,11 @@ def read_run(directory: Path) -> dict[str, Any]:
     directions = {f"{HARNESS_PREFIX}{task}/{metric}": higher
                   for task, metrics in evaluation.get("higher_is_better", {}).items()
                   for metric, higher in metrics.items()}
-    return {"run": directory.name, "variant": variant, **row_values(summary, bench), **harness,
+    objective = recipe.get("objective", "sft") if recipe else None
+    # The latest held-out preference accuracy: `finetune eval`'s, else the one the run measured at its end.
+    accuracy = evaluation.get("preference/accuracy", summary.get("eval/preference_accuracy"))
+    return {"run": directory.name, "variant": variant, "objective": objective, "preference_accuracy": accuracy,
+            **row_values(summary, bench), **harness,
             "higher_is_better": directions, "untrained": bool(evaluation.get("settings", {}).get("base_model"))}
 
 
@@ -169,6 +175,9 @@ def quality_axis(rows: list[dict[str, Any]], requested: str | None = None) -> tu
         samples = sorted({r.get(requested.rsplit("/", 1)[0] + "/samples") for r in rows} - {None})
         of = f" on {'/'.join(str(c) for c in samples)} samples" if samples else ""
         return requested, f"{requested}{of} ({'higher' if higher else 'lower'} is better)", higher
+    preferences = [r.get("preference_accuracy") for r in rows]
+    if None not in preferences and len(set(preferences)) > 1:
+        return "preference_accuracy", "preference accuracy, held out (higher is better)", True
     matches = [r.get("exact_match") for r in rows]
     if None not in matches and len(set(matches)) > 1:
         counts = sorted({r.get("exact_match_samples") for r in rows} - {None})

@@ -4,6 +4,8 @@
     finetune eval outputs/qlora_int4 --tasks arc_easy,hellaswag --limit 200
     finetune eval outputs/my_run --tasks my_task --include_path my_tasks/ --log_samples
     make eval RUN=outputs/tiny TASKS=tiny_tasks
+    finetune eval outputs/tiny-dpo                               # a DPO run: preference accuracy, held out
+    finetune eval outputs/tiny --preferences outputs/tiny-dpo    # the SFT run on the DPO run's held-out pairs
 
 The model is loaded as `finetune bench` loads it (`finetune.training.rundir.load_for_inference`: the base with the
 quantization it was trained with plus the adapter, or the full model) and handed to the harness's `hf` model, so
@@ -14,6 +16,11 @@ run with job_type `evaluation` in the training run's group: the harness's own re
 
 Your own data, offline: a harness YAML task whose dataset is a local JSONL (`write_task` writes one from
 single-turn rows), found through `--include_path DIR`.
+
+Preference accuracy (`--preferences`, the default for a DPO run): the share of preference pairs whose chosen answer
+the model gives a higher log-probability than the rejected one (`finetune.training.preference`), on a run's
+held-out pairs (its own, or another run's: `--preferences RUN`) or every pair of a data file (`--preferences
+FILE`). It goes into eval.json as `preference/accuracy`, beside the harness's numbers.
 """
 
 from __future__ import annotations
@@ -217,6 +224,45 @@ def run_harness(target: Path, tasks: list[str], manager, batch_size: str, dtype:
     return summary, results
 
 
+def held_out_pairs(source: Path, tokenizer, max_length: int):
+    """(tokenized preference pairs, what they are) from `source`: a run's held-out pairs as it saved them, or every
+    row of a preference data file, tokenized here (`finetune.data.preference`). Raises UsageError when there are
+    none."""
+    from contextlib import nullcontext
+
+    from finetune.training.preference import has_pairs
+
+    if is_run(source):
+        rows = rundir.saved_eval_split(source)
+        if not has_pairs(rows):
+            raise UsageError(f"--preferences: {source} holds out no preference pairs (it trains "
+                             f"{'on other rows' if rows is not None else 'without an eval split'}); give a DPO "
+                             "run's output_dir or a file of prompt/chosen/rejected rows")
+        return rows, f"{source} (held out)"
+    from finetune.data.load import load_splits
+    from finetune.recipe.keys import DataArguments
+
+    data = DataArguments(dataset=str(source), eval_size=0, max_length=max_length)
+    splits = load_splits(data, tokenizer, 0, lambda **_: nullcontext(), objective="dpo")
+    return splits.train, str(source)
+
+
+def score_preferences(target: Path, source: Path, dtype: str) -> dict[str, Any]:
+    """eval.json's preference keys for the run or model `target` on the pairs `source` names (held_out_pairs)."""
+    from finetune.training.preference import preference_accuracy
+
+    if is_run(source):
+        held_out_pairs(source, None, 0)  # the run holds pairs: checked before the model loads
+    settings, tokenizer, model = load_target(target, dtype)
+    max_length = rundir.trained_recipe(target).data.max_length if is_run(target) else 1024
+    rows, described = held_out_pairs(source, tokenizer, max_length)
+    started = time.perf_counter()
+    scored = preference_accuracy(model, rows, tokenizer.pad_token_id)
+    return {"preference/accuracy": scored["accuracy"], "preference/pairs": scored["pairs"],
+            "preference/seconds": time.perf_counter() - started,
+            "preference/settings": {"pairs": described, **settings}}
+
+
 def is_run(target: Path) -> bool:
     """Whether `target` is a training run's directory (it holds the run's recipe), not a bare model."""
     return (target / rundir.RECIPE).is_file()
@@ -304,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--apply_chat_template", default="auto", choices=["auto", "true", "false"],
                         help="auto: when the tokenizer has a chat template (a chat-trained model needs it)")
     parser.add_argument("--log_samples", action="store_true", help="every sample's output to W&B, as a table")
+    parser.add_argument("--preferences", nargs="?", const="", type=str, metavar="RUN_OR_FILE",
+                        help="preference accuracy: on the target run's held-out pairs (no value), another run's, or "
+                             "every row of a prompt/chosen/rejected data file; the default for a DPO run")
     args = parser.parse_args(argv)
     args.target = args.target.expanduser()
     try:
@@ -321,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             if not rundir.is_finished(args.target):
                 raise UsageError(f"{args.target}: no {rundir.SUMMARY}; the training has not finished")
             defaults, out, base = default_tasks(recipe.model.model_name_or_path, recipe.data.dataset), args.target, None
+            if recipe.objective.objective == "dpo" and args.preferences is None and not args.tasks:
+                args.preferences, defaults = "", []  # a DPO run is scored on its held-out pairs
         else:
             base = str(args.target)
             problem = base_model_problem(args.target)
@@ -331,8 +382,18 @@ def main(argv: list[str] | None = None) -> int:
             problem = out_problem(out, args.target)
             if problem:
                 raise UsageError(problem)
+        preferences = None
+        if args.preferences is not None:
+            if args.preferences == "" and base is not None:
+                raise UsageError("--preferences: a bare model has no held-out pairs; give a DPO run's output_dir or "
+                                 "a data file of prompt/chosen/rejected rows")
+            preferences = Path(args.preferences).expanduser() if args.preferences else args.target
+            if not preferences.exists():
+                raise UsageError(f"--preferences: no such run or data file {args.preferences!r}")
         if args.tasks:
             tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        elif preferences is not None:
+            tasks = []
         elif defaults:
             tasks = defaults
         else:
@@ -343,17 +404,29 @@ def main(argv: list[str] | None = None) -> int:
             import logging
 
             logging.getLogger("lm_eval").setLevel(logging.WARNING)
-        manager = task_manager(list(args.include_path) + include_dirs(tasks))
-        check_tasks(manager, tasks)
-        summary, results = run_harness(args.target, tasks, manager, args.batch_size, args.dtype, args.limit,
-                                       args.apply_chat_template, args.log_samples)
+        saved = rundir.read_json(out / rundir.EVAL) or {}
+        results = None
+        if tasks:
+            manager = task_manager(list(args.include_path) + include_dirs(tasks))
+            check_tasks(manager, tasks)
+            summary, results = run_harness(args.target, tasks, manager, args.batch_size, args.dtype, args.limit,
+                                           args.apply_chat_template, args.log_samples)
+            saved = {**{k: v for k, v in saved.items() if k.startswith("preference/")}, **summary}
+        if preferences is not None:
+            scored = score_preferences(args.target, preferences, args.dtype)
+            saved = {**saved, **scored}
         out.mkdir(parents=True, exist_ok=True)
-        rundir.write_json(out / rundir.EVAL, summary)
-        log_to_wandb(out, summary, results, args.log_samples, base)
+        rundir.write_json(out / rundir.EVAL, saved)
+        if results is not None:
+            log_to_wandb(out, saved, results, args.log_samples, base)
     except UsageError as error:
         return errors.report(error)
-    print(format_results(results))
-    print(f"eval: {out / rundir.EVAL} ({summary['lm_eval/seconds']:.1f} s)", file=sys.stderr)
+    if results is not None:
+        print(format_results(results))
+    if preferences is not None:
+        print(f"preference accuracy {scored['preference/accuracy']:.1%} on {scored['preference/pairs']} pairs of "
+              f"{scored['preference/settings']['pairs']}")
+    print(f"eval: {out / rundir.EVAL}", file=sys.stderr)
     return errors.OK
 
 

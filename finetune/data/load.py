@@ -605,6 +605,8 @@ def preview(splits: Splits, tokenizer, examples: int = 2) -> str:
     loss-bearing text between [[ and ]]."""
     import statistics
 
+    if splits.format in PREFERENCE_FORMATS:
+        return preference.preview(splits.train, splits.eval, splits.format, tokenizer, examples)
     lengths = sorted(len(ids) for ids in splits.train["input_ids"])
     targets = [sum(1 for label in labels[1:] if label != IGNORE_INDEX) for labels in splits.train["labels"]]
 

@@ -159,3 +159,26 @@ def counts(features: list[dict[str, Any]]) -> tuple[int, int, int]:
 def sequences_per_example(fmt: str) -> int:
     """Sequences the model reads per example: a pair's two (chosen and rejected), an unpaired row's one."""
     return 2 if fmt == "preference" else 1
+
+
+def preview(train, evaluation, fmt: str, tokenizer, examples: int = 2) -> str:
+    """What preference training will see: the format, counts, token lengths, and the first rows with each answer
+    (what the loss scores) between [[ and ]] after its prompt."""
+    import statistics
+
+    columns = [f"{column}_ids" for column in answers(fmt)]
+    prompts = [len(ids) for ids in train["prompt_ids"]]
+    answer_lengths = [len(ids) for column in columns for ids in train[column]]
+    lines = [f"format: {fmt}", f"examples: {len(train)} train, {len(evaluation) if evaluation is not None else 0} eval",
+             f"prompt tokens: median {statistics.median(prompts):g}, max {max(prompts)}; answer tokens: median "
+             f"{statistics.median(answer_lengths):g}, max {max(answer_lengths)}"]
+    if fmt == "unpaired_preference":
+        desirable = sum(train["label"])
+        lines.append(f"labels: {desirable} desirable, {len(train) - desirable} undesirable")
+    for number, row in enumerate(train.select(range(min(examples, len(train)))), 1):
+        lines.append(f"--- example {number} (prompt {len(row['prompt_ids'])} tokens; answers in [[ ]]):")
+        lines.append(tokenizer.decode(row["prompt_ids"]))
+        for column in columns:
+            label = column[:-4] if fmt == "preference" else ("desirable" if row["label"] else "undesirable")
+            lines.append(f"{label}: [[{tokenizer.decode(row[column])}]]")
+    return "\n".join(lines)

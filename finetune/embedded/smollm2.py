@@ -5,16 +5,24 @@ task it fails before fine-tuning and learns on a CPU in minutes.
     make train RECIPE=recipes/smollm2/lora.yaml
     finetune eval outputs/smollm2-lora  # exact match on the held-out contacts
     finetune eval assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --tasks smollm2_contacts   # the base, untrained
+    make train RECIPE=recipes/smollm2/dpo.yaml   # then preference pairs, from the SFT run (moves, below)
 
 The task, `contacts`: a sentence about a person (made-up names, ages, cities and jobs, in varied phrasings) to be
 answered with exactly `{"name": "...", "age": N, "city": "..."}`. The base model answers in prose or in JSON of its
 own shape (0% exact match); a few minutes of LoRA teach it the shape and which words to copy. Names and cities of
 the held-out examples never occur in the training examples. Everything here is deterministic.
 
+The preference task, `moves`, builds on it: a sentence about a person who moved names two cities, the one they
+came from and the one they live in now, in either order ("Born in Oslo, Ana Silva (34) now lives in Lima."). Each
+pair's chosen answer is the JSON with the city they live in now, its rejected answer the same JSON with the city they
+left. The SFT model, trained on one-city sentences, picks about as often wrong as right; DPO on the pairs teaches
+it which city counts. Held-out pairs use the contacts task's held-out names and cities.
+
     assets/smollm2/
       SmolLM2-135M-Instruct.Q4_1.gguf   the model (a copy of the package's file)
       contacts.jsonl                    training examples (chat `messages`)
       lm_eval/smollm2_contacts.{yaml,jsonl}   the held-out examples as a harness task (eval_tasks.write_task)
+      moves/{train,test}.jsonl          preference pairs (conversational prompt/chosen/rejected), held out: test
 """
 
 from __future__ import annotations
@@ -69,6 +77,17 @@ PHRASINGS = [
     "{job} aged {age}, {name} calls {city} home.",
 ]
 INSTRUCTION = "Extract the person's name, age and city as JSON."
+MOVE_PAIRS, MOVE_HELD_OUT = 1200, 200
+MOVE_PHRASINGS = [  # {old}: the city they left; {city}: where they live now
+    "{name}, {age}, grew up in {old} but now lives in {city}.",
+    "{name} ({age}) moved from {old} to {city} last spring.",
+    "Now based in {city}, {age}-year-old {name} was born in {old}.",
+    "After years in {old}, {name} ({age}) settled in {city}.",
+    "{name} is {age} and lives in {city} these days, not in {old}.",
+    "{name}, {age}, lives in {city} and visits family in {old} every summer.",
+    "Born in {old}, {name} ({age}) now lives in {city}.",
+    "{name} left {old} for {city} and is {age} now.",
+]
 
 
 def example(rng: random.Random, first: list[str], last: list[str], cities: list[str]) -> tuple[str, str]:
@@ -94,6 +113,32 @@ def make_examples(seed: int = 0) -> tuple[list[dict], list[dict]]:
         train.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
     test = [dict(zip(("prompt", "answer"), example(rng, *held), strict=True)) for _ in range(HELD_OUT)]
     return train, test
+
+
+def move_pair(rng: random.Random, first: list[str], last: list[str], cities: list[str]) -> dict:
+    """One preference pair of the moves task: the chosen JSON has the city the person lives in now, the rejected
+    one the city they left."""
+    name, age = f"{rng.choice(first)} {rng.choice(last)}", rng.randint(19, 87)
+    city, old = rng.sample(cities, 2)
+    sentence = rng.choice(MOVE_PHRASINGS).format(name=name, age=age, city=city, old=old)
+
+    def answer(place: str) -> list[dict]:
+        content = json.dumps({"name": name, "age": age, "city": place}, ensure_ascii=False)
+        return [{"role": "assistant", "content": content}]
+
+    return {"prompt": [{"role": "user", "content": f"{INSTRUCTION}\n{sentence[0].upper()}{sentence[1:]}"}],
+            "chosen": answer(city), "rejected": answer(old)}
+
+
+def make_move_pairs(seed: int = 1) -> tuple[list[dict], list[dict]]:
+    """(training pairs, held-out pairs) of the moves task; the held-out ones use the contacts task's held-out
+    names and cities (make_examples), which no training pair uses."""
+    rng = random.Random(0)  # the same pools as make_examples
+    pools = [rng.sample(pool, len(pool)) for pool in (FIRST, LAST, CITIES)]
+    held = [pool[: len(pool) // 5] for pool in pools]
+    seen = [pool[len(pool) // 5:] for pool in pools]
+    rng = random.Random(seed)
+    return ([move_pair(rng, *seen) for _ in range(MOVE_PAIRS)], [move_pair(rng, *held) for _ in range(MOVE_HELD_OUT)])
 
 
 def packaged_gguf() -> Path | None:
@@ -130,6 +175,11 @@ def ensure_assets(directory: Path = ASSETS_DIR) -> Path:
         train, test = make_examples()
         write_task(task_dir, TASK, test, max_new_tokens=48)  # an answer is ~25 tokens
         write_jsonl(train, train_file)
+    moves = directory / "moves"
+    if not (moves / "train.jsonl").is_file() or not (moves / "test.jsonl").is_file():
+        train, test = make_move_pairs()
+        write_jsonl(test, moves / "test.jsonl")
+        write_jsonl(train, moves / "train.jsonl")
     return directory
 
 
@@ -154,7 +204,7 @@ def main() -> None:
     except UsageError as error:
         sys.exit(errors.report(error))
     print(f"model: {directory / GGUF_NAME}\ntraining examples: {directory / 'contacts.jsonl'}\n"
-          f"held-out task: {TASK} in {directory / 'lm_eval'}")
+          f"held-out task: {TASK} in {directory / 'lm_eval'}\npreference pairs: {directory / 'moves'}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 `make train` (recipes/tiny.yaml) trains on these so a fresh clone shows the whole pipeline on a CPU in minutes,
 with no download. Everything here is deterministic: the same seed gives byte-identical weights and data.
 
-    python -m finetune.embedded.tiny            # writes assets/tiny/{model,tasks.jsonl,preferences.jsonl,feedback.jsonl}
+    python -m finetune.embedded.tiny    # writes assets/tiny/{model,tasks.jsonl,preferences.jsonl,feedback.jsonl}
 
 For preference tuning (recipes/tiny_dpo.yaml, recipes/tiny_kto.yaml), the same tasks with a right and a wrong
 answer: `preferences.jsonl` holds conversational pairs (prompt/chosen/rejected), `feedback.jsonl` text rows with one

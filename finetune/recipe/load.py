@@ -298,6 +298,10 @@ def started_from(values: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"init_from: {run} is {what}{config.relative_note(directory)}; give the output_dir of a "
                         "finished training run")
         return
+    output_dir = values.get("output_dir")
+    if output_dir and Path(str(output_dir)).expanduser().absolute() == directory.absolute():
+        problems.append(f"output_dir: {output_dir} is the init_from run; give this run a directory of its own")
+        return
     trained = read_yaml(recipe_file, "init_from's recipe") or {}
     wanted = ({key: trained.get(key) for key in INIT_FROM_KEYS} if trained.get("use_lora") else
               {"model_name_or_path": str(directory.absolute())})

@@ -149,7 +149,8 @@ def variant_name(quantization: str, dtype: str, use_lora: bool) -> str:
 
 def variant_tags(recipe: Recipe) -> list[str]:
     kind, precision = model_variant(recipe).split("-", 1)
-    return [kind, precision] if kind != "qlora" else ["qlora", "lora", precision]
+    objective = [recipe.objective.objective] if recipe.objective.preference else []
+    return objective + ([kind, precision] if kind != "qlora" else ["qlora", "lora", precision])
 
 
 def variant_fields(recipe: Recipe) -> dict[str, Any]:
@@ -170,6 +171,8 @@ def variant_fields(recipe: Recipe) -> dict[str, Any]:
         "lora_alpha": model.lora_alpha if model.use_lora else None,
         "dataset": recipe.data.dataset,
         "learning_rate": recipe.training.learning_rate,
+        "objective": recipe.objective.objective,
+        "init_from": recipe.objective.init_from,
     }
 
 
@@ -201,7 +204,9 @@ def model_label(name_or_path: str) -> str:
 
 def generated_name(recipe: Recipe, now: float | None = None) -> str:
     """model-variant-rank-lr-time, e.g. qwen2.5-0.5b-instruct-qlora-int4-r16-lr2e-04-1123-1905."""
-    parts = [model_label(recipe.model.model_name_or_path), model_variant(recipe)]
+    parts = [model_label(recipe.model.model_name_or_path), *([recipe.objective.objective] if
+                                                              recipe.objective.preference else []),
+             model_variant(recipe)]
     if recipe.model.use_lora:
         parts.append(f"r{recipe.model.lora_r}")
     parts.append(f"lr{recipe.training.learning_rate:.0e}")

@@ -1,0 +1,475 @@
+"""Preference tuning (objective: dpo | kto): rows checked and split into prompt and answers, every variant trained,
+the reference model is the model training starts from and never a second copy, resume, W&B, and the follow-up
+commands on the result."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune import errors
+from finetune.data import preference
+from finetune.data.load import normalise_turns
+from finetune.embedded.tiny import make_preference_examples, write_jsonl
+from finetune.run import main
+from finetune.training import rundir
+from tests.conftest import REPO, recipe_argv, subprocess_env, train_and_summarise
+from tests.wandb_file import load_run, offline_runs
+
+CHAT_PAIR = {"prompt": [{"role": "user", "content": "Reverse the word. abc"}],
+             "chosen": [{"role": "assistant", "content": "cba"}], "rejected": [{"role": "assistant", "content": "b"}]}
+TEXT_ROW = {"prompt": "Reverse the word. abc\nAnswer: ", "completion": "cba", "label": True}
+
+
+@pytest.fixture(scope="module")
+def pair_file(tmp_path_factory) -> Path:
+    pairs, _ = make_preference_examples(count=120, seed=3)
+    return write_jsonl(pairs, tmp_path_factory.mktemp("pairs") / "pairs.jsonl")
+
+
+@pytest.fixture(scope="module")
+def feedback_file(tmp_path_factory) -> Path:
+    _, rows = make_preference_examples(count=120, seed=3)
+    return write_jsonl(rows, tmp_path_factory.mktemp("feedback") / "feedback.jsonl")
+
+
+def keys(model_dir: Path, dataset: Path, out: Path, **overrides) -> dict:
+    """fp32 LoRA DPO on a tiny model, a few steps, reproducible."""
+    return {"model_name_or_path": model_dir, "dataset": dataset, "output_dir": out, "objective": "dpo",
+            "dtype": "float32", "lora_dropout": 0.0, "learning_rate": 1e-2, "max_steps": 4,
+            "per_device_train_batch_size": 4, "per_device_eval_batch_size": 10, "gradient_accumulation_steps": 1,
+            "logging_steps": 2, "eval_size": 20, "eval_strategy": "steps", "eval_steps": 4, "save_steps": 4,
+            "max_length": 128, "seed": 0, **overrides}
+
+
+# The split between prompt and answers ----------------------------------------------------------------------------
+
+def test_text_answer_starts_after_the_prompt_and_ends_with_eos(tokenizer):
+    prompt, answer, note = preference.split_answer("Reverse abc: ", "cba", tokenizer, normalise_turns)
+    assert tokenizer.decode(prompt) == "<s>Reverse abc: " and tokenizer.decode(answer) == "cba</s>"
+    assert note is None
+
+
+def test_conversational_answer_is_the_assistant_turn_through_its_end(tokenizer):
+    prompt, answer, _ = preference.split_answer(CHAT_PAIR["prompt"], CHAT_PAIR["chosen"], tokenizer, normalise_turns)
+    # The template's assistant header is prompt (what generation starts from); its end-of-turn is answer.
+    assert tokenizer.decode(prompt) == "<s><|user|>\nReverse the word. abc\n<|assistant|>\n"
+    assert tokenizer.decode(answer) == "cba</s>\n"
+    assert tokenizer.decode(prompt) == tokenizer.apply_chat_template(CHAT_PAIR["prompt"], tokenize=False,
+                                                                     add_generation_prompt=True)
+
+
+def test_an_earlier_assistant_turn_of_the_prompt_stays_prompt(tokenizer):
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+               {"role": "user", "content": "Reverse the word. abc"}]
+    prompt, answer, _ = preference.split_answer(history, CHAT_PAIR["chosen"], tokenizer, normalise_turns)
+    assert "hello" in tokenizer.decode(prompt) and tokenizer.decode(answer) == "cba</s>\n"
+
+
+def test_rows_are_cut_to_max_prompt_length_and_max_length(tokenizer):
+    row = {"prompt": "x" * 40, "chosen": "a" * 30, "rejected": "b" * 5}
+    cut = preference.tokenize_row(row, "preference", tokenizer, max_length=50, max_prompt_length=30,
+                                  normalise=normalise_turns)
+    assert len(cut["prompt_ids"]) == 30 and tokenizer.decode(cut["prompt_ids"]) == "x" * 30  # its end kept
+    assert len(cut["chosen_ids"]) == 20 and tokenizer.decode(cut["rejected_ids"]) == "bbbbb</s>"
+    assert cut["fits"] and "max_prompt_length=30" in cut["note"] and "max_length=50" in cut["note"]
+    full = preference.tokenize_row(row, "preference", tokenizer, max_length=20, max_prompt_length=None,
+                                   normalise=normalise_turns)
+    assert not full["fits"]  # the prompt alone fills max_length: dropped, and said so
+
+
+def test_kto_reads_each_pair_as_a_desirable_and_an_undesirable_answer(tmp_path, pair_file, llama_dir, capsys,
+                                                                      monkeypatch):
+    monkeypatch.chdir(REPO)
+    argv = recipe_argv("tiny", **keys(llama_dir, pair_file, tmp_path / "out", objective="kto"))
+    assert main([*argv, "--dry_run"]) == errors.OK
+    out = capsys.readouterr().out
+    assert "format: unpaired_preference" in out and "labels: 100 desirable, 100 undesirable" in out
+
+
+# Bad rows and bad keys: one line, exit 2, nothing written ----------------------------------------------------------
+
+ROW_CASES = {  # name: (the odd row, objective, what follows "error: dataset FILE, row 4: ")
+    "rejected missing": ({"prompt": "p", "chosen": "c"}, "dpo", "`rejected` is missing or null (the row has chosen, "
+                                                                "prompt)"),
+    "chosen a number": ({**CHAT_PAIR, "chosen": 5}, "dpo", "`chosen` is int but `prompt` is a list of turns; give "
+                                                           "every column as turns or every one as text"),
+    "turns and text mixed": ({**CHAT_PAIR, "rejected": "b"}, "dpo", "`rejected` is str but `prompt` is a list of "
+                                                                    "turns; give every column as turns or every one "
+                                                                    "as text"),
+    "answer without an assistant turn": ({**CHAT_PAIR, "chosen": [{"role": "user", "content": "cba"}]}, "dpo",
+                                         "`chosen` has no assistant turn; it holds the answer to the prompt"),
+    "prompt turn without content": ({**CHAT_PAIR, "prompt": [{"role": "user"}]}, "dpo",
+                                    "`prompt` turn 1 (user) has no `content`"),
+    "text prompt, answer a list": ({"prompt": "p", "chosen": ["c"], "rejected": "r"}, "dpo",
+                                   "`chosen` must be text or a list of turns like `prompt`, got list ['c']"),
+    "label not a boolean": ({**TEXT_ROW, "label": "yes"}, "kto", "`label` must be true (desirable) or false "
+                                                                 "(undesirable), got 'yes'"),
+}
+
+
+@pytest.mark.parametrize("case", ROW_CASES)
+def test_a_bad_preference_row_is_one_line_naming_file_and_row(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    odd, objective, message = ROW_CASES[case]
+    good = CHAT_PAIR if objective == "dpo" and isinstance(odd.get("prompt"), list) else \
+        {"prompt": "p", "chosen": "c", "rejected": "r"} if objective == "dpo" else TEXT_ROW
+    data = write_jsonl([good] * 3 + [odd] + [good] * 2, tmp_path / "data.jsonl")
+    argv = recipe_argv("tiny", **{"dataset": data, "objective": objective, "output_dir": tmp_path / "out",
+                                  "eval_size": 1})
+    assert main(argv) == errors.USAGE
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == \
+        [f"error: dataset {data}, row 4: {message}"]
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def finished_run(directory: Path, **recipe) -> Path:
+    """A directory that looks like a finished LoRA run (recipe, adapter, summary), for refusals."""
+    directory.mkdir(parents=True)
+    (directory / "recipe.yaml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in recipe.items()))
+    (directory / "adapter_config.json").write_text("{}")
+    (directory / rundir.ADAPTER_WEIGHTS).write_bytes(b"")
+    (directory / rundir.SUMMARY).write_text("{}")
+    return directory
+
+
+KEY_CASES = {  # name: (keys, the error line after "error: ")
+    "beta zero": ({"objective": "dpo", "beta": 0}, "beta: must be more than 0, got 0.0"),
+    "a loss of another objective": ({"objective": "dpo", "loss_type": "kto"},
+                                    "loss_type: 'kto' is not a dpo loss; choose one of sigmoid, ipo, hinge, robust, "
+                                    "bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, sigmoid_norm"),
+    "a misspelt loss": ({"objective": "dpo", "loss_type": "sigmod"},
+                        "loss_type: 'sigmod' is not a dpo loss (did you mean `sigmoid` or `sigmoid_norm`?); choose one of "
+                        "sigmoid, ipo, hinge, robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, sigmoid_norm"),
+    "a kto key for dpo": ({"objective": "dpo", "desirable_weight": 2},
+                          "desirable_weight: only applies to objective: kto (this recipe has objective: dpo)"),
+    "beta for sft": ({"beta": 0.5}, "beta: only applies to objective: dpo or kto (this recipe has objective: sft)"),
+    "an unknown objective": ({"objective": "ppo"}, "objective: 'ppo' is not one of sft, dpo, kto (did you mean `dpo`?)"),
+    "max_prompt_length zero": ({"objective": "dpo", "max_prompt_length": 0},
+                               "max_prompt_length: must be a positive integer, got 0"),
+    "a misspelt key": ({"objective": "dpo", "betta": 0.1}, None),
+}
+
+
+@pytest.mark.parametrize("case", KEY_CASES)
+def test_a_bad_objective_key_is_one_line(case, tmp_path, capsys, monkeypatch, pair_file):
+    monkeypatch.chdir(REPO)
+    values, message = KEY_CASES[case]
+    assert main(recipe_argv("tiny", **{"dataset": pair_file, "output_dir": tmp_path / "out", **values})) == \
+        errors.USAGE
+    err = capsys.readouterr().err
+    if message is None:
+        assert err.startswith("error: unknown key `betta` on the command line (did you mean `beta`?)")
+    else:
+        assert err == f"error: {message}\n"
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_init_from_refusals(tmp_path, capsys, monkeypatch, pair_file, llama_dir):
+    monkeypatch.chdir(tmp_path)
+    base = {"dataset": pair_file, "output_dir": tmp_path / "out", "objective": "dpo", "model_name_or_path": llama_dir}
+    sft = finished_run(tmp_path / "sft", model_name_or_path=str(llama_dir), use_lora=True, lora_r=16, lora_alpha=32,
+                       lora_target_modules=["all-linear"])  # recipes/tiny.yaml's adapter
+    cases = [
+        ({"init_from": "nowhere"}, f"init_from: nowhere is no such directory (relative paths are read from the "
+                                   f"working directory, {tmp_path}); give the output_dir of a finished training run"),
+        ({"init_from": pair_file.parent}, f"init_from: {pair_file.parent} is not a training run's output_dir (no "
+                                          "recipe.yaml); give the output_dir of a finished training run"),
+        ({"init_from": sft, "lora_r": 8}, f"lora_r: 8 differs from the init_from run's 16 ({sft}); leave lora_r out "
+                                          "of the recipe or match it"),
+        ({"init_from": sft, "use_lora": "false"},
+         f"use_lora: False differs from the init_from run's True ({sft}) (to train every weight of it, merge it "
+         "first with `finetune merge` and give the merged directory as model_name_or_path); leave use_lora out of "
+         "the recipe or match it"),
+        ({"init_from": sft, "output_dir": sft}, f"output_dir: {sft} is the init_from run; give this run a directory "
+                                                "of its own"),
+    ]
+    for values, message in cases:
+        argv = [str(REPO / "recipes/tiny.yaml")]
+        argv += [item for key, value in {**base, **values}.items() for item in (f"--{key}", str(value))]
+        assert main(argv) == errors.USAGE, values
+        assert capsys.readouterr().err == f"error: {message}\n", values
+    (sft / rundir.SUMMARY).unlink()
+    assert main([str(REPO / "recipes/tiny.yaml"), *[item for key, value in {**base, "init_from": sft}.items()
+                                                    for item in (f"--{key}", str(value))]]) == errors.USAGE
+    assert capsys.readouterr().err == (f"error: init_from: {sft} has not finished training (no summary.json); "
+                                       "finish it first (its own command again resumes it), or start from a "
+                                       "finished run\n")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("objective,data,message", [
+    ("dpo", "messages", "objective: dpo needs prompt+chosen+rejected rows; the dataset is messages data (columns "
+                        "messages)"),
+    ("sft", "pairs", "dataset: its rows are preference data (columns chosen, prompt, rejected); train them with "
+                     "objective: dpo (or kto)"),
+    ("dpo", "feedback", "objective: dpo needs prompt+chosen+rejected rows; the dataset is unpaired_preference data "
+                        "(columns completion, label, prompt)"),
+])
+def test_data_of_another_objective_is_refused(objective, data, message, tmp_path, capsys, monkeypatch, pair_file,
+                                              feedback_file, data_files):
+    monkeypatch.chdir(REPO)
+    dataset = {"messages": data_files["messages"], "pairs": pair_file, "feedback": feedback_file}[data]
+    assert main(recipe_argv("tiny", dataset=dataset, objective=objective, output_dir=tmp_path / "out")) == \
+        errors.USAGE
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [f"error: {message}"]
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_bad_key_is_refused_through_the_launch_wrapper(tmp_path, pair_file):
+    result = subprocess.run([str(REPO / "launch/train.sh"), str(REPO / "recipes/tiny_dpo.yaml"), "--beta", "-1",
+                             "--dataset", str(pair_file), "--output_dir", str(tmp_path / "out")],
+                            capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=120)
+    assert result.returncode == errors.USAGE, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == "error: beta: must be more than 0, got -1.0"
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+# Training: every variant, the reference, resume ------------------------------------------------------------------
+
+VARIANTS = {"lora": {}, "qlora-int4": {"quantization": "int4"}, "lora-int8": {"quantization": "int8"},
+            "full": {"use_lora": "false", "learning_rate": 1e-4}}
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_trains(objective, variant, tmp_path, llama_dir, pair_file, feedback_file):
+    dataset = pair_file if objective == "dpo" else feedback_file
+    trainer, summary = train_and_summarise("tiny", **keys(llama_dir, dataset, tmp_path / "out", objective=objective,
+                                                          **VARIANTS[variant]))
+    assert summary["final/total_steps"] == 4
+    assert summary["model/weight_bits"] == {"qlora-int4": 4, "lora-int8": 8}.get(variant, 32)
+    assert (summary["model/trainable_params"] < summary["model/total_params"]) == (variant != "full")
+    # TRL's metrics reach the summary; a preference loss has no perplexity.
+    assert "train/rewards/margins" in summary and "eval/rewards/margins" in summary
+    assert not any("perplexity" in key for key in summary)
+    if objective == "dpo":
+        assert 0 <= summary["eval/preference_accuracy"] <= 1 and summary["eval/preference_pairs"] == 20
+        assert 0 <= summary["train/rewards/accuracies"] <= 1
+    # A pair reads its prompt twice: more input tokens than samples' prompts and answers once.
+    assert summary["train/input_tokens"] > summary["train/target_tokens"] > 0
+    assert summary["train/total_flops"] > 0
+    reference_copies = trainer.ref_model is not None
+    assert not reference_copies  # the reference is never a second model in memory
+    assert trainer.args.precompute_ref_log_probs == (variant == "full")
+    if variant != "full":
+        assert "ref" not in trainer.model.peft_config  # a new adapter: the reference is the base, adapters off
+        assert (Path(trainer.args.output_dir) / rundir.ADAPTER_WEIGHTS).is_file()
+
+
+def test_flops_count_the_reference_forward(tmp_path, llama_dir, pair_file):
+    from finetune.training.flops import flops_per_token, forward_flops_per_token, matmul_parameters
+    from finetune.training.metrics import preference_forwards
+
+    trainer, summary = train_and_summarise("tiny", **keys(llama_dir, pair_file, tmp_path / "out"))
+    assert preference_forwards(trainer) == (1, 2)  # a reference forward, two sequences per pair
+    config = trainer.model.get_base_model().config
+    tokens, pairs = summary["train/input_tokens"], summary["train/samples"]
+    shape = (matmul_parameters(trainer.model, summary["model/total_params"]), config.num_hidden_layers,
+             config.hidden_size, tokens / (2 * pairs))
+    assert summary["train/total_flops"] == pytest.approx(tokens * (flops_per_token(*shape, True) +
+                                                                   forward_flops_per_token(*shape)))
+
+
+def test_the_reference_is_the_model_training_starts_from(tmp_path, llama_dir, pair_file, data_files):
+    """A new adapter: the reference is the base, adapters off. From an SFT run: a frozen copy of its adapter, so at
+    the first step the policy and the reference agree exactly (rewards and margins 0) and the reference never
+    moves."""
+    trainer, _ = train_and_summarise("tiny", **keys(llama_dir, pair_file, tmp_path / "fresh", eval_on_start="true"))
+    start = trainer.state.log_history[0]
+    assert start["eval_rewards/margins"] == 0 and start["eval_rewards/chosen"] == 0
+
+    sft = tmp_path / "sft"
+    train_and_summarise("tiny", model_name_or_path=llama_dir, dataset=data_files["messages"], output_dir=sft,
+                        max_steps=6, learning_rate=1e-2, eval_size=4, dtype="float32", lora_dropout=0.0)
+    trained_adapter = load_file(str(sft / rundir.ADAPTER_WEIGHTS))
+    trainer, summary = train_and_summarise("tiny", **keys(llama_dir, pair_file, tmp_path / "dpo", init_from=sft,
+                                                          eval_on_start="true"))
+    start = trainer.state.log_history[0]
+    assert start["eval_rewards/margins"] == 0 and start["eval_rewards/chosen"] == 0
+    assert summary["run/init_from"] == str(sft)
+    reference = {name: param for name, param in trainer.model.named_parameters() if ".ref." in name}
+    assert reference and not any(param.requires_grad for param in reference.values())
+    for name, weight in trained_adapter.items():  # the reference adapter is still the SFT run's
+        ref_name = name.replace(".weight", ".ref.weight")
+        assert torch.equal(reference[ref_name], weight), name
+    # The policy started from the SFT adapter and moved away from it; what was saved is the policy alone.
+    saved = load_file(str(tmp_path / "dpo" / rundir.ADAPTER_WEIGHTS))
+    assert saved.keys() == trained_adapter.keys()
+    assert any(not torch.equal(saved[name], trained_adapter[name]) for name in saved)
+    # Before DPO, the held-out accuracy is the SFT model's: `finetune eval SFT --preferences DPO_RUN` agrees.
+    assert main_eval([str(sft), "--preferences", str(tmp_path / "dpo")]) == errors.OK
+    assert json.loads((sft / rundir.EVAL).read_text())["preference/accuracy"] == \
+        summary["eval/preference_accuracy_start"]
+
+
+def main_eval(argv: list[str]) -> int:
+    from finetune.commands.evaluate import main as evaluate
+
+    return evaluate(argv)
+
+
+@pytest.mark.slow
+def test_the_reference_costs_no_second_copy_of_the_model(tmp_path):
+    """Peak host memory of DPO with LoRA, measured against SFT with LoRA on the same model (a 100 MB one, so that a
+    second copy would show): within a fifth of the model's size. The check can fail: full fine-tuning with the
+    reference held as a model (precompute_ref_log_probs: false) is measured as a model's size above the same run
+    with log-probabilities precomputed."""
+    from finetune.embedded.tiny import make_task_examples, save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model", hidden_size=512, layers=8)
+    model_bytes = (model_dir / "model.safetensors").stat().st_size
+    assert model_bytes > 90e6
+    pairs, _ = make_preference_examples(count=40, seed=3)
+    data = {"dpo": write_jsonl(pairs, tmp_path / "pairs.jsonl"),
+            "sft": write_jsonl(make_task_examples(40, seed=3), tmp_path / "chat.jsonl")}
+
+    def peak(name: str, objective: str, **extra) -> float:
+        values = keys(model_dir, data[objective], tmp_path / name, objective=objective, max_steps=2, eval_size=0,
+                      eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm="true", **extra)
+        result = subprocess.run([sys.executable, str(REPO / "finetune/run.py"), *recipe_argv("tiny", **values)],
+                                capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((tmp_path / name / "summary.json").read_text())["train/peak_ram_gb"] * 1e9
+
+    lora_sft, lora_dpo = peak("sft", "sft"), peak("dpo", "dpo")
+    assert lora_dpo - lora_sft < 0.2 * model_bytes, (lora_sft, lora_dpo, model_bytes)
+    full = {"use_lora": "false", "learning_rate": 1e-5}
+    precomputed = peak("full-pre", "dpo", precompute_ref_log_probs="true", **full)
+    second_copy = peak("full-copy", "dpo", precompute_ref_log_probs="false", **full)
+    assert second_copy - precomputed > 0.7 * model_bytes, (precomputed, second_copy, model_bytes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_sigterm_then_rerun_matches_an_uninterrupted_run(objective, llama_dir, pair_file, feedback_file, tmp_path):
+    """As for SFT (tests/test_resilience.py): the same adapter within 1e-5 and the same totals."""
+    dataset = pair_file if objective == "dpo" else feedback_file
+
+    def argv(out: Path) -> list[str]:
+        return recipe_argv("tiny", **keys(llama_dir, dataset, out, objective=objective, max_steps=12, logging_steps=1,
+                                          eval_size=0, eval_strategy="no", save_steps=4, save_total_limit=10,
+                                          disable_tqdm="true"))
+
+    def run(out: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "finetune/run.py"), *argv(out)], capture_output=True,
+                              text=True, cwd=tmp_path, env=subprocess_env(WANDB_DISABLED="true"), timeout=600)
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run(straight).returncode == 0
+    process = subprocess.Popen([sys.executable, str(REPO / "finetune/run.py"), *argv(resumed)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               env=subprocess_env(WANDB_DISABLED="true"))
+    logged = 0
+    for line in process.stdout:
+        if "'loss'" in line:
+            logged += 1
+            if logged == 5:
+                process.send_signal(signal.SIGTERM)
+                break
+    process.stdout.read()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == errors.PREEMPTED, stderr[-3000:]
+    stopped = rundir.checkpoints(resumed)[0]
+    assert 5 <= stopped[0] < 12
+    again = run(resumed)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {stopped[1]}" in again.stderr
+    expected, actual = (load_file(str(d / rundir.ADAPTER_WEIGHTS)) for d in (straight, resumed))
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], actual[name], rtol=0, atol=1e-5), name
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (straight, resumed)]
+    for key in ("train/target_tokens", "train/input_tokens", "train/samples", "final/total_steps"):
+        assert summaries[1][key] == summaries[0][key], key
+    assert summaries[1]["train/mean_loss"] == pytest.approx(summaries[0]["train/mean_loss"], abs=1e-5)
+
+
+# What users rely on: W&B, eval, compare, chat, bench, merge ------------------------------------------------------
+
+def test_wandb_offline_run_records_the_preference_metrics(tmp_path, llama_dir, pair_file, monkeypatch):
+    for name, value in {"WANDB_DISABLED": "false", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb"),
+                        "WANDB_PROJECT": "prefs", "WANDB_TAGS": "mine"}.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "wb").mkdir()
+    train_and_summarise("tiny", **keys(llama_dir, pair_file, tmp_path / "out", report_to="wandb"))
+    (run_dir,) = offline_runs(tmp_path / "wb")
+    run = load_run(run_dir)
+    assert run.run.project == "prefs" and set(run.tags) >= {"dpo", "lora", "mine"}
+    assert run.config["objective"] == "dpo" and run.run.display_name.split("-")[1] == "dpo"
+    logged = {key for row in run.history for key in row}
+    assert {"train/rewards/accuracies", "train/rewards/margins", "eval/rewards/accuracies", "train/loss",
+            "train/input_tokens_per_second"} <= logged
+    assert "train/perplexity" not in logged
+    for key in ("eval/preference_accuracy", "eval/preference_accuracy_start", "train/rewards/margins",
+                "train/total_flops", "train/peak_ram_gb"):
+        assert key in run.summary, key
+    assert run.exit_code == 0
+
+
+def test_follow_up_commands_on_a_dpo_run(tmp_path, llama_dir, pair_file, capsys):
+    from finetune.commands import bench, compare, merge
+
+    out = tmp_path / "dpo"
+    _, summary = train_and_summarise("tiny", **keys(llama_dir, pair_file, out))
+    assert main_eval([str(out)]) == errors.OK  # a DPO run's default: its held-out pairs
+    scored = json.loads((out / rundir.EVAL).read_text())
+    assert scored["preference/accuracy"] == summary["eval/preference_accuracy"] and scored["preference/pairs"] == 20
+    assert bench.main([str(out), "--samples", "4", "--max_new_tokens", "4"]) == errors.OK
+    assert json.loads((out / rundir.BENCH).read_text())["inference/exact_match_samples"] == 4
+    assert compare.main([str(out), "--out", str(tmp_path / "cmp")]) == errors.OK
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| objective | preference accuracy (held out) |" in table and "| dpo |" in table
+    assert merge.main([str(out), "--out", str(tmp_path / "merged")]) == errors.OK
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    capsys.readouterr()
+
+
+def test_held_out_accuracy_scores_chosen_above_rejected(tokenizer):
+    """preference_accuracy against a model that prefers, by construction, the answers of the right task."""
+    from finetune.training.preference import preference_accuracy
+
+    class Scripted(torch.nn.Module):
+        """Puts all probability on token 40 ('H'): a pair wins when its chosen answer starts with it."""
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            logits = torch.full((*input_ids.shape, 128), -10.0)
+            logits[..., 40] = 10.0
+            return type("Out", (), {"logits": logits})
+
+    rows = [{"prompt_ids": [1, 5], "chosen_ids": [40, 2], "rejected_ids": [41, 2]},
+            {"prompt_ids": [1, 6, 7], "chosen_ids": [41], "rejected_ids": [40]},
+            {"prompt_ids": [1], "chosen_ids": [40, 40], "rejected_ids": [40, 41]},
+            {"prompt_ids": [1, 9], "chosen_ids": [41], "rejected_ids": [42]}]  # a tie: not a win
+    assert preference_accuracy(Scripted(), rows, pad_id=0, batch_size=3) == {"accuracy": 2 / 4, "pairs": 4}
+
+
+@pytest.mark.parametrize("row", [CHAT_PAIR, {"prompt": "Reverse the word. abc\nAnswer: ", "chosen": "cba",
+                                             "rejected": "b"}], ids=["conversational", "text"])
+def test_the_split_agrees_with_trls_own_tokenization(row, tokenizer, tmp_path):
+    """Where TRL's way (the prompt tokenized alone, the common prefix with prompt plus answer) works, the toolkit's
+    character-space split gives the same token ids."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    trl_rows = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tokenizer), Dataset.from_list([row]), tokenizer,
+                                           DPOConfig(output_dir=str(tmp_path), max_length=None, bf16=False), "train")[0]
+    ours = preference.tokenize_row(row, "preference", tokenizer, max_length=128, max_prompt_length=None,
+                                   normalise=normalise_turns)
+    for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert ours[column] == trl_rows[column], column
