@@ -139,12 +139,9 @@ def train(recipe: Recipe):
         batches = padding_free.plan(recipe.model, recipe.data) if not objective.preference else \
             padding_free.Plan(False, recipe.model.attn_implementation)
         set_seed(args.seed)
-        adapter = objective.init_from if objective.init_from and recipe.model.use_lora else None
+        adapter = rundir.trained_adapter(objective.init_from) if recipe.model.use_lora else None
         model = load_model(recipe.model, attention=batches.attention, adapter=adapter,
                            loss_head=not objective.preference)
-        # Held-out preference accuracy of the model training starts from (its checkpoint, if resumed, loads later).
-        start_accuracy = preference.preference_accuracy(model, eval_set, tokenizer.pad_token_id) \
-            if args.process_index == 0 and preference.has_pairs(eval_set) else None
 
         # 4. The run directory (recipe, history) and the W&B run: one of each per job, on the main process.
         if args.process_index == 0:
@@ -159,6 +156,9 @@ def train(recipe: Recipe):
         trainer = build_trainer(recipe, model, tokenizer, train_set, eval_set, batches.flatten,
                                 callbacks=tracking.callbacks(attempt.run, plan, recipe) + trial.callbacks())
         tracking.survive_service_loss(trainer.callback_handler.callbacks)
+        # Held-out preference accuracy of the model training starts from (a resumed run's checkpoint loads later).
+        scored = preference.has_pairs(eval_set)
+        start_accuracy = preference.held_out_accuracy(trainer, eval_set, tokenizer.pad_token_id) if scored else None
         trainer.fit(resume_from)
         if trainer.stopped_early:
             return resilience.end_early(trainer, attempt.run, output_dir)  # raises TrainingDiverged if non-finite
@@ -173,15 +173,16 @@ def train(recipe: Recipe):
             trainer.save_model(str(output_dir))
             if args.process_index == 0:
                 rundir.save_eval_split(output_dir, eval_set)  # what `finetune bench` prompts with, data or not
+        end_accuracy = preference.held_out_accuracy(trainer, eval_set, tokenizer.pad_token_id) if scored else None
         ranks.leave_process_group(trainer)
 
         # 8. Summarise: the same numbers in summary.json, the W&B summary and on the console.
         if args.process_index == 0:
             summary = trainer.summary()
-            if start_accuracy is not None:
-                end = preference.preference_accuracy(trainer.model, eval_set, tokenizer.pad_token_id)
+            if start_accuracy is not None and end_accuracy is not None:
                 summary.update({"eval/preference_accuracy_start": start_accuracy["accuracy"],
-                                "eval/preference_accuracy": end["accuracy"], "eval/preference_pairs": end["pairs"]})
+                                "eval/preference_accuracy": end_accuracy["accuracy"],
+                                "eval/preference_pairs": end_accuracy["pairs"]})
             if objective.init_from:
                 summary["run/init_from"] = str(Path(objective.init_from).expanduser().absolute())
             with resilience.disk_full_said(output_dir, rundir.SUMMARY, overwrite=recipe.run.overwrite_output_dir):

@@ -290,8 +290,12 @@ MUTANTS = [
 
     # Preference tuning: the reference is the model training starts from; the split and the accuracy are right.
     Mutant("dpo-reference-adapter-dropped", "finetune/training/trainer.py",
-           'if "ref" in peft_config and not recipe.objective.init_from:', 'if "ref" in peft_config:',
-           (PREFERENCE + "test_the_reference_is_the_model_training_starts_from",)),
+           'if "ref" in peft_config and rundir.trained_adapter(recipe.objective.init_from) is None:',
+           'if "ref" in peft_config:',
+           (PREFERENCE + "test_from_an_sft_run_the_reference_is_the_sft_model[none]",)),
+    Mutant("qlora-dpo-adapter-left-in-bf16", "finetune/training/trainer.py",
+           "            param.data = adapter[name]\n", "            pass\n",
+           (PREFERENCE + "test_from_an_sft_run_the_reference_is_the_sft_model[int4]",)),
     Mutant("dpo-answer-starts-a-token-late", "finetune/data/preference.py",
            "if b > a and b > start), len(ids))", "if b > a and a > start), len(ids))",
            (PREFERENCE + "test_the_split_agrees_with_trls_own_tokenization[conversational]",)),

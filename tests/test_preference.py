@@ -5,6 +5,7 @@ commands on the result."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from finetune.data.load import normalise_turns
 from finetune.embedded.tiny import make_preference_examples, write_jsonl
 from finetune.run import main
 from finetune.training import rundir
-from tests.conftest import REPO, recipe_argv, subprocess_env, train_and_summarise
+from tests.conftest import REPO, accelerate_launch, recipe_argv, run_to_end, subprocess_env, train_and_summarise
 from tests.wandb_file import load_run, offline_runs
 
 CHAT_PAIR = {"prompt": [{"role": "user", "content": "Reverse the word. abc"}],
@@ -73,6 +74,22 @@ def test_an_earlier_assistant_turn_of_the_prompt_stays_prompt(tokenizer):
     assert "hello" in tokenizer.decode(prompt) and tokenizer.decode(answer) == "cba</s>\n"
 
 
+def test_an_implicit_prompt_is_the_conversations_shared_first_turns(tokenizer):
+    """Hub datasets often give `chosen` and `rejected` as whole conversations: the shared turns are the prompt."""
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, *CHAT_PAIR["prompt"]]
+    implicit = {"chosen": history + CHAT_PAIR["chosen"], "rejected": history + CHAT_PAIR["rejected"]}
+    explicit = {**CHAT_PAIR, "prompt": history}
+    cut = {name: preference.tokenize_row(row, "preference", tokenizer, max_length=128, max_prompt_length=None,
+                                         normalise=normalise_turns) for name, row in (("implicit", implicit),
+                                                                                       ("explicit", explicit))}
+    assert cut["implicit"] == cut["explicit"]
+    # Answers that begin alike: the prompt still ends before the assistant's turn.
+    same_start = {"chosen": [*CHAT_PAIR["prompt"], {"role": "assistant", "content": "cba"}],
+                  "rejected": [*CHAT_PAIR["prompt"], {"role": "assistant", "content": "cba"},
+                               {"role": "user", "content": "sure?"}, {"role": "assistant", "content": "no"}]}
+    assert preference.shared_turns(same_start["chosen"], same_start["rejected"]) == 1
+
+
 def test_rows_are_cut_to_max_prompt_length_and_max_length(tokenizer):
     row = {"prompt": "x" * 40, "chosen": "a" * 30, "rejected": "b" * 5}
     cut = preference.tokenize_row(row, "preference", tokenizer, max_length=50, max_prompt_length=30,
@@ -109,9 +126,17 @@ ROW_CASES = {  # name: (the odd row, objective, what follows "error: dataset FIL
     "prompt turn without content": ({**CHAT_PAIR, "prompt": [{"role": "user"}]}, "dpo",
                                     "`prompt` turn 1 (user) has no `content`"),
     "text prompt, answer a list": ({"prompt": "p", "chosen": ["c"], "rejected": "r"}, "dpo",
-                                   "`chosen` must be text or a list of turns like `prompt`, got list ['c']"),
+                                   "`chosen` must be text, as `prompt` is; got list ['c']"),
+    "text pair without a prompt": ({"chosen": "Human: hi Assistant: yo", "rejected": "Human: hi Assistant: no"},
+                                   "dpo", "no `prompt`: text pairs need one (the prompt is split off only from "
+                                          "conversations, `chosen` and `rejected` as lists of turns that share their "
+                                          "first turns)"),
     "label not a boolean": ({**TEXT_ROW, "label": "yes"}, "kto", "`label` must be true (desirable) or false "
                                                                  "(undesirable), got 'yes'"),
+    "implicit prompt not shared": ({"chosen": [{"role": "user", "content": "a"}, CHAT_PAIR["chosen"][0]],
+                                    "rejected": [{"role": "user", "content": "b"}, CHAT_PAIR["rejected"][0]]}, "dpo",
+                                   "no `prompt`, and `chosen` and `rejected` don't start with the same turns (the "
+                                   "prompt); give a `prompt` column, or conversations that share their first turns"),
 }
 
 
@@ -131,6 +156,45 @@ def test_a_bad_preference_row_is_one_line_naming_file_and_row(case, tmp_path, ca
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
+def test_kto_on_implicit_pairs_names_a_bad_row(tmp_path, capsys, monkeypatch):
+    """KTO reshapes pairs into single answers before tokenizing: a bad pair is still named by its file and row."""
+    monkeypatch.chdir(REPO)
+    implicit = {"chosen": CHAT_PAIR["prompt"] + CHAT_PAIR["chosen"], "rejected": CHAT_PAIR["prompt"] +
+                CHAT_PAIR["rejected"]}
+    data = write_jsonl([implicit] * 3 + [{**implicit, "rejected": None}] + [implicit] * 2, tmp_path / "data.jsonl")
+    argv = recipe_argv("tiny", dataset=data, objective="kto", output_dir=tmp_path / "out", eval_size=1)
+    assert main(argv) == errors.USAGE
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == \
+        [f"error: dataset {data}, row 4: `rejected` is missing or null (the row has chosen)"]
+    assert "Traceback" not in err
+
+
+def test_sft_data_with_a_label_column_is_still_sft_data(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    data = write_jsonl([{"prompt": f"Q{i}: ", "completion": "A", "label": "x"} for i in range(20)],
+                       tmp_path / "data.jsonl")
+    assert main([*recipe_argv("tiny", dataset=data, output_dir=tmp_path / "out", eval_size=2), "--dry_run"]) == \
+        errors.OK
+    assert "format: prompt_completion" in capsys.readouterr().out
+
+
+def test_sweep_metrics_follow_the_objective():
+    from finetune.commands.sweep import check_metric
+
+    def problems(metric: str, objective: str) -> list[str]:
+        found = []
+        check_metric({"metric": {"name": metric}, "early_terminate": {"type": "hyperband", "min_iter": 2}},
+                     {"objective": objective, "eval_strategy": "steps"}, found)
+        return found
+
+    assert problems("eval/rewards/accuracies", "dpo") == [] and problems("train/rewards/margins", "kto") == []
+    assert problems("eval/rewards/accuracies", "sft") and problems("eval/perplexity", "dpo")
+    assert problems("eval/preference_accuracy", "dpo") == [
+        "metric: `eval/preference_accuracy` is in the summary only, and hyperband compares trials at log steps; use "
+        "one logged during training (eval/loss, train/loss, ...)"]
+
+
 def finished_run(directory: Path, **recipe) -> Path:
     """A directory that looks like a finished LoRA run (recipe, adapter, summary), for refusals."""
     directory.mkdir(parents=True)
@@ -147,14 +211,19 @@ KEY_CASES = {  # name: (keys, the error line after "error: ")
                                     "loss_type: 'kto' is not a dpo loss; choose one of sigmoid, ipo, hinge, robust, "
                                     "bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, sigmoid_norm"),
     "a misspelt loss": ({"objective": "dpo", "loss_type": "sigmod"},
-                        "loss_type: 'sigmod' is not a dpo loss (did you mean `sigmoid` or `sigmoid_norm`?); choose one of "
-                        "sigmoid, ipo, hinge, robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, sigmoid_norm"),
+                        "loss_type: 'sigmod' is not a dpo loss (did you mean `sigmoid` or `sigmoid_norm`?); choose one "
+                        "of sigmoid, ipo, hinge, robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, "
+                        "sigmoid_norm"),
     "a kto key for dpo": ({"objective": "dpo", "desirable_weight": 2},
                           "desirable_weight: only applies to objective: kto (this recipe has objective: dpo)"),
     "beta for sft": ({"beta": 0.5}, "beta: only applies to objective: dpo or kto (this recipe has objective: sft)"),
-    "an unknown objective": ({"objective": "ppo"}, "objective: 'ppo' is not one of sft, dpo, kto (did you mean `dpo`?)"),
+    "an unknown objective": ({"objective": "ppo"},
+                             "objective: 'ppo' is not one of sft, dpo, kto (did you mean `dpo`?)"),
     "max_prompt_length zero": ({"objective": "dpo", "max_prompt_length": 0},
                                "max_prompt_length: must be a positive integer, got 0"),
+    "sft_weight for kto": ({"objective": "kto", "sft_weight": 1},
+                           "sft_weight: only applies to objective: dpo (this recipe has objective: kto)"),
+    "sft_weight negative": ({"objective": "dpo", "sft_weight": -1}, "sft_weight: must be 0 or more, got -1.0"),
     "a misspelt key": ({"objective": "dpo", "betta": 0.1}, None),
 }
 
@@ -266,6 +335,19 @@ def test_every_variant_trains(objective, variant, tmp_path, llama_dir, pair_file
         assert (Path(trainer.args.output_dir) / rundir.ADAPTER_WEIGHTS).is_file()
 
 
+def test_sft_weight_adds_the_chosen_answers_cross_entropy(tmp_path, llama_dir, pair_file):
+    """sft_weight: TRL's DPO loss plus its `sft` loss on the chosen answers (RPO): a larger loss than DPO alone on the
+    same first batch, by the weighted cross-entropy."""
+    plain, _ = train_and_summarise("tiny", **keys(llama_dir, pair_file, tmp_path / "plain", max_steps=1,
+                                                   logging_steps=1))
+    rpo, _ = train_and_summarise("tiny", **keys(llama_dir, pair_file, tmp_path / "rpo", max_steps=1, logging_steps=1,
+                                                 sft_weight=0.5))
+    assert rpo.loss_types == ["sigmoid", "sft"] and rpo.loss_weights == [1.0, 0.5]
+    first = [next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry) for trainer in (plain, rpo)]
+    # At the first step policy = reference: DPO's loss is log 2; the rest is half the chosen tokens' mean NLL.
+    assert first[0] == pytest.approx(0.6931, abs=1e-3) and first[1] > first[0] + 0.5
+
+
 def test_flops_count_the_reference_forward(tmp_path, llama_dir, pair_file):
     from finetune.training.flops import flops_per_token, forward_flops_per_token, matmul_parameters
     from finetune.training.metrics import preference_forwards
@@ -280,36 +362,65 @@ def test_flops_count_the_reference_forward(tmp_path, llama_dir, pair_file):
                                                                    forward_flops_per_token(*shape)))
 
 
-def test_the_reference_is_the_model_training_starts_from(tmp_path, llama_dir, pair_file, data_files):
-    """A new adapter: the reference is the base, adapters off. From an SFT run: a frozen copy of its adapter, so at
-    the first step the policy and the reference agree exactly (rewards and margins 0) and the reference never
-    moves."""
+def test_a_new_adapters_reference_is_the_base(tmp_path, llama_dir, pair_file):
+    """A new adapter: the reference is the base, adapters off (no "ref" copy), so at the first step the policy and
+    the reference agree exactly: rewards and margins 0."""
     trainer, _ = train_and_summarise("tiny", **keys(llama_dir, pair_file, tmp_path / "fresh", eval_on_start="true"))
     start = trainer.state.log_history[0]
     assert start["eval_rewards/margins"] == 0 and start["eval_rewards/chosen"] == 0
+    assert "ref" not in trainer.model.peft_config and trainer.ref_model is None
 
-    sft = tmp_path / "sft"
-    train_and_summarise("tiny", model_name_or_path=llama_dir, dataset=data_files["messages"], output_dir=sft,
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, llama_dir, data_files) -> Path:
+    out = tmp_path_factory.mktemp("sft") / "run"
+    train_and_summarise("tiny", model_name_or_path=llama_dir, dataset=data_files["messages"], output_dir=out,
                         max_steps=6, learning_rate=1e-2, eval_size=4, dtype="float32", lora_dropout=0.0)
-    trained_adapter = load_file(str(sft / rundir.ADAPTER_WEIGHTS))
-    trainer, summary = train_and_summarise("tiny", **keys(llama_dir, pair_file, tmp_path / "dpo", init_from=sft,
-                                                          eval_on_start="true"))
+    return out
+
+
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_from_an_sft_run_the_reference_is_the_sft_model(quantization, tmp_path, llama_dir, pair_file, sft_run):
+    """From a LoRA run: a frozen copy of its adapter is the reference, so at the first step policy and reference agree
+    exactly (also on a 4-bit base, where TRL would have turned the trained adapter to bf16), and the reference never
+    moves; the policy trains on from the SFT adapter."""
+    trained_adapter = load_file(str(sft_run / rundir.ADAPTER_WEIGHTS))
+    trainer, summary = train_and_summarise("tiny", **keys(llama_dir, pair_file, tmp_path / "dpo", init_from=sft_run,
+                                                          eval_on_start="true", quantization=quantization))
     start = trainer.state.log_history[0]
     assert start["eval_rewards/margins"] == 0 and start["eval_rewards/chosen"] == 0
-    assert summary["run/init_from"] == str(sft)
-    reference = {name: param for name, param in trainer.model.named_parameters() if ".ref." in name}
-    assert reference and not any(param.requires_grad for param in reference.values())
-    for name, weight in trained_adapter.items():  # the reference adapter is still the SFT run's
-        ref_name = name.replace(".weight", ".ref.weight")
-        assert torch.equal(reference[ref_name], weight), name
+    assert summary["run/init_from"] == str(sft_run)
+    # The reference adapter at the last checkpoint is still the SFT run's, exactly; the final save leaves it out.
+    (_, checkpoint), = rundir.checkpoints(tmp_path / "dpo")
+    reference = load_file(str(checkpoint / "ref" / rundir.ADAPTER_WEIGHTS))
+    assert reference.keys() == trained_adapter.keys()
+    assert all(torch.equal(reference[name], weight) for name, weight in trained_adapter.items())
+    assert not (tmp_path / "dpo" / "ref").exists() and "ref" not in trainer.model.peft_config
+    policy = {name: param for name, param in trainer.model.named_parameters() if param.requires_grad}
+    assert policy and all(param.dtype == torch.float32 for param in policy.values())
     # The policy started from the SFT adapter and moved away from it; what was saved is the policy alone.
     saved = load_file(str(tmp_path / "dpo" / rundir.ADAPTER_WEIGHTS))
     assert saved.keys() == trained_adapter.keys()
     assert any(not torch.equal(saved[name], trained_adapter[name]) for name in saved)
-    # Before DPO, the held-out accuracy is the SFT model's: `finetune eval SFT --preferences DPO_RUN` agrees.
-    assert main_eval([str(sft), "--preferences", str(tmp_path / "dpo")]) == errors.OK
-    assert json.loads((sft / rundir.EVAL).read_text())["preference/accuracy"] == \
-        summary["eval/preference_accuracy_start"]
+    if quantization == "none":
+        # Before DPO, the held-out accuracy is the SFT model's: `finetune eval SFT --preferences DPO_RUN` agrees.
+        assert main_eval([str(sft_run), "--preferences", str(tmp_path / "dpo")]) == errors.OK
+        assert json.loads((sft_run / rundir.EVAL).read_text())["preference/accuracy"] == \
+            summary["eval/preference_accuracy_start"]
+
+
+def test_from_a_fully_trained_run_its_weights_are_the_base(tmp_path, llama_dir, pair_file, data_files):
+    """From a full fine-tuning run, a new adapter on its saved weights; the reference is those weights."""
+    full = tmp_path / "full"
+    train_and_summarise("tiny", model_name_or_path=llama_dir, dataset=data_files["messages"], output_dir=full,
+                        max_steps=2, eval_size=4, dtype="float32", use_lora="false", learning_rate=1e-3)
+    trainer, summary = train_and_summarise("tiny", **{**keys(llama_dir, pair_file, tmp_path / "dpo",
+                                                             init_from=full, eval_on_start="true"),
+                                                      "model_name_or_path": full})
+    assert trainer.recipe.model.model_name_or_path == str(full)
+    assert "ref" not in trainer.model.peft_config
+    assert trainer.state.log_history[0]["eval_rewards/margins"] == 0
+    assert summary["run/init_from"] == str(full)
 
 
 def main_eval(argv: list[str]) -> int:
@@ -394,6 +505,21 @@ def test_sigterm_then_rerun_matches_an_uninterrupted_run(objective, llama_dir, p
     assert summaries[1]["train/mean_loss"] == pytest.approx(summaries[0]["train/mean_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
+def test_dpo_on_two_processes_is_one_run(llama_dir, pair_file, tmp_path):
+    """DDP over gloo (launch/accelerate/cpu_ddp.yaml): both ranks train, one W&B run, the summary counts both."""
+    args = recipe_argv("tiny", **keys(llama_dir, pair_file, tmp_path / "out", per_device_train_batch_size=2,
+                                      disable_tqdm="true"))
+    result = run_to_end(accelerate_launch(*args, config=REPO / "launch/accelerate/cpu_ddp.yaml", script=True),
+                        cwd=tmp_path, timeout=300, env=subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["run/world_size"] == 2 and summary["train/samples"] == 4 * 2 * 2  # 4 steps, 2 pairs, 2 ranks
+    (run_dir,) = offline_runs(tmp_path)
+    run = load_run(run_dir)
+    assert run.summary["run/world_size"] == 2 and "train/rewards/margins" in run.summary
+
+
 # What users rely on: W&B, eval, compare, chat, bench, merge ------------------------------------------------------
 
 def test_wandb_offline_run_records_the_preference_metrics(tmp_path, llama_dir, pair_file, monkeypatch):
@@ -431,30 +557,46 @@ def test_follow_up_commands_on_a_dpo_run(tmp_path, llama_dir, pair_file, capsys)
     assert "| objective | preference accuracy (held out) |" in table and "| dpo |" in table
     assert merge.main([str(out), "--out", str(tmp_path / "merged")]) == errors.OK
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+    # Every pair of a data file, tokenized for the target; another run's held-out pairs only with its tokenizer.
+    assert main_eval([str(out), "--preferences", str(pair_file)]) == errors.OK
+    assert json.loads((out / rundir.EVAL).read_text())["preference/pairs"] == 120
+    other = tmp_path / "other-template"
+    shutil.copytree(out, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    (other / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": None}))
     capsys.readouterr()
+    assert main_eval([str(out), "--preferences", str(other)]) == errors.USAGE
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --preferences: {other}'s held-out pairs are token ids of another tokenizer (or chat template) than "
+        f"{out}'s; give the pairs' data file instead, tokenized for it")
 
 
-def test_held_out_accuracy_scores_chosen_above_rejected(tokenizer):
-    """preference_accuracy against a model that prefers, by construction, the answers of the right task."""
-    from finetune.training.preference import preference_accuracy
+def test_held_out_accuracy_scores_chosen_above_rejected():
+    """preference_wins against a model that prefers, by construction, token 40: a pair wins when its chosen answer
+    has the higher summed log-probability; a tie is not a win."""
+    import math
+
+    from finetune.training.preference import preference_wins
 
     class Scripted(torch.nn.Module):
-        """Puts all probability on token 40 ('H'): a pair wins when its chosen answer starts with it."""
+        """log p = log 0.9 for token 40, log 0.01 for any other: what TRL's fused head returns, per labelled token."""
 
         def __init__(self):
             super().__init__()
             self.weight = torch.nn.Parameter(torch.zeros(1))
 
-        def forward(self, input_ids, attention_mask=None, use_cache=False):
-            logits = torch.full((*input_ids.shape, 128), -10.0)
-            logits[..., 40] = 10.0
-            return type("Out", (), {"logits": logits})
+        def forward(self, input_ids, attention_mask, labels, fused_lm_head):
+            assert fused_lm_head
+            shifted = labels[:, 1:]
+            scores = torch.where(shifted == 40, math.log(0.9), math.log(0.01))
+            return type("Out", (), {"log_probs": torch.where(shifted == -100, 0.0, scores)})
 
     rows = [{"prompt_ids": [1, 5], "chosen_ids": [40, 2], "rejected_ids": [41, 2]},
             {"prompt_ids": [1, 6, 7], "chosen_ids": [41], "rejected_ids": [40]},
             {"prompt_ids": [1], "chosen_ids": [40, 40], "rejected_ids": [40, 41]},
             {"prompt_ids": [1, 9], "chosen_ids": [41], "rejected_ids": [42]}]  # a tie: not a win
-    assert preference_accuracy(Scripted(), rows, pad_id=0, batch_size=3) == {"accuracy": 2 / 4, "pairs": 4}
+    assert preference_wins(Scripted(), rows, pad_id=0, batch_size=3) == (2, 4)
 
 
 @pytest.mark.parametrize("row", [CHAT_PAIR, {"prompt": "Reverse the word. abc\nAnswer: ", "chosen": "cba",
@@ -473,3 +615,33 @@ def test_the_split_agrees_with_trls_own_tokenization(row, tokenizer, tmp_path):
                                    normalise=normalise_turns)
     for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
         assert ours[column] == trl_rows[column], column
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "llama3", "llama3.2", "smollm2", "mistral", "gemma", "phi3"])
+def test_answers_start_where_each_familys_template_puts_them(family, tmp_path):
+    """On the real chat templates (tests/chat_templates/): the prompt is the template's generation prompt, the chosen
+    answer starts with its own text, and where TRL's way works (no system message to move) the token ids are TRL's."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from tests.test_chat_templates import ANSWER, ANSWER_2, USER, family_tokenizer
+
+    tokenizer = family_tokenizer(family)
+    pair = {"prompt": [{"role": "user", "content": USER}], "chosen": [{"role": "assistant", "content": ANSWER}],
+            "rejected": [{"role": "assistant", "content": ANSWER_2}]}
+    ours = preference.tokenize_row(pair, "preference", tokenizer, max_length=256, max_prompt_length=None,
+                                   normalise=normalise_turns)
+    assert tokenizer.decode(ours["prompt_ids"]) == tokenizer.apply_chat_template(pair["prompt"], tokenize=False,
+                                                                                 add_generation_prompt=True)
+    assert tokenizer.decode(ours["chosen_ids"]).lstrip().startswith(ANSWER)
+    assert tokenizer.decode(ours["rejected_ids"]).lstrip().startswith(ANSWER_2)
+    # Prompt and answer together are the whole conversation as the template writes it, its end of turn included.
+    assert tokenizer.decode(ours["prompt_ids"] + ours["chosen_ids"]) == \
+        tokenizer.apply_chat_template(pair["prompt"] + pair["chosen"], tokenize=False)
+    trl_row = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tokenizer), Dataset.from_list([pair]), tokenizer,
+                                          DPOConfig(output_dir=str(tmp_path), max_length=None, bf16=False),
+                                          "train")[0]
+    for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert ours[column] == trl_row[column], column

@@ -116,7 +116,7 @@ def check_tasks(manager, tasks: list[str], env=os.environ) -> None:
     from finetune.tracking.wandb_run import is_truthy
 
     problems = []
-    known = [*manager.all_tasks, TINY_TASK, smollm2.TASK]  # the embedded ones are registered when named
+    known = [*manager.all_tasks, TINY_TASK, smollm2.TASK, smollm2.MOVES_TASK]  # registered when named
     for task in tasks:
         if task not in manager.task_index:
             problems.append(f"--tasks: the harness has no task `{task}`{did_you_mean(task, known)}; "
@@ -247,17 +247,24 @@ def held_out_pairs(source: Path, tokenizer, max_length: int):
     return splits.train, str(source)
 
 
-def score_preferences(target: Path, source: Path, dtype: str) -> dict[str, Any]:
+def score_preferences(target: Path, source: Path, dtype: str, batch_size: str) -> dict[str, Any]:
     """eval.json's preference keys for the run or model `target` on the pairs `source` names (held_out_pairs)."""
     from finetune.training.preference import preference_accuracy
 
     if is_run(source):
         held_out_pairs(source, None, 0)  # the run holds pairs: checked before the model loads
     settings, tokenizer, model = load_target(target, dtype)
+    if is_run(source) and source.resolve() != target.resolve():
+        from transformers import AutoTokenizer
+
+        theirs = AutoTokenizer.from_pretrained(str(source))
+        if theirs.get_vocab() != tokenizer.get_vocab() or theirs.chat_template != tokenizer.chat_template:
+            raise UsageError(f"--preferences: {source}'s held-out pairs are token ids of another tokenizer (or chat "
+                             f"template) than {target}'s; give the pairs' data file instead, tokenized for it")
     max_length = rundir.trained_recipe(target).data.max_length if is_run(target) else 1024
     rows, described = held_out_pairs(source, tokenizer, max_length)
     started = time.perf_counter()
-    scored = preference_accuracy(model, rows, tokenizer.pad_token_id)
+    scored = preference_accuracy(model, rows, tokenizer.pad_token_id, 8 if batch_size == "auto" else int(batch_size))
     return {"preference/accuracy": scored["accuracy"], "preference/pairs": scored["pairs"],
             "preference/seconds": time.perf_counter() - started,
             "preference/settings": {"pairs": described, **settings}}
@@ -284,7 +291,7 @@ def include_dirs(tasks: list[str]) -> list[Path]:
     dirs = []
     if TINY_TASK in tasks:
         dirs.append(tiny_task())
-    if smollm2.TASK in tasks:
+    if smollm2.TASK in tasks or smollm2.MOVES_TASK in tasks:
         dirs.append(smollm2.ensure_assets() / "lm_eval")
     return dirs
 
@@ -413,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                                            args.apply_chat_template, args.log_samples)
             saved = {**{k: v for k, v in saved.items() if k.startswith("preference/")}, **summary}
         if preferences is not None:
-            scored = score_preferences(args.target, preferences, args.dtype)
+            scored = score_preferences(args.target, preferences, args.dtype, args.batch_size)
             saved = {**saved, **scored}
         out.mkdir(parents=True, exist_ok=True)
         rundir.write_json(out / rundir.EVAL, saved)

@@ -64,6 +64,12 @@ SUMMARY_METRICS = ("eval/loss", "eval/perplexity", "eval/best_perplexity", "trai
                    "train/peak_vram_reserved_gb", "train/total_flops", "train/mfu", "model/total_params",
                    "model/trainable_params", "model/trainable_percent", "model/weight_bits", "model/base_weights_gb",
                    "model/memory_footprint_gb", "model/saved_weights_mb", "final/total_steps", "final/total_epochs")
+PERPLEXITIES = ("train/perplexity", "eval/perplexity", "eval/best_perplexity")  # objective: sft only
+# objective: dpo or kto: TRL's metrics at log steps, and the held-out preference accuracy (DPO) at the end.
+PREFERENCE_STEP_METRICS = tuple(f"{split}/{name}" for split in ("train", "eval") for name in (
+    "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected",
+    "kl"))
+PREFERENCE_SUMMARY_METRICS = ("eval/preference_accuracy", "eval/preference_accuracy_start")
 CUDA_ONLY = ("train/peak_vram_gb", "train/peak_vram_reserved_gb", "train/mfu")
 MAX_FAILURES_IN_A_ROW = 3  # trials failing one after another: the sweep stops (as `wandb agent` does)
 STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -250,14 +256,18 @@ def check_metric(config: dict[str, Any], values: dict[str, Any] | None, problems
             problems.append(f"metric: {'bayes' if config.get('method') == 'bayes' else 'hyperband'} needs one, e.g. "
                             "metric: {name: eval/loss, goal: minimize}")
         return None
-    known = set(STEP_METRICS) | set(SUMMARY_METRICS)
+    step = set(STEP_METRICS)
+    known = step | set(SUMMARY_METRICS)
+    if (values or {}).get("objective", "sft") != "sft":
+        step = (step - set(PERPLEXITIES)) | set(PREFERENCE_STEP_METRICS)
+        known = (known - set(PERPLEXITIES)) | step | set(PREFERENCE_SUMMARY_METRICS)
     if metric not in known:
         problems.append(f"metric: the toolkit never logs `{metric}`{did_you_mean(metric, known)}; its metrics are in "
                         "docs/outputs-and-metrics.md")
         return metric
-    if hyperband and metric not in STEP_METRICS:
+    if hyperband and metric not in step:
         problems.append(f"metric: `{metric}` is in the summary only, and hyperband compares trials at log steps; use "
-                        "one logged during training (eval/loss, eval/perplexity, train/loss, ...)")
+                        "one logged during training (eval/loss, train/loss, ...)")
     strategy = (values or {}).get("eval_strategy", recipe_keys.TOOLKIT_DEFAULTS.get("eval_strategy", "no"))
     if values is not None and metric.startswith("eval/") and str(strategy) == "no":
         problems.append(f"metric: `{metric}` comes from evaluations and the recipe never evaluates (eval_strategy: "

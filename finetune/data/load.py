@@ -44,7 +44,7 @@ ALPACA_PROMPT = (
 FORMAT_COLUMNS = {
     "messages": [("messages",), ("conversations",)],
     "alpaca": [("instruction", "output")],
-    "preference": [preference.PAIR_COLUMNS],
+    "preference": [preference.PAIR_COLUMNS, preference.IMPLICIT_PAIR_COLUMNS],
     "unpaired_preference": [preference.UNPAIRED_COLUMNS],
     "prompt_completion": [("prompt", "completion")],
     "text": [("text",)],
@@ -56,15 +56,18 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "tool": "tool"}
 
 
-def columns_format(columns) -> str | None:
-    """The first format (in FORMAT_COLUMNS' order) whose columns are all among `columns`; None when none is."""
-    return next((name for name, alternatives in FORMAT_COLUMNS.items()
-                 if any(all(column in columns for column in needed) for needed in alternatives)), None)
+def columns_format(columns, objective: str = "sft") -> str | None:
+    """The first format whose columns are all among `columns` (None when none is), in FORMAT_COLUMNS' order for a
+    preference objective; for SFT the preference formats come last (`prompt`, `completion` and a `label` column of
+    one's own are SFT data there)."""
+    order = sorted(FORMAT_COLUMNS, key=lambda name: objective == "sft" and name in PREFERENCE_FORMATS)
+    return next((name for name in order
+                 if any(all(column in columns for column in needed) for needed in FORMAT_COLUMNS[name])), None)
 
 
-def detect_format(columns: list[str]) -> str:
+def detect_format(columns: list[str], objective: str = "sft") -> str:
     """Pick the dataset format from column names. Raises UsageError when nothing fits."""
-    fmt = columns_format(columns)
+    fmt = columns_format(columns, objective)
     if fmt is not None:
         return fmt
     raise UsageError([
@@ -473,7 +476,10 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
     `max_prompt_length`."""
     train, evaluation, fmt = raw_splits(data_args, tokenizer, seed, main_process_first, objective)
     if objective == "kto" and fmt == "preference":  # each pair: a desirable and an undesirable answer
-        train, evaluation, fmt = preference.unpair(train), evaluation and preference.unpair(evaluation), \
+        held_out_from = data_args.eval_split or data_args.dataset_split
+        for split, name in ((train, data_args.dataset_split), (evaluation, held_out_from)):
+            check_rows(split, fmt, data_args, name, template_roles(tokenizer))
+        train, evaluation, fmt = preference.unpair(train, seed), evaluation and preference.unpair(evaluation, seed), \
             "unpaired_preference"
     options = ({"max_prompt_length": max_prompt_length} if fmt in PREFERENCE_FORMATS else
                {"train_on_prompt": data_args.train_on_prompt})
@@ -524,6 +530,18 @@ def load_splits(data_args: DataArguments, tokenizer, seed: int, main_process_fir
                   tokenize(evaluation, held_out_from) if evaluation is not None else None, fmt)
 
 
+def check_rows(split, fmt: str, data_args: DataArguments, name: str, roles: set[str]) -> None:
+    """Every row of an untokenized split fits its format (row_problem); UsageError naming the first that doesn't,
+    by its file and row. For rows reshaped before tokenizing (KTO's unpaired pairs), whose places would be lost."""
+    if split is None:
+        return
+    for example in split:
+        problem = row_problem(example, fmt, roles)
+        if problem:
+            shown, row = row_place(data_args.dataset, data_args.dataset_config, name, example[ROW])
+            raise UsageError(f"dataset {shown}, row {row}: {problem}")
+
+
 def drop_unfitting(tokenized, data_args: DataArguments):
     """Preference rows whose prompt leaves no room for an answer within max_length dropped, and said so; UsageError
     when none is left."""
@@ -565,14 +583,16 @@ def raw_splits(data_args: DataArguments, tokenizer, seed: int, main_process_firs
     train = with_row_numbers(train)
     fmt = data_args.dataset_format
     if fmt == "auto":
-        fmt = detect_format(columns)
+        fmt = detect_format(columns, objective)
         logger.info("dataset format: %s (detected from columns %s)", fmt, ", ".join(columns))
     else:
         check_format(fmt, columns)
     problem = format_problem(fmt, objective, columns)
     if problem:
         raise UsageError(problem)
-    conversational = fmt == "messages" or (fmt in PREFERENCE_FORMATS and isinstance(train[0]["prompt"], list))
+    first = train[0]
+    conversational = fmt == "messages" or (fmt in PREFERENCE_FORMATS and
+                                           isinstance(first.get("prompt") or first.get("chosen"), list))
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise UsageError(f"dataset_format: {fmt} rows as turns need a tokenizer with a chat template, and this "
                          "model's tokenizer has none; use a chat/instruct model or give the rows as text")

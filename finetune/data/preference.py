@@ -6,7 +6,9 @@ Formats (detected from the columns like the SFT ones, `finetune.data.load.FORMAT
 - `unpaired_preference`: `prompt`, `completion`, `label` (true: desirable), KTO's rows.
 
 Each is in text form (strings: the prompt and the answers are concatenated, EOS appended) or conversational form
-(lists of {role, content} turns: the prompt's turns, then the answer's, through the model's chat template).
+(lists of {role, content} turns: the prompt's turns, then the answer's, through the model's chat template). Pairs
+may also leave the prompt implicit, as many hub datasets do: no `prompt` column, and `chosen` and `rejected` whole
+conversations whose shared first turns are the prompt (`explicit`).
 
 The split between prompt and answer is found in character space, as for SFT labels (`finetune.data.load`): the
 answer starts at the first token that covers a character of it; a conversational answer starts where the chat
@@ -23,6 +25,7 @@ from typing import Any
 from finetune.data import chat_templates as chat
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+IMPLICIT_PAIR_COLUMNS = ("chosen", "rejected")  # the prompt: the conversations' shared first turns
 UNPAIRED_COLUMNS = ("prompt", "completion", "label")
 LABEL_WORDS = {"true": True, "false": False}  # a CSV's labels are read as text
 
@@ -32,9 +35,46 @@ def answers(fmt: str) -> tuple[str, ...]:
     return ("chosen", "rejected") if fmt == "preference" else ("completion",)
 
 
+def shared_turns(chosen: list, rejected: list) -> int:
+    """How many first turns of two conversations are the prompt: those they share, short of an assistant turn at
+    the end (an answer starts with the assistant's turn)."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared > 0 and isinstance(chosen[shared - 1], dict) and \
+            chosen[shared - 1].get("role", chosen[shared - 1].get("from")) in ("assistant", "gpt"):
+        shared -= 1
+    return shared
+
+
+def explicit(example: dict[str, Any]) -> dict[str, Any]:
+    """A pair with its prompt in a `prompt` column: as it is, or split from implicit-prompt conversations."""
+    if example.get("prompt") is not None or not isinstance(example.get("chosen"), list):
+        return example
+    shared = shared_turns(example["chosen"], example["rejected"])
+    return {**example, "prompt": example["chosen"][:shared], "chosen": example["chosen"][shared:],
+            "rejected": example["rejected"][shared:]}
+
+
 def row_problem(example: dict[str, Any], fmt: str, turn_problem, present: str) -> str | None:
     """What is wrong with one preference row, or None. `turn_problem(turns, column)` checks a list of turns (the
     SFT check, roles included); `present` lists the row's fields for messages."""
+    if fmt == "preference" and example.get("prompt") is None and isinstance(example.get("chosen"), str):
+        return ("no `prompt`: text pairs need one (the prompt is split off only from conversations, `chosen` and "
+                "`rejected` as lists of turns that share their first turns)")
+    if fmt == "preference" and example.get("prompt") is None and isinstance(example.get("chosen"), list):
+        if example.get("rejected") is None:
+            return f"`rejected` is missing or null (the row has {present or 'nothing'})"
+        if not isinstance(example["rejected"], list):
+            return f"`rejected` must be a list of turns, as `chosen` is; got {type(example['rejected']).__name__}"
+        for column in ("chosen", "rejected"):
+            problem = turn_problem(example[column], column)
+            if problem:
+                return problem
+        if shared_turns(example["chosen"], example["rejected"]) == 0:
+            return ("no `prompt`, and `chosen` and `rejected` don't start with the same turns (the prompt); give a "
+                    "`prompt` column, or conversations that share their first turns")
+        example = explicit(example)
     conversational = isinstance(example.get("prompt"), list)
     for column in ("prompt", *answers(fmt)):
         value = example.get(column)
@@ -51,8 +91,8 @@ def row_problem(example: dict[str, Any], fmt: str, turn_problem, present: str) -
                                                ("assistant", "gpt") for turn in value):
                 return f"`{column}` has no assistant turn; it holds the answer to the prompt"
         elif not isinstance(value, str):
-            return (f"`{column}` must be text or a list of turns like `prompt`, got {type(value).__name__} "
-                    f"{value!r:.40}")
+            what = "text, as `prompt` is" if isinstance(value, list) else "text or a list of turns"
+            return f"`{column}` must be {what}; got {type(value).__name__} {value!r:.40}"
     if fmt == "unpaired_preference" and label_value(example.get("label")) is None:
         label = example.get("label")
         return f"`label` must be true (desirable) or false (undesirable), got {label!r:.40}"
@@ -104,6 +144,7 @@ def tokenize_row(example: dict[str, Any], fmt: str, tokenizer, max_length: int, 
     answer token. Raises chat.ConversationError for a conversation the chat template can't render."""
     notes = []
     columns = answers(fmt)
+    example = explicit(example)
     split = [split_answer(example["prompt"], example[column], tokenizer, normalise) for column in columns]
     prompt_ids = split[0][0]
     notes += [note for _, _, note in split[:1] if note]
@@ -129,19 +170,21 @@ def tokenize_row(example: dict[str, Any], fmt: str, tokenizer, max_length: int, 
     return row
 
 
-def unpair(split):
-    """Preference pairs as KTO's rows: each pair's chosen answer desirable, its rejected one undesirable (TRL's
-    `unpair_preference_dataset`, kept row-numbered: both rows keep their pair's place for messages)."""
+def unpair(split, seed: int):
+    """Preference pairs as KTO's rows, shuffled by `seed`: each pair's chosen answer desirable, its rejected one
+    undesirable (TRL's `unpair_preference_dataset`, kept row-numbered: both rows keep their pair's place)."""
     from datasets import concatenate_datasets
 
     from finetune.data.load import ROW
 
+    if "prompt" not in split.column_names:
+        split = split.map(explicit, desc="finding the prompts")
     keep = ["prompt", ROW]
     chosen = split.select_columns([*keep, "chosen"]).rename_column("chosen", "completion")
     rejected = split.select_columns([*keep, "rejected"]).rename_column("rejected", "completion")
     chosen = chosen.add_column("label", [True] * len(chosen))
     rejected = rejected.add_column("label", [False] * len(rejected))
-    return concatenate_datasets([chosen, rejected]).shuffle(seed=0)
+    return concatenate_datasets([chosen, rejected]).shuffle(seed=seed)
 
 
 def counts(features: list[dict[str, Any]]) -> tuple[int, int, int]:

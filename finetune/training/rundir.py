@@ -356,7 +356,8 @@ FIXED_ON_RESUME = (
     "max_train_samples", "max_length", "train_on_prompt", "seed", "data_seed", "per_device_train_batch_size",
     "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
     "weight_decay", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16",
-    "fp16",
+    "fp16", "objective", "init_from", "beta", "loss_type", "sft_weight", "max_prompt_length",
+    "precompute_ref_log_probs", "desirable_weight", "undesirable_weight",
 )
 NOT_COMPARED = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "auto_resume", "run_name")
 
@@ -447,6 +448,14 @@ def check_output_dir(values: dict[str, Any]) -> None:
         changed_settings(values, output_dir)
 
 
+def trained_adapter(run: str | Path | None) -> Path | None:
+    """The LoRA adapter a run saved (its output_dir), or None: no run, or one that trained every weight."""
+    if not run:
+        return None
+    directory = Path(run).expanduser()
+    return directory if (directory / "adapter_config.json").is_file() else None
+
+
 def check_init_from(values: dict[str, Any]) -> None:
     """Raise UsageError when the run a recipe starts from (`init_from`) is running or unfinished, or lacks the
     weights it saved."""
@@ -459,7 +468,7 @@ def check_init_from(values: dict[str, Any]) -> None:
     if not is_finished(run):
         raise UsageError(f"init_from: {run} has not finished training (no {SUMMARY}); finish it first (its own "
                          "command again resumes it), or start from a finished run")
-    if not saved_weights(run, use_lora=(run / "adapter_config.json").is_file()):
+    if not saved_weights(run, use_lora=trained_adapter(run) is not None):
         raise UsageError(f"init_from: {run} holds no saved weights ({ADAPTER_WEIGHTS} or model.safetensors); give "
                          "a finished run's output_dir")
 

@@ -83,6 +83,8 @@ def preference_arguments(recipe):
               if spec.init}
     values.update(beta=objective.beta, loss_type=objective.loss_type, max_length=recipe.data.max_length,
                   precompute_ref_log_probs=precomputed_reference(recipe))
+    if objective.sft_weight:  # TRL's sum of losses: DPO's and the chosen answers' cross-entropy (RPO)
+        values.update(loss_type=[objective.loss_type, "sft"], loss_weights=[1.0, objective.sft_weight])
     if objective.objective == "kto":
         values.update(desirable_weight=objective.desirable_weight, undesirable_weight=objective.undesirable_weight)
         if objective.loss_type == "kto":  # its KL term pairs each row with its neighbours in a fixed order (the
@@ -105,22 +107,30 @@ def preference_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, ca
     "ref" adapter: the model the run starts from, its adapter included); for full fine-tuning, log-probabilities
     precomputed before the first step (`precomputed_reference`). Adapters keep the dtype the toolkit gave them
     (TRL turns a quantized model's adapters to bf16, which a CPU without native bf16 only emulates)."""
+    import torch
     from trl.trainer.dpo_trainer import DataCollatorForPreference
     from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
     objective = recipe.objective.objective
+    if recipe.model.use_lora and recipe.model.lora_dropout:
+        logger.warning("lora_dropout: %g is not applied: TRL's %s trainer switches dropout off (dropout would make the "
+                       "log-probabilities its loss compares noisy); set lora_dropout: 0 to say so",
+                       recipe.model.lora_dropout, objective.upper())
     trainer_class = _preference_classes()[objective]
     collator = (DataCollatorForPreference if objective == "dpo" else DataCollatorForUnpairedPreference)(
         pad_token_id=tokenizer.pad_token_id, max_length=recipe.data.max_length)
-    adapter_dtypes = {name: param.dtype for name, param in model.named_parameters() if param.requires_grad}
+    from finetune.training import rundir
+
+    # The trainable weights as the toolkit made them, values and dtype (TRL casts a quantized model's to bf16).
+    adapter = {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
     trainer = trainer_class(model=model, args=preference_arguments(recipe), train_dataset=train_dataset,
                             eval_dataset=eval_dataset, processing_class=tokenizer,
                             data_collator=CountingCollator(collator), callbacks=callbacks)
     for name, param in trainer.model.named_parameters():
-        if name in adapter_dtypes and param.dtype != adapter_dtypes[name]:
-            param.data = param.data.to(adapter_dtypes[name])
+        if name in adapter and (param.dtype != adapter[name].dtype or not torch.equal(param, adapter[name])):
+            param.data = adapter[name]
     peft_config = getattr(trainer.model, "peft_config", {})
-    if "ref" in peft_config and not recipe.objective.init_from:
+    if "ref" in peft_config and rundir.trained_adapter(recipe.objective.init_from) is None:
         trainer.model.delete_adapter("ref")  # a new adapter: the reference is the base, adapters off
     return trainer
 
@@ -134,13 +144,26 @@ def _preference_classes() -> dict[str, type]:
         return _CLASSES
     from trl import DPOTrainer, KTOTrainer
 
-    class FinetuneDPOTrainer(ToolkitHooks, DPOTrainer):
+    class PolicyOnly:
+        """The final save writes the trained adapter alone: the reference's frozen copy ("ref", from init_from) is
+        dropped once training is over (checkpoints keep it; a resumed run makes it again from init_from)."""
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            if not _internal_call and "ref" in getattr(self.model, "peft_config", {}):
+                self.model.delete_adapter("ref")
+            super().save_model(output_dir, _internal_call)
+
+    class FinetuneDPOTrainer(PolicyOnly, ToolkitHooks, DPOTrainer):
         """TRL's DPOTrainer with the toolkit's hooks; its rows come tokenized (finetune.data.preference)."""
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset
 
-    class FinetuneKTOTrainer(ToolkitHooks, KTOTrainer):
+        def compute_ref_log_probs(self, model, inputs):  # precomputing: a batch that no training step counts
+            inputs.pop(COUNTS_KEY, None)
+            return super().compute_ref_log_probs(model, inputs)
+
+    class FinetuneKTOTrainer(PolicyOnly, ToolkitHooks, KTOTrainer):
         """TRL's KTOTrainer with the toolkit's hooks; its rows come tokenized (finetune.data.preference)."""
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -151,8 +174,9 @@ def _preference_classes() -> dict[str, type]:
             def mismatched(rows):
                 return {"KL_completion_ids": rows["completion_ids"][-1:] + rows["completion_ids"][:-1]}
 
-            return dataset.map(mismatched, batched=True, batch_size=args.per_device_train_batch_size,
-                               desc=f"pairing answers with other prompts ({dataset_name}, for the KL term)")
+            with args.main_process_first(desc="pairing answers with other prompts"):
+                return dataset.map(mismatched, batched=True, batch_size=args.per_device_train_batch_size,
+                                   desc=f"pairing answers with other prompts ({dataset_name}, for the KL term)")
 
     _CLASSES.update(dpo=FinetuneDPOTrainer, kto=FinetuneKTOTrainer)
     return _CLASSES
