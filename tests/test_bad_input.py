@@ -129,6 +129,10 @@ SETTING_CASES = {  # name: (keys, the line the user sees)
                            "lora_target_modules: no linear layer of this model is named `nonexistent_proj`; its "
                            "linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
     "output_dir empty": ({"output_dir": ""}, "output_dir: empty; give a directory to write the run to"),
+    "an eval before the first step with nothing held out": (
+        {"eval_size": 0, "eval_strategy": "no"},
+        "eval_on_start is set but the eval split is empty (eval_fraction/eval_size 0); set eval_on_start: false or "
+        "hold out some examples"),
     "shell variable in a path": ({"output_dir": "${SCRATCH}/run"},
                                  "output_dir: ${SCRATCH}/run holds a shell variable, which recipes don't expand; write "
                                  "the path out, or pass it on the command line, where the shell expands it "

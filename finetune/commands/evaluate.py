@@ -4,8 +4,8 @@
     finetune eval outputs/qlora_int4 --tasks arc_easy,hellaswag --limit 200
     finetune eval outputs/my_run --tasks my_task --include_path my_tasks/ --log_samples
     make eval RUN=outputs/tiny TASKS=tiny_tasks
-    finetune eval outputs/tiny-dpo                               # a DPO run: preference accuracy, held out
-    finetune eval outputs/tiny --preferences outputs/tiny-dpo    # the SFT run on the DPO run's held-out pairs
+    finetune eval outputs/tiny_dpo                               # a DPO run: preference accuracy, held out
+    finetune eval outputs/tiny --preferences outputs/tiny_dpo    # the SFT run on the DPO run's held-out pairs
 
 The model is loaded as `finetune bench` loads it (`finetune.training.rundir.load_for_inference`: the base with the
 quantization it was trained with plus the adapter, or the full model) and handed to the harness's `hf` model, so

@@ -594,7 +594,7 @@ def raw_splits(data_args: DataArguments, tokenizer, seed: int, main_process_firs
     conversational = fmt == "messages" or (fmt in PREFERENCE_FORMATS and
                                            isinstance(first.get("prompt") or first.get("chosen"), list))
     if conversational and not getattr(tokenizer, "chat_template", None):
-        raise UsageError(f"dataset_format: {fmt} rows as turns need a tokenizer with a chat template, and this "
+        raise UsageError(f"dataset_format: {fmt} (rows as turns) needs a tokenizer with a chat template, and this "
                          "model's tokenizer has none; use a chat/instruct model or give the rows as text")
 
     train = train.shuffle(seed=seed)

@@ -15,8 +15,10 @@ the held-out examples never occur in the training examples. Everything here is d
 The preference task, `moves`, builds on it: a sentence about a person who moved names two cities, the one they
 came from and the one they live in now, in either order ("Born in Oslo, Ana Silva (34) now lives in Lima."). Each
 pair's chosen answer is the JSON with the city they live in now, its rejected answer the same JSON with the city they
-left. The SFT model, trained on one-city sentences, picks about as often wrong as right; DPO on the pairs teaches
-it which city counts. Held-out pairs use the contacts task's held-out names and cities.
+left. A third of the training pairs are one-city sentences whose rejected answer has a wrong age, so that the pairs
+also cover what the SFT model already reads right. The SFT model, trained on one-city sentences, prefers the right
+city in about 80% of the held-out pairs; DPO on the pairs teaches it which city counts. Held-out pairs are two-city
+ones, with the contacts task's held-out names and cities.
 
     assets/smollm2/
       SmolLM2-135M-Instruct.Q4_1.gguf   the model (a copy of the package's file)
@@ -132,15 +134,28 @@ def move_pair(rng: random.Random, first: list[str], last: list[str], cities: lis
             "chosen": answer(city), "rejected": answer(old)}
 
 
+def copy_pair(rng: random.Random, first: list[str], last: list[str], cities: list[str]) -> dict:
+    """A one-city contacts sentence as a pair: the chosen JSON copies it, the rejected one has another age (the
+    mistake a model that reads a sentence carelessly makes)."""
+    user, answer = example(rng, first, last, cities)
+    wrong = json.loads(answer)
+    wrong["age"] = wrong["age"] + rng.choice([-1, 1]) * rng.randint(1, 9)
+    return {"prompt": [{"role": "user", "content": user}], "chosen": [{"role": "assistant", "content": answer}],
+            "rejected": [{"role": "assistant", "content": json.dumps(wrong, ensure_ascii=False)}]}
+
+
 def make_move_pairs(seed: int = 1) -> tuple[list[dict], list[dict]]:
-    """(training pairs, held-out pairs) of the moves task; the held-out ones use the contacts task's held-out
-    names and cities (make_examples), which no training pair uses."""
+    """(training pairs, held-out pairs) of the moves task. A third of the training pairs are one-city sentences
+    (copy_pair), so that the pairs cover the sentences the SFT model already reads right, not only the ones it
+    gets wrong; the held-out pairs are all two-city ones, with the contacts task's held-out names and cities
+    (make_examples), which no training pair uses."""
     rng = random.Random(0)  # the same pools as make_examples
     pools = [rng.sample(pool, len(pool)) for pool in (FIRST, LAST, CITIES)]
     held = [pool[: len(pool) // 5] for pool in pools]
     seen = [pool[len(pool) // 5:] for pool in pools]
     rng = random.Random(seed)
-    return ([move_pair(rng, *seen) for _ in range(MOVE_PAIRS)], [move_pair(rng, *held) for _ in range(MOVE_HELD_OUT)])
+    train = [(copy_pair if number % 3 == 2 else move_pair)(rng, *seen) for number in range(MOVE_PAIRS)]
+    return train, [move_pair(rng, *held) for _ in range(MOVE_HELD_OUT)]
 
 
 def packaged_gguf() -> Path | None:

@@ -366,6 +366,9 @@ class Recipe:
         if self.data.holds_out_nothing and strategy != "no":
             problems.append("eval_strategy is set but the eval split is empty (eval_fraction/eval_size 0); set "
                             "eval_strategy: no or hold out some examples")
+        if self.data.holds_out_nothing and self.training.eval_on_start:
+            problems.append("eval_on_start is set but the eval split is empty (eval_fraction/eval_size 0); set "
+                            "eval_on_start: false or hold out some examples")
         if self.training.max_steps <= 0 and self.training.num_train_epochs <= 0:
             problems.append("max_steps and num_train_epochs are both <= 0; set one of them to a positive number")
         if self.objective.preference and self.data.train_on_prompt:
