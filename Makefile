@@ -120,9 +120,8 @@ smollm2: install
 	$(PYTHON) -m finetune.embedded.smollm2
 
 # Training speed and memory against the peers, side by side (SIZE=cpu|vocab|gpu, VARIANT=lora|qlora, REPEATS=n).
-# TRL is the benchmark's own dependency (benchmarks/requirements.txt), installed beside the runtime pins.
+# TRL, the strongest peer measured, is a runtime dependency (requirements.txt: the preference objectives).
 bench-train: install $(if $(filter smollm2,$(SIZE)),smollm2)
-	$(PYTHON) -m pip install -q --no-deps -r benchmarks/requirements.txt
 	$(PYTHON) benchmarks/train_speed.py --size $(or $(SIZE),cpu) --variant $(or $(VARIANT),lora) \
 	  --repeats $(or $(REPEATS),2) $(ARGS)
 

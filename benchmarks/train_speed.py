@@ -11,7 +11,7 @@ Every arm trains the same randomly initialised Llama (built from a config), on t
 aside, see below), steps, seed, schedule and LoRA settings. The arms:
 - baseline: `Trainer` + `get_peft_model` (after `prepare_model_for_kbit_training` for QLoRA) +
   `DataCollatorForSeq2Seq` dynamic padding, as in the usual guides;
-- trl-padded, trl-padding-free, trl-packing: TRL's `SFTTrainer` (benchmarks/requirements.txt) with its defaults,
+- trl-padded, trl-padding-free, trl-packing: TRL's `SFTTrainer` (requirements.txt) with its defaults,
   `padding_free=True`, and `packing=True` (best-fit packing into rows of `max_length`: a step then holds more
   examples, so its loss is not comparable, its tokens/s is);
 - toolkit: `finetune.run.train` on the matching recipe, as shipped.
@@ -218,7 +218,7 @@ def run_arm(arm: str, size: str, variant: str, steps: int, workdir: Path, toolki
                                         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
         else:
             if trl_missing():
-                sys.exit("trl is not installed: pip install --no-deps -r benchmarks/requirements.txt")
+                sys.exit("trl is not installed: make install (it is in requirements.txt)")
             from trl import SFTConfig, SFTTrainer
 
             # Without the KV cache transformers keeps flattened examples apart (TRL's padding-free and packing rows).
@@ -344,7 +344,7 @@ def main() -> None:
         return
     arms = [arm for arm in args.arms if not (arm.startswith("trl-") and trl_missing())]
     if len(arms) < len(args.arms):
-        print("skipping the TRL arms: trl is not installed (pip install --no-deps -r benchmarks/requirements.txt)")
+        print("skipping the TRL arms: trl is not installed (make install: it is in requirements.txt)")
     build_inputs(args.size, args.workdir)
     results = {arm: [] for arm in arms}
     for repeat in range(1, args.repeats + 1):
