@@ -333,3 +333,17 @@ def test_totals_do_not_depend_on_how_a_step_is_split(llama_dir, data_files, tmp_
         assert summaries[0][key] == summaries[1][key], key
     assert summaries[0]["train/samples"] == 32
     assert summaries[0]["train/mean_loss"] == pytest.approx(summaries[1]["train/mean_loss"], rel=1e-5)
+
+
+def test_peak_host_memory_is_the_runs_own_not_its_parents():
+    """Started from a large process (a notebook, a test runner), a run reports its own peak: Linux keeps
+    ru_maxrss across fork and exec, so it would report the parent's size."""
+    import subprocess
+    import sys
+
+    large = bytearray(1_000_000_000)
+    large[::4096] = b"\1" * len(large[::4096])  # touched: resident
+    child = subprocess.run([sys.executable, "-c", "from finetune.training.metrics import host_peak_rss_gb; "
+                            "print(host_peak_rss_gb())"], capture_output=True, text=True, check=True)
+    assert float(child.stdout) < 0.8, child.stdout  # the child imports torch: ~0.4 GB
+    del large

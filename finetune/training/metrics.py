@@ -73,7 +73,16 @@ def weight_bits(quantization: str, dtype) -> int:
 
 
 def host_peak_rss_gb() -> float:
-    """This process's peak resident memory in GB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """This process's peak resident memory in GB: Linux's VmHWM (the peak of this program's own memory), else
+    ru_maxrss (KiB on Linux, bytes on macOS). On Linux ru_maxrss also counts the memory of the process that started
+    this one, at the time it did (it is kept across fork and exec): a run started from a large process (a notebook,
+    a test runner) would report that process's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / GB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / GB if sys.platform == "darwin" else peak * 1024 / GB
 
