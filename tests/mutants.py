@@ -298,7 +298,7 @@ MUTANTS = [
            (PREFERENCE + "test_from_an_sft_run_the_reference_is_the_sft_model[int4]",)),
     Mutant("dpo-answer-starts-a-token-late", "finetune/data/preference.py",
            "if b > a and b > start), len(ids))", "if b > a and a > start), len(ids))",
-           (PREFERENCE + "test_the_split_agrees_with_trls_own_tokenization[conversational]",)),
+           (PREFERENCE + "test_conversational_answer_is_the_assistant_turn_through_its_end",)),
     Mutant("preference-accuracy-counts-ties", "finetune/training/preference.py",
            "if chosen > rejected)", "if chosen >= rejected)",
            (PREFERENCE + "test_held_out_accuracy_scores_chosen_above_rejected",)),
