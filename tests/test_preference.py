@@ -448,7 +448,7 @@ def main_eval(argv: list[str]) -> int:
 @pytest.mark.slow
 def test_the_reference_costs_no_second_copy_of_the_model(tmp_path):
     """Peak host memory of DPO with LoRA, measured against SFT with LoRA on the same model (a 100 MB one, so that a
-    second copy would show) and the same sequences per step: within half the model's size (measured: 36 MB, of which
+    second copy would show) and the same sequences per step: within 0.6 of the model's size (measured: 36 MB, of which
     importing TRL's trainers is ~25 MB). The check can fail: full fine-tuning with the
     reference held as a model (precompute_ref_log_probs: false) is measured as a model's size above the same run
     with log-probabilities precomputed."""
@@ -473,7 +473,7 @@ def test_the_reference_costs_no_second_copy_of_the_model(tmp_path):
     # The same sequences per step (a pair is two), padded both ways, few enough that activations stay small.
     lora_sft = peak("sft", "sft", per_device_train_batch_size=2, padding_free="false")
     lora_dpo = peak("dpo", "dpo", per_device_train_batch_size=1)
-    assert lora_dpo - lora_sft < 0.5 * model_bytes, (lora_sft, lora_dpo, model_bytes)
+    assert lora_dpo - lora_sft < 0.6 * model_bytes, (lora_sft, lora_dpo, model_bytes)
     full = {"use_lora": "false", "learning_rate": 1e-5, "per_device_train_batch_size": 1}
     precomputed = peak("full-pre", "dpo", precompute_ref_log_probs="true", **full)
     second_copy = peak("full-copy", "dpo", precompute_ref_log_probs="false", **full)
