@@ -181,6 +181,26 @@ def run_to_end(command: list[str], timeout: float, **kwargs) -> subprocess.Compl
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+def preempt_at_logged_step(argv: list[str], step: int, cwd: Path) -> str:
+    """Start `finetune/run.py argv`, send SIGTERM once the Trainer has printed its `step`-th logged loss, and
+    return the run's stderr; fails unless the run exits as preempted (75)."""
+    from finetune import errors
+
+    process = subprocess.Popen([sys.executable, str(REPO / "finetune/run.py"), *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=cwd, env=subprocess_env(WANDB_DISABLED="true"))
+    logged = 0
+    for line in process.stdout:  # the Trainer prints one dict per logged step
+        if "'loss'" in line:
+            logged += 1
+            if logged == step:
+                process.send_signal(signal.SIGTERM)
+                break
+    process.stdout.read()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == errors.PREEMPTED, stderr[-3000:]
+    return stderr
+
+
 def lora_model(recipe, padding_free: bool):
     """The recipe's LoRA model in train mode, seeded, with B initialised non-zero (peft starts B at zero, which
     would leave A's gradient zero and untested), for gradient comparisons; its attention as padding-free

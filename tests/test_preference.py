@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,15 @@ from finetune.data.load import normalise_turns
 from finetune.embedded.tiny import make_preference_examples, write_jsonl
 from finetune.run import main
 from finetune.training import rundir
-from tests.conftest import REPO, accelerate_launch, recipe_argv, run_to_end, subprocess_env, train_and_summarise
+from tests.conftest import (
+    REPO,
+    accelerate_launch,
+    preempt_at_logged_step,
+    recipe_argv,
+    run_to_end,
+    subprocess_env,
+    train_and_summarise,
+)
 from tests.wandb_file import load_run, offline_runs
 
 CHAT_PAIR = {"prompt": [{"role": "user", "content": "Reverse the word. abc"}],
@@ -497,19 +504,7 @@ def test_sigterm_then_rerun_matches_an_uninterrupted_run(objective, llama_dir, p
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run(straight).returncode == 0
-    process = subprocess.Popen([sys.executable, str(REPO / "finetune/run.py"), *argv(resumed)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                               env=subprocess_env(WANDB_DISABLED="true"))
-    logged = 0
-    for line in process.stdout:
-        if "'loss'" in line:
-            logged += 1
-            if logged == 5:
-                process.send_signal(signal.SIGTERM)
-                break
-    process.stdout.read()
-    stderr = process.stderr.read()
-    assert process.wait(timeout=300) == errors.PREEMPTED, stderr[-3000:]
+    preempt_at_logged_step(argv(resumed), 5, tmp_path)
     stopped = rundir.checkpoints(resumed)[0]
     assert 5 <= stopped[0] < 12
     again = run(resumed)

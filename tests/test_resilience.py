@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +13,19 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from finetune import errors
 from finetune.embedded.tiny import write_jsonl
 from finetune.errors import UsageError
 from finetune.run import train
 from finetune.training import ranks, resilience, rundir
-from tests.conftest import REPO, accelerate_launch, load, recipe_argv, run_to_end, subprocess_env
+from tests.conftest import (
+    REPO,
+    accelerate_launch,
+    load,
+    preempt_at_logged_step,
+    recipe_argv,
+    run_to_end,
+    subprocess_env,
+)
 from tests.wandb_file import load_run, offline_runs
 
 ACCELERATE_CONFIGS = sorted((REPO / "launch/accelerate").glob("*.yaml"))
@@ -77,19 +83,7 @@ def test_sigterm_then_rerun_matches_an_uninterrupted_run(llama_dir, text_data, t
 
     resumed = tmp_path / "resumed"
     args = training_args(llama_dir, text_data, resumed, 12)
-    process = subprocess.Popen([sys.executable, str(REPO / "finetune/run.py"), *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                               env=subprocess_env(WANDB_DISABLED="true"))
-    logged = 0
-    for line in process.stdout:  # the Trainer prints one dict per logged step
-        if "'loss'" in line:
-            logged += 1
-            if logged == 3:
-                process.send_signal(signal.SIGTERM)
-                break
-    process.stdout.read()
-    stderr = process.stderr.read()
-    assert process.wait(timeout=300) == errors.PREEMPTED, stderr[-3000:]
+    stderr = preempt_at_logged_step(args, 3, tmp_path)
     assert "SIGTERM received" in stderr and "run the same command again to resume" in stderr
     stopped = rundir.checkpoints(resumed)[0]
     assert 3 <= stopped[0] < 12 and rundir.checkpoint_problem(stopped[1]) is None
