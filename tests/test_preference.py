@@ -432,6 +432,34 @@ def test_from_an_sft_run_the_reference_is_the_sft_model(quantization, tmp_path, 
             summary["eval/preference_accuracy_start"]
 
 
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_a_4bit_base_trains_alike_whether_or_not_the_cpu_has_avx512bf16(objective, tmp_path, monkeypatch, llama_dir,
+                                                                       pair_file, feedback_file, sft_run):
+    """CPU-dependent: bitsandbytes takes a packed 4-bit path (bf16 results, no backward) on CPUs with AVX512-BF16 once
+    a layer has run in eval mode, and a preference run evaluates before its first step (held-out accuracy, eval on
+    start) and between steps. Both of bitsandbytes' CPU paths are forced here (tests/test_kbit.py), on any machine:
+    the same losses, gradient norms, margins and accuracies either way (relative 1e-4, fp32 compute)."""
+    import bitsandbytes.nn.modules
+
+    dataset = pair_file if objective == "dpo" else feedback_file
+    results = []
+    for reports in (True, False):
+        monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda reports=reports: reports)
+        trainer, summary = train_and_summarise("tiny", **keys(llama_dir, dataset, tmp_path / f"avx512bf16-{reports}",
+                                                              objective=objective, quantization="int4",
+                                                              init_from=sft_run, eval_on_start="true", eval_steps=1,
+                                                              logging_steps=1))
+        curve = [entry[key] for entry in trainer.state.log_history if "loss" in entry for key in ("loss", "grad_norm")]
+        margins = [entry["eval_rewards/margins"] for entry in trainer.state.log_history if "eval_loss" in entry]
+        accuracy = [summary.get(key) for key in ("eval/preference_accuracy_start", "eval/preference_accuracy")]
+        results.append((curve, margins, accuracy))
+    (curve, margins, accuracy), (expected_curve, expected_margins, expected_accuracy) = results
+    assert len(curve) == 2 * 4 and len(margins) >= 5  # eval on start, after every step, and the final one
+    assert curve == pytest.approx(expected_curve, rel=1e-4) and margins == pytest.approx(expected_margins, rel=1e-4,
+                                                                                        abs=1e-6)
+    assert accuracy == expected_accuracy and (objective == "kto") == (accuracy[0] is None)
+
+
 def test_from_a_fully_trained_run_its_weights_are_the_base(tmp_path, llama_dir, pair_file, data_files):
     """From a full fine-tuning run, a new adapter on its saved weights; the reference is those weights."""
     full = tmp_path / "full"
