@@ -289,11 +289,19 @@ def test_init_from_refusals(tmp_path, capsys, monkeypatch, pair_file, llama_dir)
                      "objective: dpo (or kto)"),
     ("dpo", "feedback", "objective: dpo needs prompt+chosen+rejected rows; the dataset is unpaired_preference data "
                         "(columns completion, label, prompt)"),
+    ("dpo", "half pairs", "dataset: objective dpo needs the columns `prompt`+`chosen`+`rejected` or `chosen`+"
+                          "`rejected`; the dataset has ['chosen', 'prompt'] (rename its columns, or set "
+                          "dataset_format)"),
+    ("kto", "half pairs", "dataset: objective kto needs the columns `prompt`+`chosen`+`rejected` or `chosen`+"
+                          "`rejected` or `prompt`+`completion`+`label`; the dataset has ['chosen', 'prompt'] (rename "
+                          "its columns, or set dataset_format)"),
 ])
 def test_data_of_another_objective_is_refused(objective, data, message, tmp_path, capsys, monkeypatch, pair_file,
                                               feedback_file, data_files):
     monkeypatch.chdir(REPO)
-    dataset = {"messages": data_files["messages"], "pairs": pair_file, "feedback": feedback_file}[data]
+    half_pairs = write_jsonl([{"prompt": "Reverse abc", "chosen": "cba"}] * 4, tmp_path / "half.jsonl")
+    dataset = {"messages": data_files["messages"], "pairs": pair_file, "feedback": feedback_file,
+               "half pairs": half_pairs}[data]
     assert main(recipe_argv("tiny", dataset=dataset, objective=objective, output_dir=tmp_path / "out")) == \
         errors.USAGE
     err = capsys.readouterr().err

@@ -70,6 +70,11 @@ def detect_format(columns: list[str], objective: str = "sft") -> str:
     fmt = columns_format(columns, objective)
     if fmt is not None:
         return fmt
+    wanted = OBJECTIVE_FORMATS.get(objective)
+    if wanted is not None:
+        needs = " or ".join(f"`{'`+`'.join(needed)}`" for name in wanted for needed in FORMAT_COLUMNS[name])
+        raise UsageError(f"dataset: objective {objective} needs the columns {needs}; the dataset has "
+                         f"{sorted(columns)} (rename its columns, or set dataset_format)")
     raise UsageError([
         f"dataset: can't tell the format from the columns {sorted(columns)}; expected `messages`, "
         "`instruction`+`output` (alpaca), `prompt`+`completion`, `text`, or for preference tuning "
