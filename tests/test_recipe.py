@@ -25,7 +25,7 @@ def test_shipped_recipe_validates(path):
     name = path.relative_to(REPO / "recipes").with_suffix("")
     assert recipe.training.output_dir == f"outputs/{str(name).replace('/', '-')}"
     first_lines = path.read_text().splitlines()[:8]
-    assert any(f"accelerate launch finetune/run.py recipes/{name}.yaml" in line for line in first_lines)
+    assert any(f"accelerate launch --quiet finetune/run.py recipes/{name}.yaml" in line for line in first_lines)
 
 
 def test_variants_extend_the_bf16_recipe():
