@@ -104,9 +104,10 @@ def data_files(tmp_path_factory) -> dict[str, Path]:
 
 def recipe_argv(recipe: str | Path, **keys) -> list[str]:
     """The command line after `finetune/run.py`: a recipe (a name under recipes/, or a path) and `--key value`
-    for each key."""
+    for each key (`--key v1 v2` for a list)."""
     path = recipe if isinstance(recipe, Path) or "/" in recipe else REPO / "recipes" / f"{recipe}.yaml"
-    return [str(path)] + [item for key, value in keys.items() for item in (f"--{key}", str(value))]
+    return [str(path)] + [item for key, value in keys.items()
+                          for item in (f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)]))]
 
 
 def load(argv: list[str]):

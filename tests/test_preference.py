@@ -13,21 +13,25 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from finetune import errors
 from finetune.data import preference
 from finetune.data.load import normalise_turns
 from finetune.embedded.tiny import make_preference_examples, write_jsonl
+from finetune.errors import UsageError
 from finetune.run import main
 from finetune.training import rundir
 from tests.conftest import (
     REPO,
     accelerate_launch,
+    load,
     preempt_at_logged_step,
     recipe_argv,
     run_to_end,
     subprocess_env,
     train_and_summarise,
+    write_recipe,
 )
 from tests.wandb_file import load_run, offline_runs
 
@@ -97,6 +101,27 @@ def test_an_implicit_prompt_is_the_conversations_shared_first_turns(tokenizer):
     assert preference.shared_turns(same_start["chosen"], same_start["rejected"]) == 1
 
 
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_a_text_prompt_beside_whole_conversations_is_their_first_turn(objective, tmp_path, llama_dir, capsys,
+                                                                      monkeypatch):
+    """As HuggingFaceH4/ultrafeedback_binarized has them: `prompt` as text, `chosen` and `rejected` whole
+    conversations that begin with it, and a `messages` column too. Read as the implicit-prompt pairs they are."""
+    monkeypatch.chdir(REPO)
+    whole = {"prompt": CHAT_PAIR["prompt"][0]["content"], "chosen": CHAT_PAIR["prompt"] + CHAT_PAIR["chosen"],
+             "rejected": CHAT_PAIR["prompt"] + CHAT_PAIR["rejected"],
+             "messages": CHAT_PAIR["prompt"] + CHAT_PAIR["chosen"]}
+    data = write_jsonl([whole] * 40, tmp_path / "data.jsonl")
+    argv = recipe_argv("tiny", **keys(llama_dir, data, tmp_path / "out", objective=objective))
+    assert main([*argv, "--dry_run"]) == errors.OK
+    out = capsys.readouterr().out
+    assert ("format: preference" if objective == "dpo" else "format: unpaired_preference") in out
+    if objective == "dpo":
+        tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+        assert preference.tokenize_row(preference.explicit(whole), "preference", tokenizer, 128, None,
+                                       normalise_turns) == \
+            preference.tokenize_row(CHAT_PAIR, "preference", tokenizer, 128, None, normalise_turns)
+
+
 def test_rows_are_cut_to_max_prompt_length_and_max_length(tokenizer):
     row = {"prompt": "x" * 40, "chosen": "a" * 30, "rejected": "b" * 5}
     cut = preference.tokenize_row(row, "preference", tokenizer, max_length=50, max_prompt_length=30,
@@ -143,7 +168,13 @@ ROW_CASES = {  # name: (the odd row, objective, what follows "error: dataset FIL
     "implicit prompt not shared": ({"chosen": [{"role": "user", "content": "a"}, CHAT_PAIR["chosen"][0]],
                                     "rejected": [{"role": "user", "content": "b"}, CHAT_PAIR["rejected"][0]]}, "dpo",
                                    "no `prompt`, and `chosen` and `rejected` don't start with the same turns (the "
-                                   "prompt); give a `prompt` column, or conversations that share their first turns"),
+                                   "prompt); give `prompt` as a list of turns, or conversations that share their "
+                                   "first turns"),
+    "text prompt beside other turns": ({"prompt": "Reverse the word. abd",
+                                        "chosen": CHAT_PAIR["prompt"] + CHAT_PAIR["chosen"],
+                                        "rejected": CHAT_PAIR["prompt"] + CHAT_PAIR["rejected"]}, "dpo",
+                                       "`prompt` 'Reverse the word. abd' is none of the turns `chosen` and `rejected` "
+                                       "start with; give it as a list of turns before the answers, or leave it out"),
 }
 
 
@@ -200,6 +231,14 @@ def test_sweep_metrics_follow_the_objective():
     assert problems("eval/preference_accuracy", "dpo") == [
         "metric: `eval/preference_accuracy` is in the summary only, and hyperband compares trials at log steps; use "
         "one logged during training (eval/loss, train/loss, ...)"]
+    # KTO logs no accuracies (its rows are unpaired) and DPO no KL.
+    assert problems("train/rewards/accuracies", "kto") and problems("train/kl", "dpo") and not problems("train/kl",
+                                                                                                         "kto")
+    assert problems("eval/preference_accuracy", "kto")[0].startswith("metric: the toolkit never logs")
+    # The held-out preference accuracy is measured whether or not the run evaluates during training.
+    found = []
+    check_metric({"metric": {"name": "eval/preference_accuracy"}}, {"objective": "dpo", "eval_strategy": "no"}, found)
+    assert found == []
 
 
 def finished_run(directory: Path, **recipe) -> Path:
@@ -231,6 +270,14 @@ KEY_CASES = {  # name: (keys, the error line after "error: ")
     "sft_weight for kto": ({"objective": "kto", "sft_weight": 1},
                            "sft_weight: only applies to objective: dpo (this recipe has objective: kto)"),
     "sft_weight negative": ({"objective": "dpo", "sft_weight": -1}, "sft_weight: must be 0 or more, got -1.0"),
+    "kto with one row per batch": ({"objective": "kto", "per_device_train_batch_size": 1},
+                                   "per_device_train_batch_size: objective kto (loss_type kto) needs 2 or more rows "
+                                   "per batch (its KL term pairs each answer with another row's prompt); raise it, or "
+                                   "use loss_type: apo_zero_unpaired"),
+    "an adapter on lm_head": ({"objective": "dpo", "lora_target_modules": ["q_proj", "lm_head"]},
+                              "lora_target_modules: lm_head can't take an adapter with objective dpo (TRL computes "
+                              "log-probabilities from lm_head's weight directly, so the adapter would never train); "
+                              "leave lm_head out"),
     "a misspelt key": ({"objective": "dpo", "betta": 0.1}, None),
 }
 
@@ -280,6 +327,26 @@ def test_init_from_refusals(tmp_path, capsys, monkeypatch, pair_file, llama_dir)
                                        "finish it first (its own command again resumes it), or start from a "
                                        "finished run\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_init_from_decides_what_a_recipe_only_inherits(tmp_path, monkeypatch, pair_file, llama_dir):
+    """The documented flow `make train RECIPE=recipes/dpo_qlora.yaml ARGS="--init_from outputs/qlora_int4"` after an
+    SFT run with `--lora_r 64`: the base and adapter shape the DPO recipe inherits (`extends`) yield to the run's;
+    written in the recipe itself or on the command line, a different value is still refused."""
+    monkeypatch.chdir(tmp_path)
+    sft = finished_run(tmp_path / "sft", model_name_or_path=str(llama_dir), use_lora=True, lora_r=64, lora_alpha=128,
+                       lora_target_modules=["q_proj", "v_proj"])
+    write_recipe(tmp_path / "parent.yaml", model_name_or_path="Qwen/Qwen2.5-0.5B-Instruct", use_lora=True, lora_r=16,
+                 lora_alpha=32, lora_target_modules=["all-linear"], dataset=str(pair_file), objective="dpo")
+    (tmp_path / "child.yaml").write_text(f"extends: parent.yaml\ninit_from: {sft}\n")
+    recipe = load([str(tmp_path / "child.yaml")])
+    assert (recipe.model.model_name_or_path, recipe.model.lora_r, recipe.model.lora_alpha,
+            recipe.model.lora_target_modules) == (str(llama_dir), 64, 128, ["q_proj", "v_proj"])
+    with pytest.raises(UsageError, match=r"lora_r: 16 differs from the init_from run's 64"):
+        load([str(tmp_path / "child.yaml"), "--lora_r", "16"])
+    (tmp_path / "child.yaml").write_text(f"extends: parent.yaml\ninit_from: {sft}\nlora_alpha: 32\n")
+    with pytest.raises(UsageError, match=r"lora_alpha: 32 differs from the init_from run's 128"):
+        load([str(tmp_path / "child.yaml")])
 
 
 @pytest.mark.parametrize("objective,data,message", [
@@ -402,6 +469,18 @@ def test_a_new_adapters_reference_is_the_base(tmp_path, llama_dir, pair_file):
     assert "ref" not in trainer.model.peft_config and trainer.ref_model is None
 
 
+def test_no_usage_ping_to_the_hub(tmp_path, llama_dir, pair_file, monkeypatch):
+    """TRL's trainers send one when they start, outside CI and offline mode; the toolkit's send none, as SFT runs."""
+    import trl.trainer.base_trainer
+
+    pings = []
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(trl.trainer.base_trainer, "send_telemetry", lambda **kwargs: pings.append(kwargs))
+    train_and_summarise("tiny", **keys(llama_dir, pair_file, tmp_path / "out", max_steps=1))
+    assert pings == []
+
+
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, llama_dir, data_files) -> Path:
     out = tmp_path_factory.mktemp("sft") / "run"
@@ -492,9 +571,9 @@ def main_eval(argv: list[str]) -> int:
 def test_the_reference_costs_no_second_copy_of_the_model(tmp_path):
     """Peak host memory of DPO with LoRA, measured against SFT with LoRA on the same model (a 100 MB one, so that a
     second copy would show) and the same sequences per step: within 0.6 of the model's size (measured: 36 MB, of which
-    importing TRL's trainers is ~25 MB). The check can fail: full fine-tuning with the
-    reference held as a model (precompute_ref_log_probs: false) is measured as a model's size above the same run
-    with log-probabilities precomputed."""
+    importing TRL's trainers is ~25 MB); the same for full fine-tuning with the reference's log-probabilities
+    precomputed. The check can fail: full fine-tuning with the reference held as a model (precompute_ref_log_probs:
+    false) is measured as a model's size above the same run with log-probabilities precomputed."""
     from finetune.embedded.tiny import make_task_examples, save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "model", hidden_size=512, layers=8)
@@ -518,7 +597,9 @@ def test_the_reference_costs_no_second_copy_of_the_model(tmp_path):
     lora_dpo = peak("dpo", "dpo", per_device_train_batch_size=1)
     assert lora_dpo - lora_sft < 0.6 * model_bytes, (lora_sft, lora_dpo, model_bytes)
     full = {"use_lora": "false", "learning_rate": 1e-5, "per_device_train_batch_size": 1}
+    full_sft = peak("full-sft", "sft", **{**full, "per_device_train_batch_size": 2, "padding_free": "false"})
     precomputed = peak("full-pre", "dpo", precompute_ref_log_probs="true", **full)
+    assert precomputed - full_sft < 0.6 * model_bytes, (full_sft, precomputed, model_bytes)
     second_copy = peak("full-copy", "dpo", precompute_ref_log_probs="false", **full)
     assert second_copy - precomputed > 0.7 * model_bytes, (precomputed, second_copy, model_bytes)
 
@@ -621,6 +702,15 @@ def test_follow_up_commands_on_a_dpo_run(tmp_path, llama_dir, pair_file, capsys)
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: --preferences: {other}'s held-out pairs are token ids of another tokenizer (or chat template) than "
         f"{out}'s; give the pairs' data file instead, tokenized for it")
+    # A DPO run that held nothing out: its default says what to give instead.
+    bare = tmp_path / "dpo-nothing-held-out"
+    train_and_summarise("tiny", **keys(llama_dir, pair_file, bare, max_steps=1, eval_size=0, eval_strategy="no",
+                                       eval_on_start="false"))
+    capsys.readouterr()
+    assert main_eval([str(bare)]) == errors.USAGE
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --preferences: {bare} holds out no preference pairs (it trained without an eval split); give "
+        "--preferences a data file of prompt/chosen/rejected rows or a run that held pairs out, or --tasks")
 
 
 def test_held_out_accuracy_scores_chosen_above_rejected():
@@ -648,6 +738,37 @@ def test_held_out_accuracy_scores_chosen_above_rejected():
             {"prompt_ids": [1], "chosen_ids": [40, 40], "rejected_ids": [40, 41]},
             {"prompt_ids": [1, 9], "chosen_ids": [41], "rejected_ids": [42]}]  # a tie: not a win
     assert preference_wins(Scripted(), rows, pad_id=0, batch_size=3) == (2, 4)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp"])
+def test_held_out_accuracy_on_one_rank_of_two(sharded):
+    """Each rank scores its share of the pairs; a sharded model (FSDP, DeepSpeed) gathers its weights at every
+    forward on all ranks together, so there every rank runs the same forwards, over every pair, and rank 0 counts.
+    (Rank 1 of 2 here, without a process group: the sum over ranks is this rank's own numbers.)"""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from finetune.training.preference import held_out_accuracy
+
+    scored = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask, labels, fused_lm_head):
+            scored.append(len(input_ids))
+            return type("Out", (), {"log_probs": torch.zeros(labels[:, 1:].shape)})
+
+    rows = Dataset.from_list([{"prompt_ids": [1, 5], "chosen_ids": [40], "rejected_ids": [41]}] * 5)
+    trainer = SimpleNamespace(model=Counting(), is_fsdp_enabled=sharded, is_deepspeed_enabled=False,
+                              args=SimpleNamespace(process_index=1, world_size=2, per_device_eval_batch_size=2,
+                                                   output_dir="out"))
+    result = held_out_accuracy(trainer, rows, pad_id=0)
+    assert sum(scored) == (2 * 5 if sharded else 2 * 2)  # two sequences per pair: all 5 pairs, or rows 1 and 3
+    assert result["pairs"] == (0 if sharded else 2)
 
 
 @pytest.mark.parametrize("row", [CHAT_PAIR, {"prompt": "Reverse the word. abc\nAnswer: ", "chosen": "cba",

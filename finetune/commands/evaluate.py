@@ -235,9 +235,10 @@ def held_out_pairs(source: Path, tokenizer, max_length: int):
     if is_run(source):
         rows = rundir.saved_eval_split(source)
         if not has_pairs(rows):
-            raise UsageError(f"--preferences: {source} holds out no preference pairs (it trains "
-                             f"{'on other rows' if rows is not None else 'without an eval split'}); give a DPO "
-                             "run's output_dir or a file of prompt/chosen/rejected rows")
+            raise UsageError(f"--preferences: {source} holds out no preference pairs (it trained "
+                             f"{'on other rows' if rows is not None else 'without an eval split'}); give "
+                             "--preferences a data file of prompt/chosen/rejected rows or a run that held pairs out, "
+                             "or --tasks")
         return rows, f"{source} (held out)"
     from finetune.data.load import load_splits
     from finetune.recipe.keys import DataArguments

@@ -46,7 +46,7 @@ import yaml
 from finetune import errors
 from finetune.errors import UsageError
 from finetune.recipe.load import _UniqueKeyLoader, read_yaml
-from finetune.training import rundir
+from finetune.training import preference, rundir
 from finetune.training import sweep as state_file
 from finetune.training.ranks import die_with_parent
 
@@ -65,11 +65,6 @@ SUMMARY_METRICS = ("eval/loss", "eval/perplexity", "eval/best_perplexity", "trai
                    "model/trainable_params", "model/trainable_percent", "model/weight_bits", "model/base_weights_gb",
                    "model/memory_footprint_gb", "model/saved_weights_mb", "final/total_steps", "final/total_epochs")
 PERPLEXITIES = ("train/perplexity", "eval/perplexity", "eval/best_perplexity")  # objective: sft only
-# objective: dpo or kto: TRL's metrics at log steps, and the held-out preference accuracy (DPO) at the end.
-PREFERENCE_STEP_METRICS = tuple(f"{split}/{name}" for split in ("train", "eval") for name in (
-    "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected",
-    "kl"))
-PREFERENCE_SUMMARY_METRICS = ("eval/preference_accuracy", "eval/preference_accuracy_start")
 CUDA_ONLY = ("train/peak_vram_gb", "train/peak_vram_reserved_gb", "train/mfu")
 MAX_FAILURES_IN_A_ROW = 3  # trials failing one after another: the sweep stops (as `wandb agent` does)
 STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -258,9 +253,11 @@ def check_metric(config: dict[str, Any], values: dict[str, Any] | None, problems
         return None
     step = set(STEP_METRICS)
     known = step | set(SUMMARY_METRICS)
-    if (values or {}).get("objective", "sft") != "sft":
-        step = (step - set(PERPLEXITIES)) | set(PREFERENCE_STEP_METRICS)
-        known = (known - set(PERPLEXITIES)) | step | set(PREFERENCE_SUMMARY_METRICS)
+    objective = (values or {}).get("objective", "sft")
+    if objective != "sft":  # TRL's metrics at log steps, and DPO's held-out preference accuracy (no evaluation's)
+        step = (step - set(PERPLEXITIES)) | {f"{split}/{name}" for split in ("train", "eval")
+                                             for name in preference.METRICS[objective]}
+        known = (known - set(PERPLEXITIES)) | step | set(preference.ACCURACY if objective == "dpo" else ())
     if metric not in known:
         problems.append(f"metric: the toolkit never logs `{metric}`{did_you_mean(metric, known)}; its metrics are in "
                         "docs/outputs-and-metrics.md")
@@ -269,7 +266,8 @@ def check_metric(config: dict[str, Any], values: dict[str, Any] | None, problems
         problems.append(f"metric: `{metric}` is in the summary only, and hyperband compares trials at log steps; use "
                         "one logged during training (eval/loss, train/loss, ...)")
     strategy = (values or {}).get("eval_strategy", recipe_keys.TOOLKIT_DEFAULTS.get("eval_strategy", "no"))
-    if values is not None and metric.startswith("eval/") and str(strategy) == "no":
+    if values is not None and metric.startswith("eval/") and metric not in preference.ACCURACY and \
+            str(strategy) == "no":
         problems.append(f"metric: `{metric}` comes from evaluations and the recipe never evaluates (eval_strategy: "
                         "no); set eval_strategy: steps and eval_steps in the recipe or the command")
     if metric in CUDA_ONLY:

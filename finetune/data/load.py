@@ -57,10 +57,10 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 
 def columns_format(columns, objective: str = "sft") -> str | None:
-    """The first format whose columns are all among `columns` (None when none is), in FORMAT_COLUMNS' order for a
-    preference objective; for SFT the preference formats come last (`prompt`, `completion` and a `label` column of
-    one's own are SFT data there)."""
-    order = sorted(FORMAT_COLUMNS, key=lambda name: objective == "sft" and name in PREFERENCE_FORMATS)
+    """The first format whose columns are all among `columns` (None when none is), in FORMAT_COLUMNS' order with the
+    objective's own formats first: for SFT the preference formats come last (`prompt`, `completion` and a `label`
+    column of one's own are SFT data there), for DPO and KTO first (a preference dataset may carry `messages` too)."""
+    order = sorted(FORMAT_COLUMNS, key=lambda name: (name in PREFERENCE_FORMATS) == (objective == "sft"))
     return next((name for name in order
                  if any(all(column in columns for column in needed) for needed in FORMAT_COLUMNS[name])), None)
 

@@ -48,8 +48,9 @@ def shared_turns(chosen: list, rejected: list) -> int:
 
 
 def explicit(example: dict[str, Any]) -> dict[str, Any]:
-    """A pair with its prompt in a `prompt` column: as it is, or split from implicit-prompt conversations."""
-    if example.get("prompt") is not None or not isinstance(example.get("chosen"), list):
+    """A pair with its prompt as the answers have it: as it is, or split from whole conversations (their shared
+    first turns; a text `prompt` beside them, as some hub datasets add, is one of those turns)."""
+    if isinstance(example.get("prompt"), list) or not isinstance(example.get("chosen"), list):
         return example
     shared = shared_turns(example["chosen"], example["rejected"])
     return {**example, "prompt": example["chosen"][:shared], "chosen": example["chosen"][shared:],
@@ -62,7 +63,10 @@ def row_problem(example: dict[str, Any], fmt: str, turn_problem, present: str) -
     if fmt == "preference" and example.get("prompt") is None and isinstance(example.get("chosen"), str):
         return ("no `prompt`: text pairs need one (the prompt is split off only from conversations, `chosen` and "
                 "`rejected` as lists of turns that share their first turns)")
-    if fmt == "preference" and example.get("prompt") is None and isinstance(example.get("chosen"), list):
+    prompt = example.get("prompt")
+    whole_conversations = isinstance(example.get("chosen"), list) and (
+        prompt is None or isinstance(prompt, str) and isinstance(example.get("rejected"), list))
+    if fmt == "preference" and whole_conversations:
         if example.get("rejected") is None:
             return f"`rejected` is missing or null (the row has {present or 'nothing'})"
         if not isinstance(example["rejected"], list):
@@ -71,9 +75,15 @@ def row_problem(example: dict[str, Any], fmt: str, turn_problem, present: str) -
             problem = turn_problem(example[column], column)
             if problem:
                 return problem
-        if shared_turns(example["chosen"], example["rejected"]) == 0:
-            return ("no `prompt`, and `chosen` and `rejected` don't start with the same turns (the prompt); give a "
-                    "`prompt` column, or conversations that share their first turns")
+        shared = shared_turns(example["chosen"], example["rejected"])
+        if shared == 0:
+            return (f"{'no `prompt`' if prompt is None else '`prompt` is text'}, and `chosen` and "
+                    "`rejected` don't start with the same turns (the prompt); give `prompt` as a list of turns, or "
+                    "conversations that share their first turns")
+        if prompt is not None and not any(isinstance(turn, dict) and turn.get("content", turn.get("value")) == prompt
+                                          for turn in example["chosen"][:shared]):
+            return (f"`prompt` {prompt!r:.40} is none of the turns `chosen` and `rejected` start with; give it as a "
+                    "list of turns before the answers, or leave it out")
         example = explicit(example)
     conversational = isinstance(example.get("prompt"), list)
     for column in ("prompt", *answers(fmt)):
@@ -177,8 +187,7 @@ def unpair(split, seed: int):
 
     from finetune.data.load import ROW
 
-    if "prompt" not in split.column_names:
-        split = split.map(explicit, desc="finding the prompts")
+    split = split.map(explicit, desc="finding the prompts")
     keep = ["prompt", ROW]
     chosen = split.select_columns([*keep, "chosen"]).rename_column("chosen", "completion")
     rejected = split.select_columns([*keep, "rejected"]).rename_column("rejected", "completion")
@@ -197,11 +206,6 @@ def counts(features: list[dict[str, Any]]) -> tuple[int, int, int]:
                 inputs += len(feature["prompt_ids"]) + len(feature[column])
                 targets += len(feature[column])
     return len(features), inputs, targets
-
-
-def sequences_per_example(fmt: str) -> int:
-    """Sequences the model reads per example: a pair's two (chosen and rejected), an unpaired row's one."""
-    return 2 if fmt == "preference" else 1
 
 
 def preview(train, evaluation, fmt: str, tokenizer, examples: int = 2) -> str:

@@ -374,6 +374,15 @@ class Recipe:
         if self.objective.preference and self.data.train_on_prompt:
             problems.append(f"train_on_prompt: objective {self.objective.objective} scores answers only (its loss "
                             "compares the answers' log-probabilities); set train_on_prompt: false")
+        if self.objective.objective == "kto" and self.objective.loss_type != "apo_zero_unpaired" and \
+                self.training.per_device_train_batch_size < 2:
+            problems.append(f"per_device_train_batch_size: objective kto (loss_type {self.objective.loss_type}) needs "
+                            "2 or more rows per batch (its KL term pairs each answer with another row's prompt); "
+                            "raise it, or use loss_type: apo_zero_unpaired")
+        if self.objective.preference and self.model.use_lora and "lm_head" in self.model.lora_target_modules:
+            problems.append(f"lora_target_modules: lm_head can't take an adapter with objective "
+                            f"{self.objective.objective} (TRL computes log-probabilities from lm_head's weight "
+                            "directly, so the adapter would never train); leave lm_head out")
         if self.training.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
             problems.append("use_liger_kernel: needs the liger-kernel package (Triton kernels for CUDA GPUs); pip "
                             "install liger-kernel, or set use_liger_kernel: false")

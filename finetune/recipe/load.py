@@ -261,7 +261,8 @@ def read_checked(argv: list[str], data_needed: bool = True) -> tuple[Path, dict[
     if problems:
         raise UsageError(problems)
     if data_needed:  # a finished run's recipe.yaml holds what init_from decided; that run may be gone since
-        started_from(values, problems)
+        leaf = read_yaml(path.expanduser(), "recipe")  # its own keys; those it extends yield to init_from's
+        started_from(values, problems, written={*overrides, *leaf} - {"extends"})
     variables = config.path_variable_problems(values)
     problems += config.range_problems(values) + variables
     problems += config.dataset_problems(values) if data_needed and not variables else []
@@ -283,10 +284,11 @@ def read_checked(argv: list[str], data_needed: bool = True) -> tuple[Path, dict[
 INIT_FROM_KEYS = ("model_name_or_path", "use_lora", "lora_r", "lora_alpha", "lora_target_modules")
 
 
-def started_from(values: dict[str, Any], problems: list[str]) -> None:
+def started_from(values: dict[str, Any], problems: list[str], written: set[str]) -> None:
     """With `init_from`, fill in from that run's recipe what it decides (INIT_FROM_KEYS; for a fully trained run,
-    model_name_or_path is the run's directory, which holds its weights); a recipe value that differs from it is a
-    problem, as the adapter or weights train on as they were made. Whether the run finished is checked later
+    model_name_or_path is the run's directory, which holds its weights), over what the recipe inherits (`extends`).
+    A value `written` in the recipe itself or on the command line that differs is a problem, as the adapter or
+    weights train on as they were made. Whether the run finished is checked later
     (finetune.training.rundir.check_init_from)."""
     run = values.get("init_from")
     if not run:
@@ -306,7 +308,7 @@ def started_from(values: dict[str, Any], problems: list[str]) -> None:
     wanted = ({key: trained.get(key) for key in INIT_FROM_KEYS} if trained.get("use_lora") else
               {"model_name_or_path": str(directory.absolute())})
     for key, value in wanted.items():
-        if key not in values:
+        if key not in values or key not in written:
             values[key] = value
         elif values[key] != value and not (key == "model_name_or_path" and is_same_path(values[key], value)):
             hint = (" (to train every weight of it, merge it first with `finetune merge` and give the merged "

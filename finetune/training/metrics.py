@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from finetune.model.load import count_parameters
+from finetune.training import preference
 from finetune.training.flops import mfu, training_flops
 from finetune.training.ranks import launch_record, reduce_across_ranks, world_size
 
@@ -350,16 +351,13 @@ class MetricsCallback(TrainerCallback, ExportableState):
         return out
 
 
-PREFERENCE_METRICS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
-                      "logps/rejected", "kl")  # TRL's, per log step; the summary keeps the last of each
-
-
 def preference_metrics(log_history: list[dict]) -> dict[str, float]:
     """The last logged value of each of TRL's preference metrics, training's and evaluation's, as summary keys
     (`train/rewards/accuracies`, `eval/rewards/accuracies`, ...). Empty for a supervised run."""
     out = {}
+    names = dict.fromkeys(name for names in preference.METRICS.values() for name in names)
     for entry in log_history:
-        for name in PREFERENCE_METRICS:
+        for name in names:
             if name in entry:
                 out[f"train/{name}"] = entry[name]
             if f"eval_{name}" in entry:

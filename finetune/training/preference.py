@@ -18,6 +18,15 @@ from typing import Any
 
 logger = logging.getLogger("finetune")
 
+# TRL's metrics of each preference objective, per log step (the summary keeps the last of each, as `train/NAME` and
+# `eval/NAME`), and the held-out preference accuracy of a DPO run (its start and its end).
+METRICS = {
+    "dpo": ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
+            "logps/rejected"),
+    "kto": ("rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl"),
+}
+ACCURACY = ("eval/preference_accuracy", "eval/preference_accuracy_start")
+
 
 def fuse_lm_head(model) -> None:
     """Put TRL's fused LM head on a model that doesn't have it yet (a model loaded for `finetune eval`); a PEFT model's
@@ -80,20 +89,25 @@ def preference_accuracy(model, rows, pad_id: int, batch_size: int = 8) -> dict[s
 
 def held_out_accuracy(trainer, rows, pad_id: int) -> dict[str, Any] | None:
     """Preference accuracy of the model a preference Trainer trains (its fused head in place), on every rank: each
-    scores its share of the pairs and the counts are summed. None, with a warning, where a process ran out of
-    memory (`finetune eval RUN --preferences` scores it later, with its own batch size)."""
+    scores its share of the pairs and the counts are summed. A model sharded across ranks (FSDP, DeepSpeed) gathers
+    its weights at every forward, on all ranks together: there, every rank scores every pair, and rank 0 counts.
+    None, with a warning, where a process ran out of memory (`finetune eval RUN --preferences` scores it later, with
+    its own batch size)."""
     import torch
 
     from finetune.training.ranks import reduce_across_ranks
 
     rank, world = trainer.args.process_index, trainer.args.world_size
-    mine = rows.select(range(rank, len(rows), world)) if world > 1 else rows
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    mine = rows.select(range(rank, len(rows), world)) if world > 1 and not sharded else rows
     try:
         wins, total = preference_wins(trainer.model, mine, pad_id, trainer.args.per_device_eval_batch_size)
         failed = 0
     except torch.OutOfMemoryError:
         wins = total = 0
         failed = 1
+    if sharded and rank > 0:
+        wins = total = 0
     wins, total, failed = reduce_across_ranks([wins, total, failed], "sum")
     if failed:
         logger.warning("held-out preference accuracy skipped: out of memory at per_device_eval_batch_size=%d; "

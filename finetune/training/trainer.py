@@ -107,7 +107,6 @@ def preference_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, ca
     "ref" adapter: the model the run starts from, its adapter included); for full fine-tuning, log-probabilities
     precomputed before the first step (`precomputed_reference`). Adapters keep the dtype the toolkit gave them
     (TRL turns a quantized model's adapters to bf16, which a CPU without native bf16 only emulates)."""
-    import torch
     from trl.trainer.dpo_trainer import DataCollatorForPreference
     from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
@@ -121,13 +120,16 @@ def preference_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, ca
         pad_token_id=tokenizer.pad_token_id, max_length=recipe.data.max_length)
     from finetune.training import rundir
 
-    # The trainable weights as the toolkit made them, values and dtype (TRL casts a quantized model's to bf16).
-    adapter = {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
+    # TRL casts a quantized model's trainable weights (its adapters) to bf16: they are put back as the toolkit made
+    # them, values and dtype. A quantized model is placed on its device when it loads, so they stay where they are.
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    adapter = {name: param.detach().clone() for name, param in model.named_parameters()
+               if quantized and param.requires_grad}
     trainer = trainer_class(model=model, args=preference_arguments(recipe), train_dataset=train_dataset,
                             eval_dataset=eval_dataset, processing_class=tokenizer,
                             data_collator=CountingCollator(collator), callbacks=callbacks)
     for name, param in trainer.model.named_parameters():
-        if name in adapter and (param.dtype != adapter[name].dtype or not torch.equal(param, adapter[name])):
+        if name in adapter:
             param.data = adapter[name]
     peft_config = getattr(trainer.model, "peft_config", {})
     if "ref" in peft_config and rundir.trained_adapter(recipe.objective.init_from) is None:
@@ -144,16 +146,21 @@ def _preference_classes() -> dict[str, type]:
         return _CLASSES
     from trl import DPOTrainer, KTOTrainer
 
-    class PolicyOnly:
-        """The final save writes the trained adapter alone: the reference's frozen copy ("ref", from init_from) is
-        dropped once training is over (checkpoints keep it; a resumed run makes it again from init_from)."""
+    class PreferenceHooks:
+        """What the toolkit changes in both of TRL's trainers: the final save writes the trained adapter alone (the
+        reference's frozen copy, "ref" from init_from, is dropped once training is over; checkpoints keep it and a
+        resumed run makes it again from init_from); and no usage ping to the Hugging Face Hub, which TRL's trainers
+        send when they start (an SFT run sends none)."""
 
         def save_model(self, output_dir=None, _internal_call=False):
             if not _internal_call and "ref" in getattr(self.model, "peft_config", {}):
                 self.model.delete_adapter("ref")
             super().save_model(output_dir, _internal_call)
 
-    class FinetuneDPOTrainer(PolicyOnly, ToolkitHooks, DPOTrainer):
+        def _send_telemetry(self):
+            pass
+
+    class FinetuneDPOTrainer(PreferenceHooks, ToolkitHooks, DPOTrainer):
         """TRL's DPOTrainer with the toolkit's hooks; its rows come tokenized (finetune.data.preference)."""
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -163,7 +170,7 @@ def _preference_classes() -> dict[str, type]:
             inputs.pop(COUNTS_KEY, None)
             return super().compute_ref_log_probs(model, inputs)
 
-    class FinetuneKTOTrainer(PolicyOnly, ToolkitHooks, KTOTrainer):
+    class FinetuneKTOTrainer(PreferenceHooks, ToolkitHooks, KTOTrainer):
         """TRL's KTOTrainer with the toolkit's hooks; its rows come tokenized (finetune.data.preference)."""
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
