@@ -305,6 +305,12 @@ MUTANTS = [
     Mutant("dpo-no-reference-forward-in-flops", "finetune/training/metrics.py",
            "reference = 0 if trainer.args.precompute_ref_log_probs else 1", "reference = 0",
            (PREFERENCE + "test_flops_count_the_reference_forward",)),
+    Mutant("init-from-refuses-inherited-keys", "finetune/recipe/load.py",
+           "if key not in values or key not in written:", "if key not in values:",
+           (PREFERENCE + "test_init_from_decides_what_a_recipe_only_inherits",)),
+    Mutant("trl-usage-ping-sent", "finetune/training/trainer.py",
+           "        def _send_telemetry(self):\n            pass\n", "",
+           (PREFERENCE + "test_no_usage_ping_to_the_hub",)),
 ]
 
 

@@ -469,6 +469,20 @@ def test_a_new_adapters_reference_is_the_base(tmp_path, llama_dir, pair_file):
     assert "ref" not in trainer.model.peft_config and trainer.ref_model is None
 
 
+def test_lora_dropout_that_trl_switches_off_is_named_where_it_comes_from(tmp_path, llama_dir, pair_file, sft_run,
+                                                                         caplog):
+    """A new adapter's dropout is the recipe's; from a LoRA run it is that run's adapter's, whatever the recipe says."""
+    with caplog.at_level("WARNING", logger="finetune"):
+        train_and_summarise("tiny", **keys(llama_dir, pair_file, tmp_path / "new", max_steps=1, lora_dropout=0.1))
+    (warning,) = [r.getMessage() for r in caplog.records if "is not applied" in r.getMessage()]
+    assert warning.startswith("lora_dropout: 0.1 is not applied") and warning.endswith("set lora_dropout: 0 to say so")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="finetune"):  # the SFT run's adapter has none
+        train_and_summarise("tiny", **keys(llama_dir, pair_file, tmp_path / "on", max_steps=1, lora_dropout=0.1,
+                                           init_from=sft_run))
+    assert not [r for r in caplog.records if "is not applied" in r.getMessage()]
+
+
 def test_no_usage_ping_to_the_hub(tmp_path, llama_dir, pair_file, monkeypatch):
     """TRL's trainers send one when they start, outside CI and offline mode; the toolkit's send none, as SFT runs."""
     import trl.trainer.base_trainer

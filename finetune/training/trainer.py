@@ -111,10 +111,13 @@ def preference_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, ca
     from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
     objective = recipe.objective.objective
-    if recipe.model.use_lora and recipe.model.lora_dropout:
+    adapter_config = getattr(model, "peft_config", {}).get("default")  # init_from: the run's adapter, as it was made
+    dropout = getattr(adapter_config, "lora_dropout", 0.0)
+    if dropout:
         logger.warning("lora_dropout: %g is not applied: TRL's %s trainer switches dropout off (dropout would make the "
-                       "log-probabilities its loss compares noisy); set lora_dropout: 0 to say so",
-                       recipe.model.lora_dropout, objective.upper())
+                       "log-probabilities its loss compares noisy)%s", dropout, objective.upper(),
+                       " (the init_from run's adapter has it)" if recipe.objective.init_from else
+                       "; set lora_dropout: 0 to say so")
     trainer_class = _preference_classes()[objective]
     collator = (DataCollatorForPreference if objective == "dpo" else DataCollatorForUnpairedPreference)(
         pad_token_id=tokenizer.pad_token_id, max_length=recipe.data.max_length)
