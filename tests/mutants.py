@@ -290,7 +290,7 @@ MUTANTS = [
 
     # Preference tuning: the reference is the model training starts from; the split and the accuracy are right.
     Mutant("dpo-reference-adapter-dropped", "finetune/training/trainer.py",
-           'if "ref" in peft_config and rundir.trained_adapter(recipe.objective.init_from) is None:',
+           'if "ref" in peft_config and not trained_on:',
            'if "ref" in peft_config:',
            (PREFERENCE + "test_from_an_sft_run_the_reference_is_the_sft_model[none]",)),
     Mutant("qlora-dpo-adapter-left-in-bf16", "finetune/training/trainer.py",

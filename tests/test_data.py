@@ -138,13 +138,20 @@ def test_explicit_format_needs_its_columns(tokenizer, data_files):
         _split(data_files["text"], tokenizer, dataset_format="alpaca")
 
 
-def test_messages_without_chat_template_is_refused(tokenizer, data_files):
+def test_messages_without_chat_template_is_refused(tokenizer, data_files, tmp_path):
     import copy
 
     plain = copy.deepcopy(tokenizer)  # the same tokenizer without its chat template
     plain.chat_template = None
     with pytest.raises(UsageError, match="needs a tokenizer with a chat template"):
         _split(data_files["messages"], plain)
+    # Preference pairs as whole conversations, a text `prompt` beside them (HuggingFaceH4's UltraFeedback): turns too.
+    turns = [{"role": "user", "content": "hi"}]
+    pairs = write_jsonl([{"prompt": "hi", "chosen": turns + [{"role": "assistant", "content": "yo"}],
+                          "rejected": turns + [{"role": "assistant", "content": "no"}]}] * 8,
+                        tmp_path / "whole-pairs.jsonl")
+    with pytest.raises(UsageError, match="dataset_format: preference .rows as turns. needs a tokenizer with a chat"):
+        load_splits(DataArguments(dataset=str(pairs)), plain, 0, no_context, objective="dpo")
 
 
 def test_csv_columns_are_text_and_an_empty_cell_is_a_missing_answer(tokenizer, tmp_path):

@@ -170,6 +170,10 @@ ROW_CASES = {  # name: (the odd row, objective, what follows "error: dataset FIL
                                    "no `prompt`, and `chosen` and `rejected` don't start with the same turns (the "
                                    "prompt); give `prompt` as a list of turns, or conversations that share their "
                                    "first turns"),
+    "turns after text rows": ({"prompt": CHAT_PAIR["prompt"][0]["content"],
+                               "chosen": CHAT_PAIR["prompt"] + CHAT_PAIR["chosen"],
+                               "rejected": CHAT_PAIR["prompt"] + CHAT_PAIR["rejected"]}, "dpo",
+                              "its prompt and answers are turns, row 1's are text; give every row in one form"),
     "text prompt beside other turns": ({"prompt": "Reverse the word. abd",
                                         "chosen": CHAT_PAIR["prompt"] + CHAT_PAIR["chosen"],
                                         "rejected": CHAT_PAIR["prompt"] + CHAT_PAIR["rejected"]}, "dpo",
@@ -239,6 +243,9 @@ def test_sweep_metrics_follow_the_objective():
     found = []
     check_metric({"metric": {"name": "eval/preference_accuracy"}}, {"objective": "dpo", "eval_strategy": "no"}, found)
     assert found == []
+    check_metric({"metric": {"name": "eval/preference_accuracy"}}, {"objective": "dpo", "eval_size": 0}, found)
+    assert found == ["metric: `eval/preference_accuracy` is measured on held-out pairs and the recipe holds none out "
+                     "(eval_size/eval_fraction 0); hold some out, or give an eval_split"]
 
 
 def finished_run(directory: Path, **recipe) -> Path:
@@ -470,7 +477,7 @@ def test_a_new_adapters_reference_is_the_base(tmp_path, llama_dir, pair_file):
 
 
 def test_lora_dropout_that_trl_switches_off_is_named_where_it_comes_from(tmp_path, llama_dir, pair_file, sft_run,
-                                                                         caplog):
+                                                                         data_files, caplog):
     """A new adapter's dropout is the recipe's; from a LoRA run it is that run's adapter's, whatever the recipe says."""
     with caplog.at_level("WARNING", logger="finetune"):
         train_and_summarise("tiny", **keys(llama_dir, pair_file, tmp_path / "new", max_steps=1, lora_dropout=0.1))
@@ -481,6 +488,16 @@ def test_lora_dropout_that_trl_switches_off_is_named_where_it_comes_from(tmp_pat
         train_and_summarise("tiny", **keys(llama_dir, pair_file, tmp_path / "on", max_steps=1, lora_dropout=0.1,
                                            init_from=sft_run))
     assert not [r for r in caplog.records if "is not applied" in r.getMessage()]
+    with_dropout = tmp_path / "sft-with-dropout"
+    train_and_summarise("tiny", model_name_or_path=llama_dir, dataset=data_files["messages"], output_dir=with_dropout,
+                        max_steps=1, eval_size=4, lora_dropout=0.2)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="finetune"):
+        train_and_summarise("tiny", **keys(llama_dir, pair_file, tmp_path / "on-dropout", max_steps=1,
+                                           init_from=with_dropout))
+    (warning,) = [r.getMessage() for r in caplog.records if "is not applied" in r.getMessage()]
+    assert warning.startswith("lora_dropout: 0.2 is not applied") and warning.endswith(
+        "(the init_from run's adapter has it)")
 
 
 def test_no_usage_ping_to_the_hub(tmp_path, llama_dir, pair_file, monkeypatch):
@@ -754,18 +771,14 @@ def test_held_out_accuracy_scores_chosen_above_rejected():
     assert preference_wins(Scripted(), rows, pad_id=0, batch_size=3) == (2, 4)
 
 
-@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp"])
-def test_held_out_accuracy_on_one_rank_of_two(sharded):
-    """Each rank scores its share of the pairs; a sharded model (FSDP, DeepSpeed) gathers its weights at every
-    forward on all ranks together, so there every rank runs the same forwards, over every pair, and rank 0 counts.
-    (Rank 1 of 2 here, without a process group: the sum over ranks is this rank's own numbers.)"""
+def test_held_out_accuracy_on_each_rank_of_two():
+    """Each rank scores its own pairs (rows rank, rank + 2, ...): together every pair once. (Without a process group
+    the sum over ranks is the rank's own numbers.) A sharded model (FSDP, ZeRO-3) is not scored during training."""
     from types import SimpleNamespace
 
     from datasets import Dataset
 
-    from finetune.training.preference import held_out_accuracy
-
-    scored = []
+    from finetune.training.preference import held_out_accuracy, sharded
 
     class Counting(torch.nn.Module):
         def __init__(self):
@@ -773,16 +786,17 @@ def test_held_out_accuracy_on_one_rank_of_two(sharded):
             self.weight = torch.nn.Parameter(torch.zeros(1))
 
         def forward(self, input_ids, attention_mask, labels, fused_lm_head):
-            scored.append(len(input_ids))
             return type("Out", (), {"log_probs": torch.zeros(labels[:, 1:].shape)})
 
     rows = Dataset.from_list([{"prompt_ids": [1, 5], "chosen_ids": [40], "rejected_ids": [41]}] * 5)
-    trainer = SimpleNamespace(model=Counting(), is_fsdp_enabled=sharded, is_deepspeed_enabled=False,
-                              args=SimpleNamespace(process_index=1, world_size=2, per_device_eval_batch_size=2,
-                                                   output_dir="out"))
-    result = held_out_accuracy(trainer, rows, pad_id=0)
-    assert sum(scored) == (2 * 5 if sharded else 2 * 2)  # two sequences per pair: all 5 pairs, or rows 1 and 3
-    assert result["pairs"] == (0 if sharded else 2)
+    pairs = []
+    for rank in (0, 1):
+        trainer = SimpleNamespace(model=Counting(), is_fsdp_enabled=False, args=SimpleNamespace(
+            process_index=rank, world_size=2, per_device_eval_batch_size=2, output_dir="out"))
+        pairs.append(held_out_accuracy(trainer, rows, pad_id=0)["pairs"])
+        assert not sharded(trainer)
+    assert pairs == [3, 2]
+    assert sharded(SimpleNamespace(is_fsdp_enabled=True))
 
 
 @pytest.mark.parametrize("row", [CHAT_PAIR, {"prompt": "Reverse the word. abc\nAnswer: ", "chosen": "cba",

@@ -342,9 +342,17 @@ def check_data_file(path: Path, shown: str) -> None:
     if problem:
         raise UsageError(f"dataset {shown}: {problem}")
     if DATA_FILE_EXTENSIONS.get(path.suffix.lower()) == "json":
+        first_form = None  # (turns or not, row): a preference file's rows all in one form
         for number, row in enumerate(json_rows(path, shown) or (), 1):
-            fmt = columns_format(row)
+            pairs = "chosen" in row and "rejected" in row  # columns of preference data alone
+            fmt = columns_format(row, "dpo" if pairs else "sft")
             problem = row_problem(row, fmt) if fmt else None
+            if not problem and fmt in PREFERENCE_FORMATS:
+                form = (isinstance(preference.explicit(row).get("prompt"), list), number)
+                first_form = first_form or form
+                if form[0] != first_form[0]:
+                    problem = (f"its prompt and answers are {'turns' if form[0] else 'text'}, row {first_form[1]}'s "
+                               f"are {'turns' if first_form[0] else 'text'}; give every row in one form")
             if problem:
                 raise UsageError(f"dataset {shown}, row {number}: {problem}")
     try:
@@ -595,9 +603,8 @@ def raw_splits(data_args: DataArguments, tokenizer, seed: int, main_process_firs
     problem = format_problem(fmt, objective, columns)
     if problem:
         raise UsageError(problem)
-    first = train[0]
     conversational = fmt == "messages" or (fmt in PREFERENCE_FORMATS and
-                                           isinstance(first.get("prompt") or first.get("chosen"), list))
+                                           isinstance(preference.explicit(train[0]).get("prompt"), list))
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise UsageError(f"dataset_format: {fmt} (rows as turns) needs a tokenizer with a chat template, and this "
                          "model's tokenizer has none; use a chat/instruct model or give the rows as text")

@@ -89,25 +89,20 @@ def preference_accuracy(model, rows, pad_id: int, batch_size: int = 8) -> dict[s
 
 def held_out_accuracy(trainer, rows, pad_id: int) -> dict[str, Any] | None:
     """Preference accuracy of the model a preference Trainer trains (its fused head in place), on every rank: each
-    scores its share of the pairs and the counts are summed. A model sharded across ranks (FSDP, DeepSpeed) gathers
-    its weights at every forward, on all ranks together: there, every rank scores every pair, and rank 0 counts.
-    None, with a warning, where a process ran out of memory (`finetune eval RUN --preferences` scores it later, with
-    its own batch size)."""
+    scores its share of the pairs and the counts are summed. None, with a warning, where a process ran out of
+    memory (`finetune eval RUN --preferences` scores it later, with its own batch size)."""
     import torch
 
     from finetune.training.ranks import reduce_across_ranks
 
     rank, world = trainer.args.process_index, trainer.args.world_size
-    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
-    mine = rows.select(range(rank, len(rows), world)) if world > 1 and not sharded else rows
+    mine = rows.select(range(rank, len(rows), world)) if world > 1 else rows
     try:
         wins, total = preference_wins(trainer.model, mine, pad_id, trainer.args.per_device_eval_batch_size)
         failed = 0
     except torch.OutOfMemoryError:
         wins = total = 0
         failed = 1
-    if sharded and rank > 0:
-        wins = total = 0
     wins, total, failed = reduce_across_ranks([wins, total, failed], "sum")
     if failed:
         logger.warning("held-out preference accuracy skipped: out of memory at per_device_eval_batch_size=%d; "
@@ -115,6 +110,14 @@ def held_out_accuracy(trainer, rows, pad_id: int) -> dict[str, Any] | None:
                        trainer.args.per_device_eval_batch_size, trainer.args.output_dir)
         return None
     return {"accuracy": wins / total if total else 0.0, "pairs": int(total)}
+
+
+def sharded(trainer) -> bool:
+    """Whether the model's weights are split across ranks (FSDP, DeepSpeed ZeRO-3), gathered at every forward by all
+    ranks together: the held-out accuracy, ranks scoring pairs of their own, is not measured there."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return bool(getattr(trainer, "is_fsdp_enabled", False)) or is_deepspeed_zero3_enabled()
 
 
 def has_pairs(split) -> bool:

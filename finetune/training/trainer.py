@@ -111,17 +111,17 @@ def preference_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, ca
     from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
     objective = recipe.objective.objective
-    adapter_config = getattr(model, "peft_config", {}).get("default")  # init_from: the run's adapter, as it was made
-    dropout = getattr(adapter_config, "lora_dropout", 0.0)
+    from finetune.training import rundir
+
+    trained_on = rundir.trained_adapter(recipe.objective.init_from) is not None  # a LoRA run's adapter, as it was made
+    dropout = getattr(getattr(model, "peft_config", {}).get("default"), "lora_dropout", 0.0)
     if dropout:
         logger.warning("lora_dropout: %g is not applied: TRL's %s trainer switches dropout off (dropout would make the "
                        "log-probabilities its loss compares noisy)%s", dropout, objective.upper(),
-                       " (the init_from run's adapter has it)" if recipe.objective.init_from else
-                       "; set lora_dropout: 0 to say so")
+                       " (the init_from run's adapter has it)" if trained_on else "; set lora_dropout: 0 to say so")
     trainer_class = _preference_classes()[objective]
     collator = (DataCollatorForPreference if objective == "dpo" else DataCollatorForUnpairedPreference)(
         pad_token_id=tokenizer.pad_token_id, max_length=recipe.data.max_length)
-    from finetune.training import rundir
 
     # TRL casts a quantized model's trainable weights (its adapters) to bf16: they are put back as the toolkit made
     # them, values and dtype. A quantized model is placed on its device when it loads, so they stay where they are.
@@ -135,7 +135,7 @@ def preference_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, ca
         if name in adapter:
             param.data = adapter[name]
     peft_config = getattr(trainer.model, "peft_config", {})
-    if "ref" in peft_config and rundir.trained_adapter(recipe.objective.init_from) is None:
+    if "ref" in peft_config and not trained_on:
         trainer.model.delete_adapter("ref")  # a new adapter: the reference is the base, adapters off
     return trainer
 
