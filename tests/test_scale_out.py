@@ -99,3 +99,34 @@ def test_fsdp_is_refused_without_gpus_under_a_bare_accelerate_launch(llama_dir, 
     assert result.returncode != 0
     assert result.stderr.count("error: FSDP needs CUDA GPUs, and this machine has none") == 1
     assert "find_unused_parameters" not in result.stderr and not (out / rundir.SUMMARY).exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU threads: for machines without CUDA GPUs")
+def test_cpu_training_processes_share_the_cpus_instead_of_one_thread_each(tmp_path, monkeypatch):
+    """accelerate gives each process of a CPU run one thread (OMP_NUM_THREADS=1) unless `--cpu` is given; the
+    launcher behind `make train` and launch/train.sh shares the CPUs it may use among the machine's processes,
+    unless OMP_NUM_THREADS says otherwise. Through the launcher itself, and by its rule for other shapes."""
+    import os
+
+    from accelerate.commands.launch import launch_command_parser
+
+    from finetune.commands.launch import ACCELERATE, cpu_threads
+
+    script = tmp_path / "threads.py"
+    script.write_text("import os, torch\nprint(os.environ['OMP_NUM_THREADS'], torch.get_num_threads())\n")
+    env = {key: value for key, value in subprocess_env().items() if key != "OMP_NUM_THREADS"}
+    one = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    result = run_to_end([sys.executable, "-m", "finetune.commands.launch", ACCELERATE, *one, str(script)],
+                        cwd=tmp_path, env=env, timeout=120)
+    cpus = len(os.sched_getaffinity(0))
+    assert result.returncode == 0 and result.stdout.split() == [str(cpus), str(cpus)], result.stderr[-2000:]
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.chdir(tmp_path)  # no accelerate default config in play: HOME's may hold one
+    parse = launch_command_parser().parse_args
+    assert cpu_threads(parse([*one, "x.py"])) == 8
+    assert cpu_threads(parse(["--config_file", str(REPO / "launch/accelerate/cpu_ddp.yaml"), "x.py"])) == 4
+    assert cpu_threads(parse(["--num_processes", "4", "--num_machines", "2", "x.py"])) == 4  # 2 per machine
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads(parse([*one, "x.py"])) is None  # the user's choice stands

@@ -59,6 +59,7 @@ def accelerate_launch(argv: list[str]) -> int:
 
     args = launch_command_parser().parse_args(argv)
     args.quiet = False  # a failed training process raises, with its return code, instead of sys.exit(1)
+    args.num_cpu_threads_per_process = args.num_cpu_threads_per_process or cpu_threads(args)
     try:
         launch_command(args)
     except subprocess.CalledProcessError as error:  # one process
@@ -71,6 +72,25 @@ def accelerate_launch(argv: list[str]) -> int:
         codes = [failure.exitcode for failure in failures.values()]
         return 128 - min(codes) if min(codes) < 0 else 1
     return 0
+
+
+def cpu_threads(args) -> int | None:
+    """Threads for each training process on a machine without CUDA GPUs, where neither the command nor
+    OMP_NUM_THREADS says: the CPUs this launcher may use, shared among the machine's processes. accelerate gives
+    each process one thread (OMP_NUM_THREADS=1) unless told `--cpu`, which trains a laptop at a fraction of its
+    speed; `python finetune/run.py` uses them all. None: accelerate's choice stands."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available():
+        return None
+    config = None
+    if args.config_file or default_accelerate_config().is_file():
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        config = load_config_from_file(args.config_file)
+    processes = args.num_processes or getattr(config, "num_processes", None) or 1
+    machines = args.num_machines or getattr(config, "num_machines", None) or 1
+    return max(len(os.sched_getaffinity(0)) // max(processes // machines, 1), 1)
 
 
 def default_accelerate_config() -> Path:
