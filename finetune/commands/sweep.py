@@ -266,8 +266,8 @@ def check_metric(config: dict[str, Any], values: dict[str, Any] | None, problems
         problems.append(f"metric: `{metric}` is in the summary only, and hyperband compares trials at log steps; use "
                         "one logged during training (eval/loss, train/loss, ...)")
     strategy = (values or {}).get("eval_strategy", recipe_keys.TOOLKIT_DEFAULTS.get("eval_strategy", "no"))
-    if values is not None and metric in preference.ACCURACY and values.get("eval_split") is None and \
-            0 in (values.get("eval_size"), values.get("eval_fraction")):
+    if values is not None and metric in preference.ACCURACY and recipe_keys.holds_out_nothing(
+            values.get("eval_split"), values.get("eval_fraction"), values.get("eval_size")):
         problems.append(f"metric: `{metric}` is measured on held-out pairs and the recipe holds none out (eval_size/"
                         "eval_fraction 0); hold some out, or give an eval_split")
     if values is not None and metric.startswith("eval/") and metric not in preference.ACCURACY and \

@@ -158,7 +158,12 @@ class DataArguments:
 
     @property
     def holds_out_nothing(self) -> bool:
-        return self.eval_split is None and (self.eval_fraction == 0 or self.eval_size == 0)
+        return holds_out_nothing(self.eval_split, self.eval_fraction, self.eval_size)
+
+
+def holds_out_nothing(eval_split: str | None, eval_fraction: float | None, eval_size: int | None) -> bool:
+    """Whether a recipe has no eval split: none named, and none held out of the training data (0 of it)."""
+    return eval_split is None and (eval_fraction == 0 or eval_size == 0)
 
 
 @dataclass
