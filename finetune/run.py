@@ -157,8 +157,9 @@ def train(recipe: Recipe):
                                 callbacks=tracking.callbacks(attempt.run, plan, recipe) + trial.callbacks())
         tracking.survive_service_loss(trainer.callback_handler.callbacks)
         # Held-out preference accuracy of the model training starts from (a resumed run's checkpoint loads later).
-        scored = preference.has_pairs(eval_set) and not preference.sharded(trainer)
-        if preference.has_pairs(eval_set) and not scored:
+        pairs = preference.has_pairs(eval_set)
+        scored = pairs and not preference.sharded(trainer)
+        if pairs and not scored:
             logger.info("held-out preference accuracy: not measured in a sharded run (FSDP, DeepSpeed ZeRO-3); "
                         "`finetune eval %s` scores it once training is over", output_dir)
         start_accuracy = preference.held_out_accuracy(trainer, eval_set, tokenizer.pad_token_id) if scored else None

@@ -110,9 +110,9 @@ def preference_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, ca
     from trl.trainer.dpo_trainer import DataCollatorForPreference
     from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
-    objective = recipe.objective.objective
     from finetune.training import rundir
 
+    objective = recipe.objective.objective
     trained_on = rundir.trained_adapter(recipe.objective.init_from) is not None  # a LoRA run's adapter, as it was made
     dropout = getattr(getattr(model, "peft_config", {}).get("default"), "lora_dropout", 0.0)
     if dropout:
