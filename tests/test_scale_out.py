@@ -130,3 +130,11 @@ def test_cpu_training_processes_share_the_cpus_instead_of_one_thread_each(tmp_pa
     assert cpu_threads(parse(["--num_processes", "4", "--num_machines", "2", "x.py"])) == 4  # 2 per machine
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert cpu_threads(parse([*one, "x.py"])) is None  # the user's choice stands
+
+    # One that accelerate can't read (it raises ValueError): one line, exit 2, before anything starts.
+    result = subprocess.run([sys.executable, "-m", "finetune.commands.launch", str(REPO / "recipes/tiny.yaml")],
+                            capture_output=True, text=True, cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "abc"},
+                            timeout=120)
+    assert result.returncode == errors.USAGE and result.stderr == (
+        "error: OMP_NUM_THREADS: 'abc' is not a number of threads; set a positive integer, or unset it (each training "
+        "process then gets its share of the CPUs)\n")

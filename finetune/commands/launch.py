@@ -113,6 +113,17 @@ def check(argv: list[str]) -> int | None:
     return None
 
 
+def check_threads(value: str | None) -> int | None:
+    """OMP_NUM_THREADS, which accelerate reads as an integer (a traceback otherwise), refused in one line."""
+    if value is None or (value.strip().isdigit() and int(value) > 0):
+        return None
+    from finetune import errors
+
+    return errors.report(errors.UsageError(
+        f"OMP_NUM_THREADS: {value!r} is not a number of threads; set a positive integer, or unset it (each training "
+        "process then gets its share of the CPUs)"))
+
+
 def check_config(path: str | None) -> int | None:
     """An accelerate config this machine can't run, refused before accelerate starts: DeepSpeed without the
     package, FSDP or DeepSpeed without a CUDA GPU (accelerate would train with plain DDP instead)."""
@@ -246,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     options, argv = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else ([], argv)
     config = os.environ.get("ACCELERATE_CONFIG") or None
-    problem = check(argv) or check_config(config or next(
+    problem = check_threads(os.environ.get("OMP_NUM_THREADS")) or check(argv) or check_config(config or next(
         (options[i + 1] for i, token in enumerate(options[:-1]) if token == "--config_file"), None))
     if problem is not None:
         return problem
