@@ -67,9 +67,21 @@ class RunFile:
         return list(self.run.tags)
 
 
-def load_run(path: Path) -> RunFile:
-    """Parse a .wandb file (or the single one inside an offline-run directory)."""
-    path = Path(path)
+def load_run(path: Path, wait: float = 30.0) -> RunFile:
+    """Parse a .wandb file (or the single one inside an offline-run directory). wandb's service process writes the
+    file: it may still be writing when the run's `finish()` has returned (seen once in a suite run: the file then
+    held no run record yet), so the file is read again, for up to `wait` seconds, until it holds the run's exit."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        run_file = _parse_run(Path(path))
+        if run_file.exit_code is not None or time.monotonic() > deadline:
+            return run_file
+        time.sleep(0.5)
+
+
+def _parse_run(path: Path) -> RunFile:
     if path.is_dir():
         (path,) = path.glob("run-*.wandb")
     run_file = RunFile(path)
